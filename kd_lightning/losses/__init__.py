@@ -1,0 +1,1 @@
+"""Distillation losses: pure formulas in `functional`, trainable terms in `terms`."""

@@ -1,0 +1,340 @@
+"""Pure distillation formulas: tensors in, scalar loss out, paper defaults as keyword defaults.
+
+Each function reproduces its authors' reference code, so published loss weights apply unchanged; the
+docstring says where that code departs from the paper's text. No Lightning, no state, no parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    """Hinton et al., "Distilling the Knowledge in a Neural Network" (2015).
+
+    T² · KL(softmax(teacher/T) ‖ softmax(student/T)), summed over classes and averaged over the batch.
+    The T² factor keeps gradient magnitudes comparable across temperatures (paper, section 2). Computed
+    in float32 so that large logits under bf16 autocast do not lose the small probabilities.
+    """
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+def fitnet_hint(student_regressed: Tensor, teacher_feature: Tensor) -> Tensor:
+    """Romero et al., "FitNets: Hints for Thin Deep Nets" (2015): ‖W_r(student) − teacher‖².
+
+    The paper writes ½‖·‖² summed; the reference code (RepDistiller `HintLoss`) uses the element mean
+    of the squared error, which is what the published weight (100 on CIFAR-100) was tuned for.
+    """
+    return F.mse_loss(student_regressed.float(), teacher_feature.float())
+
+
+def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
+    """Spatial attention of Zagoruyko & Komodakis: mean over channels of |A|^p, flattened, L2-normalised."""
+    attention = feature.float().pow(p).mean(dim=1).flatten(1)
+    return F.normalize(attention, dim=1)
+
+
+def attention_transfer(student_feature: Tensor, teacher_feature: Tensor, p: float = 2.0) -> Tensor:
+    """Zagoruyko & Komodakis, "Paying More Attention to Attention" (ICLR 2017), for one feature pair.
+
+    mean over batch and positions of (Q_s − Q_t)², with Q = normalize(mean_c |A|^p). The paper writes
+    β/2 · ‖Q_s − Q_t‖_p summed over pairs; the authors' code (and RepDistiller, whose β=1000 is the
+    published CIFAR-100 weight) uses the squared difference averaged over batch and positions, and mean
+    rather than sum over channels (identical after normalisation). Spatial sizes must match; a model
+    pair with different resolutions is resized by the term, not here. Uses A^p like the reference code,
+    which equals |A|^p for the even p and non-negative (post-ReLU) features AT is applied to.
+    """
+    return (attention_map(student_feature, p) - attention_map(teacher_feature, p)).pow(2).mean()
+
+
+def _kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Σ over dim 1 of p·(log p − log q) for log-probabilities; entries with p = 0 contribute 0 (xlogy)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=1)
+
+
+def _check_logits(student_logits: Tensor, teacher_logits: Tensor, name: str, min_classes: int = 1) -> None:
+    if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"{name} expects student and teacher logits of the same shape (batch, classes); got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}."
+        )
+    if student_logits.shape[1] < min_classes:
+        raise ValueError(
+            f"{name} needs at least {min_classes} classes; got logits of shape {tuple(student_logits.shape)}."
+        )
+
+
+def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+              temperature: float = 4.0) -> tuple[Tensor, Tensor]:
+    """Unweighted (TCKD, NCKD) of Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022).
+
+    TCKD = T² · mean_i KL(b_t ‖ b_s), b = [p_gt, 1 − p_gt] the binary target/non-target split of
+    softmax(z/T); NCKD = T² · mean_i KL(p̂_t ‖ p̂_s), p̂ = softmax(z/T − 1000·onehot(gt)). See `dkd` for
+    where this (the authors' mdistiller `dkd_loss`) departs from the paper's text. `target` holds class
+    indices, any shape with `batch` elements.
+    """
+    _check_logits(student_logits, teacher_logits, "dkd", min_classes=2)
+    batch, num_classes = student_logits.shape
+    index = target.reshape(-1, 1).long()
+    if index.shape[0] != batch:
+        raise ValueError(f"dkd: target has {index.shape[0]} labels for a batch of {batch} logits.")
+    gt_mask = torch.zeros((batch, num_classes), dtype=torch.bool, device=student_logits.device)
+    gt_mask.scatter_(1, index, True)
+
+    def scaled(logits: Tensor) -> Tensor:
+        return logits.float() / temperature
+
+    def binary_log_probs(z: Tensor) -> Tensor:
+        # log [p_gt, Σ_{k≠gt} p_k] in log space: the reference's log(sum of probabilities) underflows to
+        # log 0 = −inf (and a NaN KL) for large logits; this is the same value wherever the reference is finite.
+        log_norm = torch.logsumexp(z, dim=1)
+        log_gt = z.gather(1, index).squeeze(1) - log_norm
+        log_other = torch.logsumexp(z.masked_fill(gt_mask, float("-inf")), dim=1) - log_norm
+        return torch.stack([log_gt, log_other], dim=1)
+
+    z_s, z_t = scaled(student_logits), scaled(teacher_logits)
+    tckd = _kl_from_log_probs(binary_log_probs(z_t), binary_log_probs(z_s)).mean() * temperature**2
+
+    # NCKD: the reference masks the target class by subtracting 1000 from z/T, rather than dropping it.
+    mask_shift = 1000.0 * gt_mask.float()
+    log_p_teacher = F.log_softmax(z_t - mask_shift, dim=1)
+    log_p_student = F.log_softmax(z_s - mask_shift, dim=1)
+    nckd = _kl_from_log_probs(log_p_teacher, log_p_student).mean() * temperature**2
+    return tckd, nckd
+
+
+def dkd(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 8.0,
+        temperature: float = 4.0) -> Tensor:
+    """Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022): α·TCKD + β·NCKD.
+
+    The paper rewrites KD = TCKD + (1 − p_gt^T)·NCKD and decouples the weights: TCKD = KL(b_t ‖ b_s) on the
+    binary target/non-target probabilities b = [p_gt, 1 − p_gt], NCKD = KL(p̂_t ‖ p̂_s) on the softmax over
+    the non-target classes only. Defaults α=1, β=8, T=4 are the CIFAR-100 ones of the authors' mdistiller
+    (β=6 for some pairs; ImageNet uses β=0.5, T=1). Reproduces mdistiller's `dkd_loss`, which departs from
+    the paper's text in that:
+
+    - both terms are multiplied by T² (as in KD) and summed over classes, averaged over the batch; the
+      paper's equations are per-sample and carry no T²;
+    - NCKD does not drop the target class: it subtracts 1000 from the target's z/T and takes the softmax
+      over all classes. This equals the paper's p̂ unless logit gaps reach about 1000·T, where the target
+      class leaks into NCKD; kept so the published β applies;
+    - mdistiller multiplies the whole loss by min(epoch / warmup, 1) (warmup 20 epochs on CIFAR-100),
+      which the paper does not write; that ramp belongs to the distillation term, not to this formula.
+
+    TCKD is evaluated in log space (logsumexp) rather than as the log of summed probabilities, which gives
+    the reference's value wherever that is finite and stays finite for large (e.g. bf16 ±1e4) logits.
+    Computed in float32.
+    """
+    tckd, nckd = dkd_parts(student_logits, teacher_logits, target, temperature)
+    return alpha * tckd + beta * nckd
+
+
+def _mean_pearson_rows(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
+    x = x - x.mean(dim=1, keepdim=True)
+    y = y - y.mean(dim=1, keepdim=True)
+    return ((x * y).sum(dim=1) / (x.norm(dim=1) * y.norm(dim=1) + eps)).mean()
+
+
+def dist(student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0, gamma: float = 1.0,
+         temperature: float = 1.0) -> Tensor:
+    """Huang et al., "Knowledge Distillation from A Stronger Teacher" (DIST, NeurIPS 2022).
+
+    With Y = softmax(Z/T) per row: inter-class = 1 − mean over rows (samples) of Pearson(Y_s[i,:], Y_t[i,:]),
+    intra-class = 1 − mean over columns (classes) of Pearson(Y_s[:,j], Y_t[:,j]); loss =
+    T²·(β·inter + γ·intra). Defaults β=γ=T=1 are the `DIST` module defaults of the authors' code
+    (hunto/image_classification_sota, `lib/models/losses/dist_kd.py`); the paper's ImageNet recipe uses
+    β=γ=2 with T=1 (the loss weight is applied outside this function).
+
+    As in the authors' code, Pearson is the cosine of the mean-centred vectors with 1e-8 added to the
+    product of norms (the paper writes the plain correlation coefficient), so a constant vector has
+    correlation 0 instead of an undefined one. In particular, for a batch of one the intra-class term is
+    the constant T²·γ (each class column has a single entry) and carries no gradient; the inter-class term
+    is still defined. The T² factor is in the released code (`DIST(tau=...)`); its first public release had
+    no temperature (T=1, where the factor is 1). Computed in float32.
+    """
+    _check_logits(student_logits, teacher_logits, "dist")
+    y_s = F.softmax(student_logits.float() / temperature, dim=1)
+    y_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+    inter = 1.0 - _mean_pearson_rows(y_s, y_t)
+    intra = 1.0 - _mean_pearson_rows(y_s.t(), y_t.t())
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+def _standardize_logits(logits: Tensor) -> Tensor:
+    mean = logits.mean(dim=1, keepdim=True)
+    std = logits.std(dim=1, keepdim=True)  # Bessel-corrected (1/(K−1)), as torch's default in the authors' code
+    return (logits - mean) / (std + 1e-7)
+
+
+def kd_standardized(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 2.0) -> Tensor:
+    """Sun et al., "Logit Standardization in Knowledge Distillation" (CVPR 2024), applied to KD.
+
+    Each logit vector is z-scored over its classes, Z(z) = (z − mean(z)) / (std(z) + 1e-7), and then
+    `kd` is applied at the base temperature T: T²·KL(softmax(Z(z_t)/T) ‖ softmax(Z(z_s)/T)), summed over
+    classes and averaged over the batch. T=2 is the authors' CIFAR-100 base temperature for KD (their KD
+    weight there is 9 with CE 0.1, applied outside this function).
+
+    Matches `normalize` + `kd_loss` of the authors' code (sunshangquan/logit-standardization-KD,
+    mdistiller/distillers/KD.py): the standard deviation is torch's Bessel-corrected one (1/(K−1)) where
+    the paper's Algorithm 1 writes the 1/K population deviation, the 1e-7 is added to the deviation (not
+    in the paper; it makes a constant logit vector standardise to 0, i.e. a uniform distribution), and the
+    T² factor of KD is kept although the standardised logits already have unit scale. Needs at least two
+    classes. Computed in float32.
+    """
+    _check_logits(student_logits, teacher_logits, "kd_standardized", min_classes=2)
+    return kd(_standardize_logits(student_logits.float()), _standardize_logits(teacher_logits.float()), temperature)
+
+
+def _batch_gram_normalized(feature: Tensor) -> Tensor:
+    flat = feature.float().reshape(feature.shape[0], -1)
+    return F.normalize(flat @ flat.t(), dim=1)
+
+
+def similarity_preserving(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+    """Tung & Mori, "Similarity-Preserving Knowledge Distillation" (ICCV 2019), for one feature pair.
+
+    G = row-L2-normalised (f fᵀ) with f the (b, −1)-flattened activations; loss = ‖G_t − G_s‖_F² / b².
+    Matches the paper's equations for one layer pair and RepDistiller's `Similarity.similarity_loss`
+    (whose β=3000 is the published CIFAR-100 weight; the paper's γ); the sum over layer pairs and the
+    weight are the term's. The reference returns a 1-element tensor; this returns a scalar. Student and
+    teacher may differ in channels and resolution but not in batch size. A batch of one gives 0 (G = [[1]]).
+    Computed in float32.
+    """
+    if student_feature.shape[0] != teacher_feature.shape[0]:
+        raise ValueError(
+            f"similarity_preserving needs the same batch size for student and teacher; got "
+            f"{student_feature.shape[0]} and {teacher_feature.shape[0]}."
+        )
+    batch = student_feature.shape[0]
+    difference = _batch_gram_normalized(teacher_feature) - _batch_gram_normalized(student_feature)
+    return difference.pow(2).sum() / (batch * batch)
+
+
+def _rkd_pairwise_distances(embedding: Tensor) -> Tensor:
+    # As RepDistiller's RKDLoss.pdist: squared distances via the Gram expansion, clamped at 1e-12 before
+    # the square root (so duplicate samples give a small positive distance and a finite gradient), and a
+    # zeroed diagonal.
+    squared_norms = embedding.pow(2).sum(dim=1)
+    squared = squared_norms.unsqueeze(1) + squared_norms.unsqueeze(0) - 2.0 * embedding @ embedding.t()
+    distances = squared.clamp(min=1e-12).sqrt()
+    eye = torch.eye(embedding.shape[0], dtype=torch.bool, device=embedding.device)
+    return distances.masked_fill(eye, 0.0)
+
+
+def _rkd_normalized_distances(embedding: Tensor) -> Tensor:
+    distances = _rkd_pairwise_distances(embedding)
+    batch = embedding.shape[0]
+    # The reference divides by the mean of the positive entries; after the clamp every off-diagonal entry
+    # is ≥ 1e-6 > 0, so that is the mean over the b(b−1) off-diagonal pairs (no data-dependent indexing).
+    return distances / (distances.sum() / (batch * (batch - 1)))
+
+
+def _rkd_angles(embedding: Tensor) -> Tensor:
+    # angles[i, j, k] = <normalize(e_j − e_i), normalize(e_k − e_i)>, all b³ triplets, degenerate ones included.
+    directions = F.normalize(embedding.unsqueeze(0) - embedding.unsqueeze(1), p=2, dim=2)
+    return torch.bmm(directions, directions.transpose(1, 2))
+
+
+def rkd(student_embedding: Tensor, teacher_embedding: Tensor, distance_weight: float = 25.0,
+        angle_weight: float = 50.0) -> Tensor:
+    """Park et al., "Relational Knowledge Distillation" (CVPR 2019): distance-wise + angle-wise terms.
+
+    Distance: ψ_D(i, j) = ‖e_i − e_j‖ / μ with μ the mean distance over the batch's pairs; Huber (smooth L1,
+    δ=1) between student and teacher ψ_D. Angle: ψ_A(i, j, k) = cos of the angle at e_i between e_j and e_k;
+    smooth L1 between student and teacher ψ_A. Loss = 25·distance + 50·angle, the weights of the paper's
+    classification experiments and RepDistiller. Inputs are flattened to (b, −1); the two embeddings may
+    differ in width.
+
+    Matches RepDistiller's `RKDLoss`, which departs from the paper's text in that: the smooth L1 is
+    averaged (over the b² distance entries including the zero diagonal, and over all b³ angle triplets
+    including the degenerate ones with a repeated index, whose cosine is 0 or 1 on both sides) where the
+    paper sums over distinct pairs and triplets; distances come from the Gram expansion with squared
+    distances clamped at 1e-12 (so near-duplicate samples get a small positive distance, not 0); and the
+    teacher's relations are computed without gradient. Not defined for a batch of one (no pair to average
+    the distance over, the reference returns NaN): raises ValueError. A batch of two gives 0 (its one pair
+    normalises to 1 on both sides and all its triplets are degenerate). The angle tensor is b×b×b.
+    Computed in float32.
+    """
+    batch = student_embedding.shape[0]
+    if teacher_embedding.shape[0] != batch:
+        raise ValueError(
+            f"rkd needs the same batch size for student and teacher; got {batch} and {teacher_embedding.shape[0]}."
+        )
+    if batch < 2:
+        raise ValueError(
+            f"rkd is undefined for a batch of {batch}: the distance term normalises by the mean distance "
+            f"over pairs of samples, and there are none. Use batches of at least 2 (drop_last=True)."
+        )
+    student = student_embedding.float().reshape(batch, -1)
+    teacher = teacher_embedding.detach().float().reshape(batch, -1)
+    distance_loss = F.smooth_l1_loss(_rkd_normalized_distances(student), _rkd_normalized_distances(teacher))
+    angle_loss = F.smooth_l1_loss(_rkd_angles(student).reshape(-1), _rkd_angles(teacher).reshape(-1))
+    return distance_weight * distance_loss + angle_weight * angle_loss
+
+
+def _pkt_conditional_probabilities(embedding: Tensor, eps: float) -> Tensor:
+    flat = embedding.float().reshape(embedding.shape[0], -1)
+    flat = flat / (flat.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+    flat = torch.where(torch.isnan(flat), torch.zeros_like(flat), flat)
+    kernel = (flat @ flat.t() + 1.0) / 2.0
+    return kernel / kernel.sum(dim=1, keepdim=True)
+
+
+def pkt(student_embedding: Tensor, teacher_embedding: Tensor, eps: float = 1e-7) -> Tensor:
+    """Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer" (ECCV 2018).
+
+    Cosine-similarity kernel mapped to [0, 1], K(a, b) = (cos(a, b) + 1) / 2, normalised per row into
+    conditional probabilities P[i, j] = K(i, j) / Σ_k K(i, k); loss = KL(P_t ‖ P_s) as
+    mean_{i,j} P_t[i, j] · log((P_t[i, j] + eps) / (P_s[i, j] + eps)). Inputs are flattened to (b, −1).
+
+    Matches RepDistiller's `PKT.cosine_similarity_loss` (code from the paper's author; its weight on
+    CIFAR-100 is 30000), which departs from the paper's text in that: the row sums include the sample
+    itself (K(i, i) = 1), where the paper's conditional probabilities sum over k ≠ i; the divergence is
+    the mean over all b² entries rather than the sum; and eps is added to the norms and inside the log
+    ratio. A batch of one gives 0. Computed in float32.
+    """
+    if student_embedding.shape[0] != teacher_embedding.shape[0]:
+        raise ValueError(
+            f"pkt needs the same batch size for student and teacher; got {student_embedding.shape[0]} and "
+            f"{teacher_embedding.shape[0]}."
+        )
+    p_student = _pkt_conditional_probabilities(student_embedding, eps)
+    p_teacher = _pkt_conditional_probabilities(teacher_embedding, eps)
+    return (p_teacher * torch.log((p_teacher + eps) / (p_student + eps))).mean()
+
+
+def nst(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+    """Huang & Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer" (2017).
+
+    Squared MMD between the sets of channel activation maps, with the polynomial kernel k(x, y) = (xᵀy)²
+    (d=2, c=0) on each channel's flattened map L2-normalised over positions:
+    MMD² = mean_{i,i'} k(t_i, t_i') + mean_{j,j'} k(s_j, s_j') − 2·mean_{i,j} k(s_j, t_i), averaged over
+    the batch. This is RepDistiller's `NSTLoss.nst_loss` in its `full_loss=True` variant (its weight on
+    CIFAR-100 is 50), which keeps the teacher–teacher term (constant for the student, computed without
+    gradient) so that the loss is the MMD² itself: ≥ 0 and 0 for identical features. The paper's weight is
+    λ/2 on this MMD². Student and teacher may differ in channels but must have the same number of spatial
+    positions; RepDistiller average-pools the larger map first, which is the term's job here, not this
+    function's. Computed in float32.
+    """
+    if student_feature.shape[0] != teacher_feature.shape[0]:
+        raise ValueError(
+            f"nst needs the same batch size for student and teacher; got {student_feature.shape[0]} and "
+            f"{teacher_feature.shape[0]}."
+        )
+    student = F.normalize(student_feature.float().flatten(2), dim=2)
+    teacher = F.normalize(teacher_feature.float().flatten(2), dim=2)
+    if student.shape[2] != teacher.shape[2]:
+        raise ValueError(
+            f"nst needs feature maps with the same spatial size; got student {tuple(student_feature.shape)} "
+            f"and teacher {tuple(teacher_feature.shape)}. Pool the larger one to the smaller first."
+        )
+
+    def mean_kernel(a: Tensor, b: Tensor) -> Tensor:
+        return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
+
+    return mean_kernel(teacher, teacher).detach() + mean_kernel(student, student) - 2.0 * mean_kernel(student, teacher)

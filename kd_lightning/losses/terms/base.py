@@ -1,0 +1,78 @@
+"""The contract every distillation term follows (see DESIGN.md: terms = what knowledge moves)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kd_lightning.errors import ConfigError
+
+STAGES = "stages"  # tap-list alias: every declared stage of the model, shallow to deep
+
+
+@dataclass
+class DistillInputs:
+    """What a scheme hands each term for one batch; a term reads only what it declared it needs."""
+
+    student_logits: Tensor
+    targets: Tensor
+    indices: Tensor
+    teacher_logits: Tensor | None = None
+    student_features: Mapping[str, Tensor] = field(default_factory=dict)
+    teacher_features: Mapping[str, Tensor] = field(default_factory=dict)
+    epoch: int = 0
+
+
+class DistillTerm(nn.Module):
+    """A weighted loss between teacher and student outputs, owning any learnable adapters.
+
+    Subclasses set `student_taps`/`teacher_taps` (tap names, or the alias "stages"), may create
+    parameters in `build` once the tap shapes are known, and return from `loss` either one unweighted
+    scalar or a dict of named unweighted scalars (each logged as `train/<term>_<part>`). The scheme
+    multiplies by `weight` and by the linear warm-up factor min(1, (epoch + 1) / warmup_epochs).
+    """
+
+    needs_teacher: ClassVar[bool] = True
+    needs_indices: ClassVar[bool] = False
+
+    def __init__(self, weight: float = 1.0, warmup_epochs: int = 0) -> None:
+        super().__init__()
+        if warmup_epochs < 0:
+            raise ConfigError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
+        self.weight = float(weight)
+        self.warmup_epochs = int(warmup_epochs)
+        self.student_taps: list[str] = []
+        self.teacher_taps: list[str] = []
+
+    def weight_at(self, epoch: int) -> float:
+        if self.warmup_epochs == 0:
+            return self.weight
+        return self.weight * min(1.0, (epoch + 1) / self.warmup_epochs)
+
+    def expand_taps(self, student_stages: Sequence[str], teacher_stages: Sequence[str]) -> None:
+        """Replace the "stages" alias by the models' declared stages; called once by the scheme."""
+        self.student_taps = _expand(self.student_taps, student_stages)
+        self.teacher_taps = _expand(self.teacher_taps, teacher_stages)
+
+    def build(self, student_shapes: Mapping[str, torch.Size], teacher_shapes: Mapping[str, torch.Size]) -> None:
+        """Create shape-dependent parts (regressors, embeddings); shapes include the batch dimension."""
+
+    def loss(self, inputs: DistillInputs) -> Tensor | dict[str, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must implement loss()")
+
+    def forward(self, inputs: DistillInputs) -> Tensor | dict[str, Tensor]:
+        return self.loss(inputs)
+
+
+def _expand(taps: Sequence[str], stages: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for tap in taps:
+        out.extend(stages if tap == STAGES else [tap])
+    return out
+
+
+def as_tap_list(taps: str | Sequence[str]) -> list[str]:
+    return [taps] if isinstance(taps, str) else list(taps)

@@ -1,0 +1,55 @@
+"""Model registry and factory: `build_model(name, num_classes, in_channels)`.
+
+Zoo modules register factory functions with `@register_model(name)`; each factory takes
+`num_classes` and `in_channels` keyword arguments and returns a plain `nn.Module` returning logits.
+`torchvision:<name>` builds any torchvision classification model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry(
+    "model", hint="Any torchvision classifier is also available as 'torchvision:<name>', e.g. 'torchvision:resnet18'."
+)
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def register_model(name: str, **meta: Any):
+    return MODELS.register(name, **meta)
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
+    """Build a registered or torchvision model; the result carries `kd_spec`, the arguments that rebuild it."""
+    if name.startswith(TORCHVISION_PREFIX):
+        from kd_lightning.models.torchvision_models import build_torchvision_model
+
+        model = build_torchvision_model(name[len(TORCHVISION_PREFIX):], num_classes, in_channels, **kwargs)
+    else:
+        factory = MODELS.get(name)
+        try:
+            model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
+        except TypeError as error:
+            raise ConfigError(f"Model {name!r} could not be built with arguments {kwargs}: {error}. Remove or "
+                              f"rename the unexpected keyword in the model's config.") from error
+    # Weights files are not part of the architecture: a rebuilt model gets its weights from a state_dict.
+    spec_kwargs = {key: value for key, value in kwargs.items() if key != "weights"}
+    model.kd_spec = {"name": name, "num_classes": num_classes, "in_channels": in_channels, **spec_kwargs}
+    return model
+
+
+def module_paths(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules() if name]
+
+
+def _load_zoo() -> None:
+    # Import for the side effect of registration; kept in one place so the registry is always complete.
+    from kd_lightning.models import cifar_resnet, mobilenetv2, resnet_bottleneck, shufflenet, small, vgg, wrn  # noqa: F401
+
+
+_load_zoo()

@@ -1,0 +1,123 @@
+"""The shared base of every scheme: metrics, logging names, optimizers, checkpoint contents."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd_lightning.errors import ConfigError
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+CHECKPOINT_KEY = "kd_lightning"
+
+
+def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(images, targets, indices); indices are None for data modules that yield plain (x, y) pairs."""
+    if len(batch) == 3:
+        return batch[0], batch[1], batch[2]
+    if len(batch) == 2:
+        return batch[0], batch[1], None
+    raise ConfigError(
+        f"A batch must be (images, targets) or (images, targets, indices); got {len(batch)} elements. Use a "
+        f"kd_lightning data module or make your dataset return one of those tuples."
+    )
+
+
+def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes > 10:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+class DistillationModule(L.LightningModule):
+    """Holds the trained network (`self.student`) and everything every scheme shares.
+
+    Logged names: `train/loss`, `train/<term>` (weighted), `val/acc`, `val/acc_best`, `test/acc`
+    (plus `*_top5` when there are more than 10 classes). Optimizers see trainable parameters only.
+    The checkpoint records the student's build spec so `kd_lightning.export` can extract it alone.
+    """
+
+    def __init__(self, student: nn.Module, num_classes: int, optimizer: OptimizerFactory,
+                 scheduler: SchedulerFactory | None = None, scheduler_interval: str = "epoch") -> None:
+        super().__init__()
+        self.student = student
+        self.num_classes = num_classes
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.val_metrics = accuracy_metrics(num_classes, "val/")
+        self.test_metrics = accuracy_metrics(num_classes, "test/")
+        self.val_acc_best = MaxMetric()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.student(images)
+
+    def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
+        """Named, already weighted losses for one batch; `train/loss` is their sum."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_losses()")
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        losses = self.training_losses(*unpack_batch(batch))
+        total = torch.stack([loss.float() for loss in losses.values()]).sum()
+        batch_size = len(batch[0])
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        return total
+
+    def _evaluate(self, batch: Any, metrics: MetricCollection, stage: str) -> None:
+        images, targets, _ = unpack_batch(batch)
+        logits = self.student(images)
+        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), targets), batch_size=len(targets))
+        metrics.update(logits, targets)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def on_train_start(self) -> None:
+        # The sanity-check validation ran on an untrained student; it must not count as the best epoch.
+        self.val_acc_best.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.log_dict(values, prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(values["val/acc"])
+        self.log("val/acc_best", self.val_acc_best.compute() if self.val_acc_best.update_called else values["val/acc"])
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"student": dict(getattr(self.student, "kd_spec", {}))}
+
+
+def check_no_terms(terms: Mapping[str, Any] | None, scheme: str) -> None:
+    if terms:
+        raise ConfigError(
+            f"scheme={scheme} trains without a teacher, but distill={list(terms)} asks for teacher knowledge. "
+            f"Add `distill=[]` to train without distillation, or choose scheme=offline."
+        )

@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd_lightning.schemes.base import DistillationModule, check_no_terms
+
+
+class Supervised(DistillationModule):
+    """Cross-entropy training of one network: teachers, and the student baselines KD is compared with."""
+
+    def __init__(self, student: nn.Module, num_classes: int, label_smoothing: float = 0.0,
+                 terms: Mapping[str, Any] | None = None, **base: Any) -> None:
+        check_no_terms(terms, "supervised")
+        super().__init__(student, num_classes, **base)
+        self.label_smoothing = label_smoothing
+
+    def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
+        logits = self.student(images)
+        return {"ce": F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)}

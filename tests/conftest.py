@@ -1,0 +1,45 @@
+"""Shared fixtures: Hydra configs composed from conf/ into tmp_path, with fast trainer settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Keep tests quiet and single-threaded per worker: pytest-xdist runs one worker per core.
+os.environ.setdefault("WANDB_SILENT", "true")
+
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks=none",
+    "logger=none",
+]
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose `train.yaml` with overrides; outputs and the teacher cache go to tmp_path."""
+
+    def _make(*overrides: str, fast: bool = True) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(
+                "train",
+                overrides=[
+                    f"paths.output_dir={tmp_path / 'out'}",
+                    f"paths.cache_dir={tmp_path / 'cache'}",
+                    f"paths.data_dir={tmp_path / 'data'}",
+                    *(FAST if fast else []),
+                    *overrides,
+                ],
+            )
+
+    return _make

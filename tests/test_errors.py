@@ -1,0 +1,84 @@
+"""Bad input gets a ConfigError whose one paragraph names the fix (and never a deep traceback)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.models import build_model
+from kd_lightning.pipeline import run
+
+
+def test_unknown_model_lists_valid_names(make_cfg):
+    with pytest.raises(ConfigError, match=r"Unknown model 'resnet9'.*resnet8x4.*torchvision:"):
+        build_model("resnet9", num_classes=10)
+
+
+def test_unknown_term_lists_valid_options(make_cfg):
+    with pytest.raises(ConfigCompositionException) as error:
+        make_cfg("distill=[kdd]")
+    assert "kd" in str(error.value.__cause__ or error.value)
+
+
+def test_unknown_dataset_lists_valid_options(make_cfg):
+    with pytest.raises(ConfigCompositionException) as error:
+        make_cfg("data=cifar1000")
+    assert "cifar100" in str(error.value.__cause__ or error.value)
+
+
+def test_tap_the_model_lacks_names_the_declared_taps(make_cfg):
+    with pytest.raises(ConfigError, match=r"no tap 'stage9'.*stage1"):
+        run(make_cfg("baseline=false", "distill=[fitnet]", "distill.fitnet.student_tap=stage9"))
+
+
+def test_missing_teacher_checkpoint(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist.*scheme=supervised"):
+        run(make_cfg(f"teacher.checkpoint={tmp_path / 'nope.ckpt'}"))
+
+
+def test_teacher_checkpoint_of_another_architecture(make_cfg, tmp_path):
+    path = tmp_path / "resnet8.pt"
+    torch.save(build_model("resnet8", num_classes=10, in_channels=1).state_dict(), path)
+    with pytest.raises(ConfigError, match="does not fit model 'convnet_large'.*architecture"):
+        run(make_cfg(f"teacher.checkpoint={path}"))
+
+
+def test_teacher_checkpoint_of_another_class_count(make_cfg, tmp_path):
+    from kd_lightning.teachers import export_student
+
+    path = export_student(build_model("convnet_large", num_classes=7, in_channels=1), tmp_path / "seven.pt")
+    with pytest.raises(ConfigError, match="num_classes=7.*num_classes=10"):
+        run(make_cfg(f"teacher.checkpoint={path}"))
+
+
+def test_teacher_file_that_is_not_weights(make_cfg, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(build_model("convnet_large", num_classes=10, in_channels=1), path)  # a pickled module
+    with pytest.raises(ConfigError, match="weights_only=True"):
+        run(make_cfg(f"teacher.checkpoint={path}"))
+
+
+def test_missing_dataset_files(make_cfg):
+    with pytest.raises(ConfigError, match="download=true"):
+        run(make_cfg("data=cifar100", "student=resnet8", "teacher=resnet56"))
+
+
+def test_gpu_trainer_without_gpu(make_cfg):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="trainer=cpu"):
+        run(make_cfg("trainer=gpu"))
+
+
+def test_distillation_term_in_a_scheme_without_teacher(make_cfg):
+    with pytest.raises(ConfigError, match=r"distill=\[\]"):
+        run(make_cfg("scheme=supervised", "distill=[kd]"))
+
+
+def test_misspelled_term_option_is_reported_with_its_key(make_cfg):
+    cfg = make_cfg("+distill.kd.temprature=2")
+    with pytest.raises(Exception, match="temprature"):
+        instantiate(cfg.distill.kd)
