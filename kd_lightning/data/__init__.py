@@ -1,0 +1,24 @@
+"""Data modules: every batch is `(images, targets, indices)`, indices being positions in the batch's split.
+
+See `base.py` for the contract and the `val_fraction` convention (0 validates on the test split).
+"""
+
+from kd_lightning.data.base import IndexedDataset, KDDataModule, TensorImageDataset
+from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from kd_lightning.data.digits import DigitsDataModule
+from kd_lightning.data.imagenet import ImageNetDataModule
+from kd_lightning.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from kd_lightning.data.synthetic import SyntheticDataModule
+
+__all__ = [
+    "CIFAR100DataModule",
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "ImageNetDataModule",
+    "IndexedDataset",
+    "KDDataModule",
+    "MNISTDataModule",
+    "SyntheticDataModule",
+    "TensorImageDataset",
+]

@@ -1,0 +1,224 @@
+"""The contract every data module follows: `(image, target, index)` batches and a seeded validation split.
+
+Validation split convention (`val_fraction`):
+  * `val_fraction > 0`: that fraction of the training set is held out by a permutation seeded by `seed` (keep
+    it fixed across a sweep so all runs share one split) and evaluated with the test-time transform;
+    `train_size` shrinks accordingly.
+  * `val_fraction == 0`: no hold-out; "validation" runs on the test split. This is the convention of the CIFAR
+    distillation benchmarks (CRD, RepDistiller, ...), whose reported numbers are best/last test accuracy, so
+    the default for the benchmark datasets is 0. Validation metrics are then test metrics: do not use them
+    for model selection in work that claims a clean held-out evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from kd_lightning.errors import ConfigError
+
+
+class IndexedDataset(Dataset):
+    """A view of `base` (optionally a subset of it) whose samples are `(transform(image), target, index)`.
+
+    `index` is the position in this view, not in `base`: distillation terms that keep one memory slot per
+    training sample (CRD) need ids in `[0, train_size)`, whatever pool the split was cut from.
+    """
+
+    def __init__(self, base: Dataset, indices: Sequence[int] | None = None,
+                 transform: Callable[[Any], Any] | None = None) -> None:
+        self.base = base
+        self.indices = None if indices is None else list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        image, target = self.base[self.indices[index] if self.indices is not None else index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target, index
+
+
+class TensorImageDataset(Dataset):
+    """In-memory `(image, target)` pairs: images `N×C×H×W`, kept as stored (uint8 or float).
+
+    uint8 images are converted and normalised per sample, so a 60k-image set costs 47 MB rather than 188 MB
+    of float32 in every worker.
+    """
+
+    def __init__(self, images: Tensor, targets: Tensor,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        if images.ndim != 4 or len(images) != len(targets):
+            raise ValueError(f"images must be N×C×H×W with one target each, got {tuple(images.shape)} "
+                             f"and {tuple(targets.shape)}")
+        self.images = images
+        self.targets = targets.long()
+        channels = images.shape[1]
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(channels, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(channels, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = self.images[index]
+        if image.dtype == torch.uint8:
+            image = image.float().div_(255)
+        if self.mean is not None:
+            image = (image - self.mean) / self.std
+        return image, self.targets[index]
+
+
+def split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
+    """(train, val) counts; shared by `setup` and the cheap pre-setup `train_size` so they always agree."""
+    if val_fraction == 0:
+        return n, 0
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise ConfigError(f"data.val_fraction={val_fraction} leaves no training samples out of {n}. "
+                          f"Use a value in [0, 1) small enough to keep some training data, or 0 to validate "
+                          f"on the test split.")
+    return n - n_val, n_val
+
+
+class KDDataModule(L.LightningDataModule):
+    """Base class: subclasses load the raw splits; this class splits, indexes and serves them.
+
+    Subclasses set `num_classes`, `in_channels`, `image_size` (H, W) in `__init__` (or as class attributes)
+    and implement `load_train_pool` / `load_test`, returning datasets of untransformed `(image, target)`
+    pairs, plus `train_transform` / `test_transform`. `load_val` may return a dedicated validation set
+    (synthetic data), in which case `val_fraction` must be 0. `train_pool_size` may return the size of the
+    training pool without loading it, which makes `train_size` cheap before `setup`.
+    """
+
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]
+
+    def __init__(self, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
+                 val_fraction: float = 0.0, seed: int = 0) -> None:
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ConfigError(f"data.batch_size must be a positive integer (per device), got {batch_size!r}.")
+        if int(num_workers) < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers!r}; use 0 to load in the "
+                              f"main process.")
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}: it is the fraction "
+                              f"of the training set held out for validation (0 validates on the test split).")
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.train_set: IndexedDataset | None = None
+        self.val_set: IndexedDataset | None = None
+        self.test_set: IndexedDataset | None = None
+        # Stored in checkpoints only: logging would clash with the LightningModule's hparams on shared keys.
+        self.save_hyperparameters(logger=False)
+
+    # --- what subclasses provide -------------------------------------------------------------------------
+    def load_train_pool(self) -> Dataset:
+        raise NotImplementedError
+
+    def load_test(self) -> Dataset:
+        raise NotImplementedError
+
+    def load_val(self) -> Dataset | None:
+        return None
+
+    def train_transform(self) -> Callable[[Any], Any] | None:
+        return None
+
+    def test_transform(self) -> Callable[[Any], Any] | None:
+        return None
+
+    def train_pool_size(self) -> int | None:
+        return None
+
+    # --- shapes, known before setup ----------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, *self.image_size)
+
+    def example_input(self, batch_size: int = 2) -> Tensor:
+        """A random batch of the input shape, for probing feature shapes before any data is loaded."""
+        return torch.randn(batch_size, *self.input_shape)
+
+    @property
+    def train_size(self) -> int:
+        """Training samples after the validation split (what CRD-style memory banks are sized by)."""
+        if self.train_set is not None:
+            return len(self.train_set)
+        pool = self.train_pool_size()
+        if pool is not None:
+            return split_sizes(pool, self.val_fraction)[0]
+        # No cheap count: load once now; `setup` keeps the result, so the trainer does not load it again.
+        self.prepare_data()
+        self.setup("fit")
+        assert self.train_set is not None
+        return len(self.train_set)
+
+    # --- Lightning hooks ---------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:  # idempotent: every stage and `train_size` share one load
+            return
+        pool = self.load_train_pool()
+        test = IndexedDataset(self.load_test(), transform=self.test_transform())
+        val_base = self.load_val()
+        if val_base is not None:
+            if self.val_fraction > 0:
+                raise ConfigError(f"{type(self).__name__} has its own validation split; set data.val_fraction=0 "
+                                  f"(got {self.val_fraction}).")
+            train = IndexedDataset(pool, transform=self.train_transform())
+            val = IndexedDataset(val_base, transform=self.test_transform())
+        elif self.val_fraction > 0:
+            n = len(pool)  # type: ignore[arg-type]
+            n_train, _ = split_sizes(n, self.val_fraction)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+            # Same pool, two views: held-out samples are evaluated without augmentation.
+            train = IndexedDataset(pool, sorted(order[:n_train]), transform=self.train_transform())
+            val = IndexedDataset(pool, sorted(order[n_train:]), transform=self.test_transform())
+        else:
+            train = IndexedDataset(pool, transform=self.train_transform())
+            val = test
+        self.train_set, self.val_set, self.test_set = train, val, test
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=False,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """`32` or `[32, 32]` (a YAML list arrives as a ListConfig) → `(32, 32)`."""
+    if isinstance(size, int):
+        return (size, size)
+    h, w = (int(s) for s in size)
+    return (h, w)
+
+
+def check_positive(name: str, value: Any) -> int:
+    if int(value) < 1 or int(value) != value:
+        raise ConfigError(f"data.{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+__all__ = ["IndexedDataset", "KDDataModule", "TensorImageDataset", "as_hw", "check_positive", "split_sizes"]
