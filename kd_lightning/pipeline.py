@@ -67,7 +67,7 @@ def build_callbacks(cfg: DictConfig, has_logger: bool) -> list:
 
 
 def fit_and_test(cfg: DictConfig, module: L.LightningModule, datamodule: Any, phase: str,
-                 max_epochs: int | None = None) -> tuple[dict[str, float], L.Trainer]:
+                 max_epochs: int | None = None, test: bool = True) -> tuple[dict[str, float], L.Trainer]:
     loggers = build_loggers(cfg, phase)
     trainer_overrides: dict[str, Any] = {"logger": loggers or False, "callbacks": build_callbacks(cfg, bool(loggers)),
                                          "default_root_dir": str(Path(cfg.paths.output_dir) / phase)}
@@ -78,7 +78,8 @@ def fit_and_test(cfg: DictConfig, module: L.LightningModule, datamodule: Any, ph
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") if phase == "student" else None)
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    if test:
+        trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
                if key.startswith(("test/", "val/acc"))}
     _finish_wandb(loggers)
@@ -171,7 +172,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         datamodule.prepare_data()
         module = scheme_class(student=build_model(cfg.student, datamodule), teacher=FrozenTeacher(teacher),
                               terms=build_terms(cfg), example_input=datamodule.example_input(),
+                              train_size=datamodule.train_size, max_epochs=cfg.trainer.max_epochs,
                               **scheme_options, **scheme_kwargs(cfg, datamodule))
+        init_epochs = max((term.init_epochs for term in module.terms.values()), default=0)
+        if init_epochs:
+            module.init_stage = True
+            fit_and_test(cfg, module, datamodule, "init", max_epochs=init_epochs, test=False)
+            module.init_stage = False
         label = f"student + {'+'.join(cfg.distill or {}) or 'teacher'}"
     else:
         check_no_terms(cfg.get("distill"), cfg.scheme._target_.rsplit(".", 1)[-1].lower())

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.terms.base import DistillInputs, DistillTerm
+from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
+from kd_lightning.schemes.watch import NonFiniteWatch
 from kd_lightning.schemes.base import DistillationModule
 from kd_lightning.taps import FeatureTaps, declared_taps
 from kd_lightning.teachers import FrozenTeacher
@@ -16,17 +17,23 @@ from kd_lightning.teachers import FrozenTeacher
 class Offline(DistillationModule):
     """A frozen, pre-trained teacher; the student minimises ce_weight·CE + Σ weight_i·term_i.
 
+    Terms with `init_epochs > 0` get a first fit with `init_stage = True`, in which only their
+    `init_loss` trains their `init_parameters`; the pipeline then fits again for the main training.
+
     `example_input` (a small batch of the data's shape) is run once through both networks at
     construction, so tap names are checked and learnable adapters are sized before the optimizer exists.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, terms: Mapping[str, DistillTerm],
-                 num_classes: int, example_input: Tensor, ce_weight: float = 1.0, **base: Any) -> None:
+                 num_classes: int, example_input: Tensor, ce_weight: float = 1.0, train_size: int | None = None,
+                 max_epochs: int | None = None, **base: Any) -> None:
         super().__init__(student, num_classes, **base)
         # Kept outside the module tree on purpose: see FrozenTeacher.
         object.__setattr__(self, "teacher", teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher))
         self.terms = nn.ModuleDict(dict(terms))
         self.ce_weight = ce_weight
+        # While True, only the terms' initialisation losses train (FT paraphraser, AB connectors).
+        self.init_stage = False
         for name, term in self.terms.items():
             if not isinstance(term, DistillTerm):
                 raise ConfigError(f"distill.{name} built a {type(term).__name__}, not a DistillTerm; check its "
@@ -36,19 +43,24 @@ class Offline(DistillationModule):
                                         getattr(student, "kd_spec", {}).get("name", "student"))
         self.teacher_taps = FeatureTaps(self.teacher.model, [t for term in self.terms.values() for t in term.teacher_taps],
                                         getattr(self.teacher.model, "kd_spec", {}).get("name", "teacher"))
-        self._build_terms(example_input)
+        self._build_terms(example_input, train_size, max_epochs)
+        self.nonfinite = NonFiniteWatch(["ce", *self.terms])
 
-    def _build_terms(self, example_input: Tensor) -> None:
+    def _build_terms(self, example_input: Tensor, train_size: int | None, max_epochs: int | None) -> None:
         was_training = self.student.training
         self.student.eval()
         with torch.no_grad():
             self.student(example_input)
             self.teacher(example_input)
         self.student.train(was_training)
-        student_shapes = {name: tensor.shape for name, tensor in self.student_taps.features.items()}
-        teacher_shapes = {name: tensor.shape for name, tensor in self.teacher_taps.features.items()}
-        for term in self.terms.values():
-            term.build(student_shapes, teacher_shapes)
+        context = BuildContext(
+            student_shapes={name: tensor.shape for name, tensor in self.student_taps.features.items()},
+            teacher_shapes={name: tensor.shape for name, tensor in self.teacher_taps.features.items()},
+            student=self.student, teacher=self.teacher.model, num_classes=self.num_classes,
+            train_size=train_size, max_epochs=max_epochs)
+        for name, term in self.terms.items():
+            term.build(context)
+            term.check(name, context)
         self.student_taps.clear()
         self.teacher_taps.clear()
 
@@ -58,6 +70,21 @@ class Offline(DistillationModule):
         self.teacher._apply(fn, *args, **kwargs)
         return self
 
+    @property
+    def init_terms(self) -> dict[str, DistillTerm]:
+        return {name: term for name, term in self.terms.items() if term.init_epochs > 0}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if not self.init_stage:
+            return super().trainable_parameters()
+        chosen = {id(p): p for term in self.init_terms.values() for p in term.init_parameters(self.student)}
+        return list(chosen.values())
+
+    def configure_optimizers(self) -> Any:
+        if self.init_stage:  # the reference init stages (RepDistiller) run at a constant learning rate
+            return self.optimizer_factory(self.trainable_parameters())
+        return super().configure_optimizers()
+
     def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
         teacher_logits = self.teacher(images)
         student_logits = self.student(images)
@@ -66,15 +93,24 @@ class Offline(DistillationModule):
             student_features=self.student_taps.features, teacher_features=self.teacher_taps.features,
             epoch=self.current_epoch,
         )
-        losses = {"ce": self.ce_weight * F.cross_entropy(student_logits.float(), targets)}
+        if self.init_stage:
+            return {f"{name}_init": term.init_loss(inputs) for name, term in self.init_terms.items()}
+        ce = F.cross_entropy(student_logits.float(), targets)
+        self.nonfinite.record("ce", ce, self.global_step)
+        losses = {"ce": self.ce_weight * ce}
         for name, term in self.terms.items():
             if term.needs_indices and indices is None:
                 raise ConfigError(f"Term {name!r} needs sample indices, but the data module yields (images, "
                                   f"targets) pairs. Use a kd_lightning data module, which yields indices.")
             factor = term.weight_at(self.current_epoch)
             value = term(inputs)
-            if isinstance(value, Mapping):
-                losses.update({f"{name}_{part}": factor * part_value for part, part_value in value.items()})
-            else:
-                losses[name] = factor * value
+            parts = value if isinstance(value, Mapping) else {"": value}
+            for part, part_value in parts.items():
+                self.nonfinite.record(name, part_value, self.global_step)
+                losses[f"{name}_{part}" if part else name] = factor * part_value
         return losses
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Reading the flags syncs with the device, so on accelerators it happens only at logging steps.
+        if self.device.type == "cpu" or self.global_step % self.trainer.log_every_n_steps == 0:
+            self.nonfinite.raise_if_any()

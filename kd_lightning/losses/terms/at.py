@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
-from kd_lightning.losses.terms.base import STAGES, DistillInputs, DistillTerm, as_tap_list
+from kd_lightning.losses.terms.base import STAGES, BuildContext, DistillInputs, DistillTerm, as_tap_list
 
 
 class AT(DistillTerm):
@@ -26,7 +24,8 @@ class AT(DistillTerm):
         self.student_taps = as_tap_list(student_taps)
         self.teacher_taps = as_tap_list(teacher_taps)
 
-    def build(self, student_shapes: Mapping[str, torch.Size], teacher_shapes: Mapping[str, torch.Size]) -> None:
+    def build(self, context: BuildContext) -> None:
+        student_shapes, teacher_shapes = context.student_shapes, context.teacher_shapes
         if len(self.student_taps) != len(self.teacher_taps):
             raise ConfigError(
                 f"AT pairs student taps {self.student_taps} with teacher taps {self.teacher_taps}, but the counts "

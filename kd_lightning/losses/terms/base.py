@@ -26,6 +26,20 @@ class DistillInputs:
     epoch: int = 0
 
 
+@dataclass
+class BuildContext:
+    """What a term may size itself from, once, before training: tap shapes (batch dim included),
+    the two networks (e.g. OFD reads the teacher's BN statistics), and facts about the data."""
+
+    student_shapes: Mapping[str, torch.Size]
+    teacher_shapes: Mapping[str, torch.Size]
+    student: nn.Module | None = None
+    teacher: nn.Module | None = None
+    num_classes: int = 0
+    train_size: int | None = None
+    max_epochs: int | None = None
+
+
 class DistillTerm(nn.Module):
     """A weighted loss between teacher and student outputs, owning any learnable adapters.
 
@@ -33,17 +47,22 @@ class DistillTerm(nn.Module):
     parameters in `build` once the tap shapes are known, and return from `loss` either one unweighted
     scalar or a dict of named unweighted scalars (each logged as `train/<term>_<part>`). The scheme
     multiplies by `weight` and by the linear warm-up factor min(1, (epoch + 1) / warmup_epochs).
+
+    A term with a separate initialisation stage (FT's paraphraser, AB's connector pre-training) sets
+    `init_epochs > 0` and implements `init_loss` and `init_parameters`; the pipeline then runs that
+    stage (scheme `TermInitialization`) before the main training.
     """
 
     needs_teacher: ClassVar[bool] = True
     needs_indices: ClassVar[bool] = False
 
-    def __init__(self, weight: float = 1.0, warmup_epochs: int = 0) -> None:
+    def __init__(self, weight: float = 1.0, warmup_epochs: int = 0, init_epochs: int = 0) -> None:
         super().__init__()
-        if warmup_epochs < 0:
-            raise ConfigError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
+        if warmup_epochs < 0 or init_epochs < 0:
+            raise ConfigError(f"warmup_epochs and init_epochs must be >= 0, got {warmup_epochs} and {init_epochs}.")
         self.weight = float(weight)
         self.warmup_epochs = int(warmup_epochs)
+        self.init_epochs = int(init_epochs)
         self.student_taps: list[str] = []
         self.teacher_taps: list[str] = []
 
@@ -57,11 +76,27 @@ class DistillTerm(nn.Module):
         self.student_taps = _expand(self.student_taps, student_stages)
         self.teacher_taps = _expand(self.teacher_taps, teacher_stages)
 
-    def build(self, student_shapes: Mapping[str, torch.Size], teacher_shapes: Mapping[str, torch.Size]) -> None:
-        """Create shape-dependent parts (regressors, embeddings); shapes include the batch dimension."""
+    def build(self, context: BuildContext) -> None:
+        """Create shape-dependent parts (regressors, embeddings, memory banks)."""
+
+    def check(self, name: str, context: BuildContext) -> None:
+        """Refuse settings that cannot work for this run; called by the scheme after `build`."""
+        if context.max_epochs is not None and self.warmup_epochs > context.max_epochs:
+            raise ConfigError(
+                f"distill.{name}.warmup_epochs={self.warmup_epochs} is longer than training "
+                f"(trainer.max_epochs={context.max_epochs}), so the term would never reach its weight. Lower "
+                f"warmup_epochs or train longer."
+            )
 
     def loss(self, inputs: DistillInputs) -> Tensor | dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement loss()")
+
+    def init_loss(self, inputs: DistillInputs) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has init_epochs > 0 but no init_loss()")
+
+    def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
+        """Parameters the initialisation stage trains (default: the term's own)."""
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
 
     def forward(self, inputs: DistillInputs) -> Tensor | dict[str, Tensor]:
         return self.loss(inputs)

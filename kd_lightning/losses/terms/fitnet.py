@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
-from kd_lightning.losses.terms.base import DistillInputs, DistillTerm
+from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
 
 
 class FitNet(DistillTerm):
@@ -26,9 +24,9 @@ class FitNet(DistillTerm):
         self.teacher_taps = [teacher_tap]
         self.regressor: nn.Module = nn.Identity()
 
-    def build(self, student_shapes: Mapping[str, torch.Size], teacher_shapes: Mapping[str, torch.Size]) -> None:
-        student_shape = student_shapes[self.student_taps[0]]
-        teacher_shape = teacher_shapes[self.teacher_taps[0]]
+    def build(self, context: BuildContext) -> None:
+        student_shape = context.student_shapes[self.student_taps[0]]
+        teacher_shape = context.teacher_shapes[self.teacher_taps[0]]
         self.regressor = regressor(student_shape, teacher_shape, self.student_taps[0], self.teacher_taps[0])
 
     def loss(self, inputs: DistillInputs) -> Tensor:

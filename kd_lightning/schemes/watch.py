@@ -1,0 +1,43 @@
+"""Stops a run at the first non-finite loss and names the loss that produced it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kd_lightning.errors import ConfigError
+
+NEVER = torch.iinfo(torch.int64).max
+
+
+class NonFiniteWatch:
+    """Per-loss first step at which a value was NaN/inf, kept on the device so recording never syncs.
+
+    By the time a check runs, a NaN may have reached the weights and every loss; the earliest step
+    tells which loss broke first.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self.first_step: Tensor | None = None
+
+    def record(self, name: str, value: Tensor, step: int) -> None:
+        if self.first_step is None or self.first_step.device != value.device:
+            self.first_step = torch.full((len(self.names),), NEVER, dtype=torch.int64, device=value.device)
+        index = self.names.index(name)
+        bad = ~torch.isfinite(value.detach()).all()
+        current = self.first_step[index]
+        self.first_step[index] = torch.where(bad & (current == NEVER), torch.tensor(step, device=value.device), current)
+
+    def raise_if_any(self) -> None:
+        if self.first_step is None:
+            return
+        steps = self.first_step.tolist()
+        broken = [(step, name) for step, name in zip(steps, self.names) if step != NEVER]
+        if broken:
+            step, name = min(broken)
+            raise ConfigError(
+                f"Loss {name!r} became NaN or infinite at training step {step}; the run was stopped there. Lower "
+                f"its weight (distill.{name}.weight) or the learning rate (optimizer.lr), check its inputs (taps, "
+                f"temperature), or train in trainer.precision=32-true if it happened under 16-bit precision."
+            )
