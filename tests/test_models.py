@@ -1,0 +1,172 @@
+"""Model zoo: every registered model builds, runs and declares taps that resolve; sizes match the papers."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.models import MODELS, build_model
+from kd_lightning.taps import FeatureTaps, declared_taps
+
+SMALL_INPUT = {"convnet_small": [(1, 8), (1, 28)], "convnet_large": [(1, 8), (1, 28)]}
+
+# Parameters at 100 classes (millions). The first eight are the CRD paper's (Tian et al., ICLR 2020);
+# the rest are the figures commonly quoted for the same RepDistiller architectures in follow-up tables.
+PUBLISHED_PARAMS = {
+    "resnet8x4": 1.23, "resnet32x4": 7.43, "wrn_16_2": 0.70, "wrn_40_2": 2.26, "vgg8": 3.97, "vgg13": 9.46,
+    "MobileNetV2": 0.81, "ShuffleNetV1": 0.95,
+    "resnet20": 0.28, "resnet32": 0.47, "resnet56": 0.86, "resnet110": 1.74, "wrn_40_1": 0.57,
+    "ShuffleNetV2": 1.36, "ResNet50": 23.71,
+}
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _run_with_taps(model: nn.Module, x: torch.Tensor, name: str):
+    taps = declared_taps(model)
+    with torch.no_grad(), FeatureTaps(model, list(taps.points), name) as feature_taps:
+        logits = model(x)
+        return taps, logits, feature_taps.features
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_zoo_model_runs_and_declares_resolving_taps(name: str) -> None:
+    for channels, size in SMALL_INPUT.get(name, [(3, 32)]):
+        model = build_model(name, num_classes=10, in_channels=channels).eval()
+        # In-place ops would overwrite captured features (FeatureTaps refuses them when read).
+        assert not any(getattr(m, "inplace", False) for m in model.modules())
+        taps, logits, features = _run_with_taps(model, torch.randn(2, channels, size, size), name)
+
+        assert logits.shape == (2, 10)
+        assert taps.stages == tuple(f"stage{k}" for k in range(1, len(taps.stages) + 1)) and len(taps.stages) >= 2
+        assert {"stem", "penultimate", *taps.stages} <= set(features)
+        assert all(t.shape[0] == 2 for t in features.values())
+        assert features["penultimate"].shape == (2, model.state_dict()[_last_linear(model) + ".weight"].shape[1])
+        assert features["stem"].dim() == 4
+        sizes = [features[s].shape[-1] for s in taps.stages]
+        assert all(f.dim() == 4 for f in (features[s] for s in taps.stages)) and sizes == sorted(sizes, reverse=True)
+        for stage in taps.stages:
+            pre = features.get(f"{stage}_pre")
+            if pre is None:
+                continue
+            assert pre.shape == features[stage].shape and (pre < 0).any()
+            if taps.points[f"{stage}_pre"] != taps.points[stage]:
+                assert not torch.equal(pre, features[stage])
+
+
+def _last_linear(model: nn.Module) -> str:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+@pytest.mark.parametrize("name", ["resnet8", "ResNet50", "vgg8", "ShuffleNetV1", "ShuffleNetV2", "wrn_16_1",
+                                  "MobileNetV2", "convnet_small"])
+def test_pre_relu_taps_are_repdistillers_preact_features(name: str) -> None:
+    torch.manual_seed(0)
+    channels = 1 if name in SMALL_INPUT else 3
+    model = build_model(name, num_classes=10, in_channels=channels).eval()
+    taps, _, f = _run_with_taps(model, torch.randn(2, channels, 32, 32), name)
+    for k, stage in enumerate(taps.stages, start=1):
+        pre, post = f[f"{stage}_pre"], f[stage]
+        if name == "wrn_16_1":  # pre-activation net: the stage output after the next BN
+            next_bn = [model.block2.layer[0].bn1, model.block3.layer[0].bn1, model.bn1][k - 1]
+            assert torch.allclose(pre, next_bn(post))
+        elif name == "MobileNetV2":  # linear bottleneck: the stage output is already pre-activation
+            assert pre is post
+        elif name == "ShuffleNetV2":  # unshuffled concat before the ReLU, as RepDistiller returns it
+            assert torch.equal(post, getattr(model, f"layer{k}")[-1].shuffle(torch.relu(pre)))
+        else:
+            assert torch.equal(post, torch.relu(pre))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_parameter_counts_match_published(name: str) -> None:
+    millions = _count(build_model(name, num_classes=100)) / 1e6
+    assert millions == pytest.approx(PUBLISHED_PARAMS[name], rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleNetV1", "ShuffleNetV2"])
+def test_cifar_models_accept_one_input_channel(name: str) -> None:
+    model = build_model(name, num_classes=10, in_channels=1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_model_kwargs_reach_the_factory_and_unknown_ones_are_config_errors() -> None:
+    assert build_model("convnet_small", num_classes=10, in_channels=1, width=4).fc.in_features == 8
+    assert build_model("MobileNetV2", num_classes=10, width_mult=1.0).conv1[0].out_channels == 32
+    with pytest.raises(ConfigError, match="could not be built.*width"):
+        build_model("resnet8", num_classes=10, width=4)
+
+
+def test_unknown_zoo_name_lists_valid_names() -> None:
+    with pytest.raises(ConfigError, match=r"Unknown model 'resnet9'.*Did you mean.*'resnet8'.*Valid models:.*"
+                                          r"ShuffleNetV2.*convnet_small.*wrn_40_2.*torchvision:"):
+        build_model("resnet9", num_classes=10)
+
+
+# torchvision ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub_dir(tmp_path):
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    yield tmp_path
+    torch.hub.set_dir(previous)
+
+
+def test_torchvision_resnet_builds_with_stage_taps() -> None:
+    model = build_model("torchvision:resnet18", num_classes=7).eval()
+    taps, logits, f = _run_with_taps(model, torch.randn(2, 3, 64, 64), "torchvision:resnet18")
+    assert logits.shape == (2, 7)
+    assert taps.stages == ("stage1", "stage2", "stage3", "stage4")
+    assert [tuple(f[s].shape[1:]) for s in ("stem", *taps.stages)] == [
+        (64, 16, 16), (64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]
+    assert f["penultimate"].shape == (2, 512)
+
+
+def test_other_torchvision_models_get_the_generic_penultimate() -> None:
+    model = build_model("torchvision:mobilenet_v3_small", num_classes=5, in_channels=1).eval()
+    assert set(declared_taps(model).points) == {"penultimate"}
+    _, logits, f = _run_with_taps(model, torch.randn(2, 1, 32, 32), "mobilenet_v3_small")
+    assert logits.shape == (2, 5) and f["penultimate"].shape == (2, 1024)
+
+
+def test_unknown_torchvision_name_suggests_names() -> None:
+    with pytest.raises(ConfigError, match=r"Unknown torchvision model 'resnet19'.*Did you mean.*'resnet18'.*"
+                                          r"list_models"):
+        build_model("torchvision:resnet19", num_classes=10)
+    with pytest.raises(ConfigError, match="zoo model: use it without the 'torchvision:' prefix"):
+        build_model("torchvision:resnet8x4", num_classes=10)
+
+
+def test_missing_torchvision_weights_name_the_file_to_copy_in(hub_dir) -> None:
+    expected = hub_dir / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(ConfigError, match=re.escape(str(expected)) + ".*set weights to null") as error:
+        build_model("torchvision:resnet18", num_classes=1000, weights="IMAGENET1K_V1")
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in str(error.value)
+    assert not expected.exists()
+    with pytest.raises(ConfigError, match="1000-class head but num_classes=7"):
+        build_model("torchvision:resnet18", num_classes=7, weights="IMAGENET1K_V1")
+    with pytest.raises(ConfigError, match="no weights 'IMAGENET9K'.*IMAGENET1K_V1"):
+        build_model("torchvision:resnet18", num_classes=1000, weights="IMAGENET9K")
+
+
+def test_local_torchvision_weights_load_and_adapt_to_one_channel(hub_dir) -> None:
+    reference = build_model("torchvision:resnet18", num_classes=1000)
+    (hub_dir / "checkpoints").mkdir()
+    torch.save(reference.state_dict(), hub_dir / "checkpoints" / "resnet18-f37072fd.pth")
+
+    loaded = build_model("torchvision:resnet18", num_classes=1000, weights="ResNet18_Weights.IMAGENET1K_V1")
+    assert torch.equal(loaded.fc.weight, reference.fc.weight)
+    gray = build_model("torchvision:resnet18", num_classes=1000, in_channels=1, weights="IMAGENET1K_V1").eval()
+    assert torch.allclose(gray.conv1.weight, reference.conv1.weight.sum(1, keepdim=True))
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(gray(x), reference.eval()(x.expand(-1, 3, -1, -1)), atol=1e-4)

@@ -1,0 +1,81 @@
+"""Every registered model and every registered distillation term trains real batches end to end."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from kd_lightning.data import SyntheticDataModule
+from kd_lightning.models import MODELS, build_model
+from kd_lightning.pipeline import build_terms
+from kd_lightning.schemes import Offline, Supervised
+from kd_lightning.teachers import FrozenTeacher
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SMALL_INPUT_MODELS = {"convnet_small", "convnet_large"}
+
+
+def sgd(parameters):
+    return torch.optim.SGD(parameters, lr=0.05, momentum=0.9)
+
+
+def fit_steps(module: L.LightningModule, datamodule, steps: int = 2) -> L.Trainer:
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[name], value) for name, value in module.state_dict().items()
+               if value.is_floating_point())
+
+
+@pytest.mark.parametrize("name", list(MODELS) + ["torchvision:resnet18"])
+def test_every_model_trains(name):
+    small = name in SMALL_INPUT_MODELS
+    datamodule = SyntheticDataModule(num_classes=10, in_channels=1 if small else 3, image_size=8 if small else 32,
+                                     train_size=16, val_size=8, test_size=8, batch_size=8)
+    model = build_model(name, num_classes=10, in_channels=datamodule.in_channels)
+    before = snapshot(model)
+    trainer = fit_steps(Supervised(model, num_classes=10, optimizer=sgd), datamodule)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert changed(before, model)
+
+
+def distill_options() -> list[str]:
+    return sorted(path.stem for path in (CONF / "distill").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("term_name", distill_options())
+def test_every_term_trains_with_the_offline_scheme(make_cfg, term_name):
+    torch.manual_seed(0)
+    datamodule = SyntheticDataModule(num_classes=10, in_channels=3, image_size=32, train_size=32, val_size=8,
+                                     test_size=8, batch_size=8)
+    teacher = build_model("resnet20", num_classes=10)
+    teacher_before = snapshot(teacher)
+    student = build_model("resnet8", num_classes=10)
+    student_before = snapshot(student)
+    terms = build_terms(make_cfg(f"distill=[{term_name}]"))
+    module = Offline(student=student, teacher=FrozenTeacher(teacher), terms=terms, num_classes=10,
+                     example_input=datamodule.example_input(), optimizer=sgd,
+                     train_size=datamodule.train_size)
+    term_before = copy.deepcopy(snapshot(module.terms))
+    trainer = fit_steps(module, datamodule, steps=3)
+    logged = trainer.callback_metrics
+    assert torch.isfinite(logged["train/loss"])
+    assert any(key.startswith(f"train/{term_name}") for key in logged), sorted(logged)
+    assert changed(student_before, student)
+    assert not changed(teacher_before, teacher), "the teacher must stay frozen (weights and BN statistics)"
+    if any(parameter.requires_grad for parameter in module.terms.parameters()):
+        assert changed(term_before, module.terms), "learnable adapters must train with the student"
