@@ -60,8 +60,11 @@ def build_callbacks(cfg: DictConfig, has_logger: bool) -> list:
     for callback_cfg in (cfg.get("callbacks") or {}).values():
         if callback_cfg is None:
             continue
-        if str(callback_cfg.get("_target_", "")).endswith("LearningRateMonitor") and not has_logger:
+        target = str(callback_cfg.get("_target_", ""))
+        if target.endswith("LearningRateMonitor") and not has_logger:
             continue  # it would refuse to run; with logger=none there is nothing to monitor into
+        if target.endswith("ProgressBar") and cfg.trainer.get("enable_progress_bar") is False:
+            continue  # the trainer refuses a progress bar callback when bars are switched off
         callbacks.append(instantiate(callback_cfg))
     return callbacks
 

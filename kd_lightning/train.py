@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import hydra
@@ -15,6 +16,7 @@ from kd_lightning.errors import ConfigError
 def main(cfg: DictConfig) -> float | None:
     from kd_lightning.pipeline import run  # after Hydra parsed the arguments, so --help stays fast
 
+    quiet_lightning_console()
     try:
         results = run(cfg)
     except (ConfigError, InstantiationException) as error:
@@ -24,6 +26,21 @@ def main(cfg: DictConfig) -> float | None:
         print(f"\nkd-train: error: {error}", file=sys.stderr)
         sys.exit(2)
     return results["student_metrics"].get(cfg.get("optimized_metric", "test/acc"))
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in record.getMessage()
+
+
+def quiet_lightning_console() -> None:
+    """One copy of each Lightning message, through Hydra's handlers (console + run log), without adverts."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+        logger.addFilter(_DropAdverts())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
 
 
 if __name__ == "__main__":

@@ -101,3 +101,14 @@ def test_resume_continues_at_the_next_epoch_with_the_saved_optimizer_state(make_
         pipeline.build_callbacks = original
     assert Record.epochs == [1]
     assert torch.equal(Record.momentum, saved["optimizer_states"][0]["state"][0]["momentum_buffer"])
+
+
+def test_kd_export_extracts_the_student_from_a_scheme_checkpoint(make_cfg, tmp_path):
+    from kd_lightning.export import export
+
+    run(make_cfg("baseline=false", "distill=[fitnet]", "callbacks=default", "callbacks.progress_bar=null"))
+    checkpoint_path = next((tmp_path / "out" / "student").rglob("last.ckpt"))
+    state_dict, spec = read_weights(export(str(checkpoint_path), str(tmp_path / "exported.pt")))
+    assert spec["name"] == "convnet_small"
+    assert not any("regressor" in key for key in state_dict)
+    assert set(state_dict) == set(build_model(**spec).state_dict())
