@@ -43,7 +43,7 @@ def test_wandb_offline_writes_a_syncable_run_with_config_and_metrics(make_cfg, t
     student_dir = max(run_dirs, key=lambda path: path.stat().st_mtime)
     # Offline runs keep config and history inside the binary run file (protobuf records, strings stored raw).
     blob = next(student_dir.glob("run-*.wandb")).read_bytes()
-    for name in (b"convnet_small", b"distill", b"train/loss", b"train/kd", b"val/acc", b"test/acc"):
+    for name in (b"convnet_tiny", b"distill", b"train/loss", b"train/kd", b"val/acc", b"test/acc"):
         assert name in blob, name
     sync = subprocess.run([sys.executable, "-m", "wandb", "sync", "--dry-run", str(student_dir)],
                           capture_output=True, text=True, timeout=120)

@@ -12,7 +12,7 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.models import MODELS, build_model
 from kd_lightning.taps import FeatureTaps, declared_taps
 
-SMALL_INPUT = {"convnet_small": [(1, 8), (1, 28)], "convnet_large": [(1, 8), (1, 28)]}
+SMALL_INPUT = {name: [(1, 8), (1, 28)] for name in ("convnet_tiny", "convnet_small", "convnet_large")}
 
 # Parameters at 100 classes (millions). The first eight are the CRD paper's (Tian et al., ICLR 2020);
 # the rest are the figures commonly quoted for the same RepDistiller architectures in follow-up tables.

@@ -40,7 +40,7 @@ def test_teacher_cache_key_changes_with_the_recipe(make_cfg, tmp_path):
 def test_exported_student_rebuilds_without_the_teacher(make_cfg, tmp_path):
     results = run(make_cfg("baseline=false"))
     state_dict, spec = read_weights(tmp_path / "out" / "student.pt")
-    assert spec["name"] == "convnet_small"
+    assert spec["name"] == "convnet_tiny"
     assert not any(key.startswith(("teacher", "terms")) for key in state_dict)
     student = load_weights(build_model(**spec), tmp_path / "out" / "student.pt", role="student")
     assert torch.equal(student.fc.weight, state_dict["fc.weight"])
@@ -57,7 +57,7 @@ def test_lightning_checkpoint_holds_student_and_adapters_but_not_the_teacher(mak
     assert not any(key.startswith("teacher") for key in keys)
     # A scheme checkpoint is also a valid teacher file: the student's weights, named by its spec.
     state_dict, spec = read_weights(checkpoint_path)
-    assert spec["name"] == "convnet_small" and "fc.weight" in state_dict
+    assert spec["name"] == "convnet_tiny" and "fc.weight" in state_dict
 
 
 def test_supervised_scheme_trains_one_network_without_a_teacher(make_cfg, tmp_path):
@@ -109,6 +109,6 @@ def test_kd_export_extracts_the_student_from_a_scheme_checkpoint(make_cfg, tmp_p
     run(make_cfg("baseline=false", "distill=[fitnet]", "callbacks=default", "callbacks.progress_bar=null"))
     checkpoint_path = next((tmp_path / "out" / "student").rglob("last.ckpt"))
     state_dict, spec = read_weights(export(str(checkpoint_path), str(tmp_path / "exported.pt")))
-    assert spec["name"] == "convnet_small"
+    assert spec["name"] == "convnet_tiny"
     assert not any("regressor" in key for key in state_dict)
     assert set(state_dict) == set(build_model(**spec).state_dict())

@@ -17,7 +17,7 @@ from kd_lightning.schemes import Offline, Supervised
 from kd_lightning.teachers import FrozenTeacher
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-SMALL_INPUT_MODELS = {"convnet_small", "convnet_large"}
+SMALL_INPUT_MODELS = {"convnet_tiny", "convnet_small", "convnet_large"}
 
 
 def sgd(parameters):
