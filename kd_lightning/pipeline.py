@@ -175,13 +175,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         datamodule.prepare_data()
         module = scheme_class(student=build_model(cfg.student, datamodule), teacher=FrozenTeacher(teacher),
                               terms=build_terms(cfg), example_input=datamodule.example_input(),
-                              train_size=datamodule.train_size, max_epochs=cfg.trainer.max_epochs,
+                              train_size=datamodule.train_size, train_targets=datamodule.train_targets,
+                              max_epochs=cfg.trainer.max_epochs,
                               **scheme_options, **scheme_kwargs(cfg, datamodule))
         init_epochs = max((term.init_epochs for term in module.terms.values()), default=0)
-        if init_epochs:
-            module.init_stage = True
+        if init_epochs and not cfg.get("ckpt_path"):  # a resumed run restores the initialised adapters
+            module.set_init_stage(True)
             fit_and_test(cfg, module, datamodule, "init", max_epochs=init_epochs, test=False)
-            module.init_stage = False
+            module.set_init_stage(False)
         label = f"student + {'+'.join(cfg.distill or {}) or 'teacher'}"
     else:
         check_no_terms(cfg.get("distill"), cfg.scheme._target_.rsplit(".", 1)[-1].lower())

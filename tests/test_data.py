@@ -277,6 +277,54 @@ def test_missing_cifar_files_name_the_fix(tmp_path):
         CIFAR100DataModule(root=str(tmp_path)).prepare_data()
 
 
+# --- train_targets ---------------------------------------------------------------------------------------
+def check_train_targets(dm: KDDataModule) -> None:
+    """Asked before setup, as the pipeline does; must label every training batch through its indices."""
+    labels = dm.train_targets
+    assert labels.dtype == torch.long and labels.shape == (dm.train_size,)
+    dm.setup("fit")
+    batches = 0
+    for _, targets, indices in dm.train_dataloader():
+        assert torch.equal(labels[indices], targets)
+        batches += 1
+    assert batches > 1
+
+
+def test_train_targets_follow_the_batch_indices(tmp_path):
+    check_train_targets(DigitsDataModule(batch_size=256, val_fraction=0.1, seed=3))  # a held-out subset
+    check_train_targets(SyntheticDataModule(num_classes=5, image_size=8, train_size=40, batch_size=16))
+    write_cifar(tmp_path / "c100", hundred=True)
+    check_train_targets(CIFAR100DataModule(root=str(tmp_path / "c100"), batch_size=8, val_fraction=0.25, seed=1))
+    write_cifar(tmp_path / "c10")
+    check_train_targets(CIFAR10DataModule(root=str(tmp_path / "c10"), batch_size=16))
+    write_image_folder(tmp_path / "in" / "train", ["a", "b", "c"], per_class=3, size=(8, 8))
+    write_image_folder(tmp_path / "in" / "val", ["a", "b", "c"], per_class=1, size=(8, 8))
+    check_train_targets(ImageNetDataModule(root=str(tmp_path / "in"), batch_size=4, num_classes=3, image_size=8,
+                                           resize_size=8))
+
+
+def test_train_targets_of_a_dataset_without_a_label_list():
+    class Plain(torch.utils.data.Dataset):  # no `targets` attribute: read sample by sample
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, i: int):
+            return torch.zeros(1, 2, 2), (7 * i) % 3
+
+    class PlainModule(KDDataModule):
+        num_classes, in_channels, image_size = 3, 1, (2, 2)
+
+        def load_train_pool(self):
+            return Plain()
+
+        def load_test(self):
+            return Plain()
+
+    dm = PlainModule(batch_size=3, val_fraction=0.3, seed=0)
+    check_train_targets(dm)
+    assert dm.train_targets.tolist() == [(7 * i) % 3 for i in dm.train_set.indices]
+
+
 # --- ImageNet-style folders ------------------------------------------------------------------------------
 def test_imagenet_folders(tmp_path):
     write_image_folder(tmp_path / "train", ["a", "b", "c"], per_class=4)

@@ -165,6 +165,16 @@ class KDDataModule(L.LightningDataModule):
         assert self.train_set is not None
         return len(self.train_set)
 
+    @property
+    def train_targets(self) -> Tensor:
+        """Labels of the training split, a 1-D long tensor indexed like the batches' sample indices (CRD
+        draws each sample's negatives from the other classes with it). Loads the data if `setup` has not run."""
+        if self.train_set is None:
+            self.prepare_data()
+            self.setup("fit")
+        assert self.train_set is not None
+        return view_targets(self.train_set)
+
     # --- Lightning hooks ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:  # idempotent: every stage and `train_size` share one load
@@ -207,6 +217,17 @@ class KDDataModule(L.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
 
+def view_targets(view: IndexedDataset) -> Tensor:
+    """The labels of `view` in its own order, from the base's `targets` (torchvision datasets, ImageFolder,
+    TensorImageDataset) without touching the images; a base without one is read sample by sample."""
+    positions = range(len(view.base)) if view.indices is None else view.indices  # type: ignore[arg-type]
+    labels = getattr(view.base, "targets", None)
+    if labels is None:
+        return torch.tensor([int(view.base[i][1]) for i in positions], dtype=torch.long)
+    labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+    return labels if view.indices is None else labels[torch.as_tensor(view.indices, dtype=torch.long)]
+
+
 def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
     """`32` or `[32, 32]` (a YAML list arrives as a ListConfig) → `(32, 32)`."""
     if isinstance(size, int):
@@ -221,4 +242,5 @@ def check_positive(name: str, value: Any) -> int:
     return int(value)
 
 
-__all__ = ["IndexedDataset", "KDDataModule", "TensorImageDataset", "as_hw", "check_positive", "split_sizes"]
+__all__ = ["IndexedDataset", "KDDataModule", "TensorImageDataset", "as_hw", "check_positive", "split_sizes",
+           "view_targets"]

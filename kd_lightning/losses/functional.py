@@ -338,3 +338,191 @@ def nst(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
         return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
 
     return mean_kernel(teacher, teacher).detach() + mean_kernel(student, student) - 2.0 * mean_kernel(student, teacher)
+
+
+def dkd_standardized_parts(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+                           temperature: float = 2.0) -> tuple[Tensor, Tensor]:
+    """Unweighted (TCKD, NCKD) of DKD on z-scored logits: Sun et al., "Logit Standardization in Knowledge
+    Distillation" (CVPR 2024) applied to `dkd_parts`.
+
+    Each logit vector is standardised exactly as in `kd_standardized` (Bessel-corrected deviation, 1e-7
+    added to it) and `dkd_parts` is applied at the base temperature. This is the authors' DKD code
+    (sunshangquan/logit-standardization-KD, mdistiller/distillers/DKD.py), whose CIFAR-100 recipe is
+    α=9, β=72 (DKD's α=1, β=8 times their KD weight 9) at T=2. Needs at least two classes.
+    """
+    _check_logits(student_logits, teacher_logits, "dkd_standardized_parts", min_classes=2)
+    return dkd_parts(_standardize_logits(student_logits.float()), _standardize_logits(teacher_logits.float()),
+                     target, temperature)
+
+
+def correlation_congruence(student_embedded: Tensor, teacher_embedded: Tensor) -> Tensor:
+    """Peng et al., "Correlation Congruence for Knowledge Distillation" (ICCV 2019), as benchmarked.
+
+    With δ = |e_s − e_t| the element-wise gap between the (already embedded, same-width) student and teacher
+    vectors of a batch, loss = mean over consecutive samples i = 0..b−2 of Σ_d δ[i, d]·δ[i+1, d]. This is
+    RepDistiller's `Correlation` ("code emailed to me by the original author"), whose weight on CIFAR-100
+    is 0.02. It is NOT the paper's formula: the paper matches b×b instance-correlation matrices,
+    ‖ψ(F_t) − ψ(F_s)‖²/b², with ψ a Gaussian RBF kernel approximated by a P=2 Taylor series (γ=0.4), and
+    samples class-balanced batches; the benchmarked code instead couples the embedding gaps of neighbouring
+    samples in the batch order. Needs a batch of at least two. Computed in float32.
+    """
+    if student_embedded.ndim != 2 or student_embedded.shape != teacher_embedded.shape:
+        raise ValueError(
+            f"correlation_congruence expects student and teacher embeddings of the same shape (batch, dim); got "
+            f"{tuple(student_embedded.shape)} and {tuple(teacher_embedded.shape)}."
+        )
+    if student_embedded.shape[0] < 2:
+        raise ValueError(
+            "correlation_congruence pairs each sample with the next one in the batch and needs a batch of at "
+            f"least 2; got {student_embedded.shape[0]}. Use drop_last=True."
+        )
+    gap = (student_embedded.float() - teacher_embedded.float()).abs()
+    return (gap[:-1] * gap[1:]).sum(dim=1).mean()
+
+
+def contrastive_nce(probabilities: Tensor, noise_size: int, eps: float = 1e-7) -> Tensor:
+    """The NCE loss of Tian et al., "Contrastive Representation Distillation" (ICLR 2020), Eq. 18.
+
+    `probabilities` is (B, 1 + K): column 0 the positive's critic value P = exp(<v, m>/τ)/Z, the others
+    those of K noise samples drawn uniformly from `noise_size` = M memory rows (Pn = 1/M). With
+    D(P) = P / (P + K·Pn), the probability that a pair came from the data rather than the noise:
+    loss = −(Σ_b log D(P_b0) + Σ_b Σ_k log(1 − D(P_bk))) / B, summed over negatives and averaged over the
+    batch. Matches RepDistiller's `ContrastLoss`, including the eps added to the denominators (not in the
+    paper). Computed in float32.
+    """
+    batch, negatives = probabilities.shape[0], probabilities.shape[1] - 1
+    noise = negatives / noise_size
+    p = probabilities.float()
+    positive = torch.log(p[:, 0] / (p[:, 0] + noise + eps))
+    negative = torch.log(noise / (p[:, 1:] + noise + eps))
+    return -(positive.sum() + negative.sum()) / batch
+
+
+FT_FACTORS = ("repdistiller", "paper")
+
+
+def factor_transfer(student_factor: Tensor, teacher_factor: Tensor, factor: str = "repdistiller") -> Tensor:
+    """Kim et al., "Paraphrasing Complex Network: Network Compression via Factor Transfer" (NeurIPS 2018).
+
+    Mean absolute difference of per-sample L2-normalised factor vectors (the paper's p=1), averaged over
+    batch and vector entries. factor="repdistiller" (RepDistiller's `FactorTransfer`, p1=2, p2=1): the
+    vector is normalize(mean_c F²), a spatial map of the factor flattened to (b, h·w); factor="paper" (the
+    paper and its authors' code, `F.normalize(x.view(b, −1))` under `nn.L1Loss`): the whole factor
+    flattened to (b, c·h·w). Factors must share batch and spatial size (and, for "paper", channels).
+    Computed in float32.
+    """
+    if factor not in FT_FACTORS:
+        raise ValueError(f"factor_transfer's factor must be one of {list(FT_FACTORS)}, got {factor!r}.")
+    s_shape, t_shape = tuple(student_factor.shape), tuple(teacher_factor.shape)
+    compared = (lambda shape: shape) if factor == "paper" else (lambda shape: shape[:1] + shape[2:])  # drop channels
+    if compared(s_shape) != compared(t_shape):
+        raise ValueError(f"factor_transfer ({factor}) needs factors of the same "
+                         f"{'shape' if factor == 'paper' else 'batch and spatial size'}; got {s_shape} and {t_shape}.")
+
+    def vector(x: Tensor) -> Tensor:
+        x = x.float()
+        return F.normalize((x.pow(2).mean(1) if factor == "repdistiller" else x).flatten(1), dim=1)
+
+    return (vector(student_factor) - vector(teacher_factor)).abs().mean()
+
+
+def activation_boundary(student_preact: Tensor, teacher_preact: Tensor, margin: float = 1.0) -> Tensor:
+    """Heo et al., "Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons"
+    (AAAI 2019), for one layer pair: the alternative (hinge-squared) loss on pre-activations.
+
+    Σ (s + μ)²·[s > −μ ∧ t ≤ 0] + (s − μ)²·[s ≤ μ ∧ t > 0] over batch, channels and positions, with s the
+    connected student pre-activation and t the teacher's, so a student neuron is pushed past the margin μ
+    on the side where the teacher's neuron is active or not. Unnormalised, as RepDistiller's
+    `criterion_alternative_l2`; the batch division and scaling belong to the term. Computed in float32.
+    """
+    if student_preact.shape != teacher_preact.shape:
+        raise ValueError(f"activation_boundary needs features of the same shape; got {tuple(student_preact.shape)} "
+                         f"and {tuple(teacher_preact.shape)}.")
+    s, t = student_preact.float(), teacher_preact.float()
+    active = t > 0
+    push_down = (s + margin).pow(2) * ((s > -margin) & ~active)
+    push_up = (s - margin).pow(2) * ((s <= margin) & active)
+    return (push_down + push_up).sum()
+
+
+def fsp_matrix(bottom: Tensor, top: Tensor) -> Tensor:
+    """Yim et al., "A Gift from Knowledge Distillation" (CVPR 2017): the (b, C_top, C_bottom) "flow"
+    G[i, j] = mean over positions of top_i · bottom_j between the input and the output of a section.
+
+    When the two maps differ in resolution the larger is average-pooled to the smaller, as RepDistiller's
+    `FSP.compute_fsp` (the paper's sections keep the resolution). Computed in float32.
+    """
+    bottom, top = bottom.float(), top.float()
+    if bottom.shape[-2:] != top.shape[-2:]:
+        smaller = min(bottom.shape[-2:], top.shape[-2:], key=lambda size: size[0] * size[1])
+        bottom, top = F.adaptive_avg_pool2d(bottom, smaller), F.adaptive_avg_pool2d(top, smaller)
+    return torch.einsum("bip,bjp->bij", top.flatten(2), bottom.flatten(2)) / top[0, 0].numel()
+
+
+def variational_information(predicted_mean: Tensor, target: Tensor, variance: Tensor) -> Tensor:
+    """Ahn et al., "Variational Information Distillation for Knowledge Transfer" (CVPR 2019).
+
+    The negative log-likelihood of the teacher feature t under N(μ(s), σ²) per channel, without the
+    constant: mean of ½·((μ − t)²/σ² + log σ²) over batch, channels and positions (the paper sums over
+    channels and positions; the authors' code, via RepDistiller's `VIDLoss`, averages, which is what the
+    published weight 1 assumes). `variance` is per channel (C,) and positive. Computed in float32.
+    """
+    variance = variance.float().view(1, -1, *([1] * (target.ndim - 2)))
+    return (0.5 * ((predicted_mean.float() - target.float()).pow(2) / variance + variance.log())).mean()
+
+
+def ofd_margin(bn_weight: Tensor, bn_bias: Tensor) -> Tensor:
+    """The per-channel margin of Heo et al., "A Comprehensive Overhaul of Feature Distillation" (ICCV 2019):
+    E[x | x < 0] for x ~ N(β, γ²), the expected negative response of a teacher channel whose pre-ReLU
+    feature a BatchNorm2d with weight γ and bias β produced.
+
+    E[x | x < 0] = β − |γ|·φ(β/|γ|)/Φ(−β/|γ|); where Φ(−β/|γ|) ≤ 0.001 (the channel is almost never
+    negative) it is −3|γ| instead, as the authors' `get_margin_from_BN`. Computed in float64, returned
+    in float32.
+    """
+    scale, mean = bn_weight.detach().double().abs(), bn_bias.detach().double()
+    ratio = mean / scale
+    negative_mass = torch.special.ndtr(-ratio)
+    density = torch.exp(-ratio.pow(2) / 2) / (2 * torch.pi) ** 0.5
+    return torch.where(negative_mass > 0.001, mean - scale * density / negative_mass, -3 * scale).float()
+
+
+def ofd_partial_l2(student_preact: Tensor, teacher_preact: Tensor, margin: Tensor) -> Tensor:
+    """The partial L2 distance of Heo et al., "A Comprehensive Overhaul of Feature Distillation" (ICCV 2019).
+
+    With the teacher's pre-ReLU t clamped from below by its per-channel margin m, t' = max(t, m):
+    Σ (s − t')² over the positions where s > t' or t' > 0 (a student response below a negative teacher
+    response is not penalised: after the ReLU both are 0). Summed over batch, channels and positions like
+    the authors' `distillation_loss`; the division by the batch size and their 1/1000 belong to the term.
+    `margin` is per channel (C,). Computed in float32.
+    """
+    if student_preact.shape != teacher_preact.shape:
+        raise ValueError(f"ofd_partial_l2 needs features of the same shape; got {tuple(student_preact.shape)} and "
+                         f"{tuple(teacher_preact.shape)}.")
+    s = student_preact.float()
+    t = torch.maximum(teacher_preact.float(), margin.float().view(1, -1, *([1] * (s.ndim - 2))))
+    return ((s - t).pow(2) * ((s > t) | (t > 0))).sum()
+
+
+def hierarchical_context(student_feature: Tensor, teacher_feature: Tensor,
+                         levels: tuple[int, ...] = (4, 2, 1)) -> Tensor:
+    """HCL of Chen et al., "Distilling Knowledge via Knowledge Review" (CVPR 2021), for one feature pair.
+
+    MSE at full resolution plus the MSE of the features average-pooled to each level l×l of the pyramid
+    (only levels l smaller than the map's height), the k-th used level weighted 2^−k, all divided by the
+    sum of the weights: the authors' `hcl` (dvlab-research/ReviewKD, also mdistiller). An 8×8 map thus gets
+    (MSE + ½·MSE₄ + ¼·MSE₂ + ⅛·MSE₁)/1.875; a 1×1 map plain MSE. Computed in float32.
+    """
+    if student_feature.shape != teacher_feature.shape:
+        raise ValueError(f"hierarchical_context needs features of the same shape; got "
+                         f"{tuple(student_feature.shape)} and {tuple(teacher_feature.shape)}.")
+    student, teacher = student_feature.float(), teacher_feature.float()
+    loss, weight, total = F.mse_loss(student, teacher), 1.0, 1.0
+    for level in levels:
+        if level >= student.shape[2]:
+            continue
+        weight /= 2.0
+        pooled = F.adaptive_avg_pool2d(student, level), F.adaptive_avg_pool2d(teacher, level)
+        loss = loss + weight * F.mse_loss(*pooled)
+        total += weight
+    return loss / total

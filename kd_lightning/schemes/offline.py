@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
-from kd_lightning.schemes.watch import NonFiniteWatch
 from kd_lightning.schemes.base import DistillationModule
+from kd_lightning.schemes.watch import NonFiniteWatch
 from kd_lightning.taps import FeatureTaps, declared_taps
 from kd_lightning.teachers import FrozenTeacher
 
@@ -17,7 +17,7 @@ from kd_lightning.teachers import FrozenTeacher
 class Offline(DistillationModule):
     """A frozen, pre-trained teacher; the student minimises ce_weight·CE + Σ weight_i·term_i.
 
-    Terms with `init_epochs > 0` get a first fit with `init_stage = True`, in which only their
+    Terms with `init_epochs > 0` get a first fit after `set_init_stage(True)`, in which only their
     `init_loss` trains their `init_parameters`; the pipeline then fits again for the main training.
 
     `example_input` (a small batch of the data's shape) is run once through both networks at
@@ -26,7 +26,7 @@ class Offline(DistillationModule):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, terms: Mapping[str, DistillTerm],
                  num_classes: int, example_input: Tensor, ce_weight: float = 1.0, train_size: int | None = None,
-                 max_epochs: int | None = None, **base: Any) -> None:
+                 max_epochs: int | None = None, train_targets: Tensor | None = None, **base: Any) -> None:
         super().__init__(student, num_classes, **base)
         # Kept outside the module tree on purpose: see FrozenTeacher.
         object.__setattr__(self, "teacher", teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher))
@@ -43,26 +43,44 @@ class Offline(DistillationModule):
                                         getattr(student, "kd_spec", {}).get("name", "student"))
         self.teacher_taps = FeatureTaps(self.teacher.model, [t for term in self.terms.values() for t in term.teacher_taps],
                                         getattr(self.teacher.model, "kd_spec", {}).get("name", "teacher"))
-        self._build_terms(example_input, train_size, max_epochs)
+        self._build_terms(example_input, BuildContext(
+            student_shapes={}, teacher_shapes={}, student=student, teacher=self.teacher.model,
+            num_classes=num_classes, train_size=train_size, max_epochs=max_epochs, train_targets=train_targets))
         self.nonfinite = NonFiniteWatch(["ce", *self.terms])
+        self._trainable = {id(p) for p in self.parameters() if p.requires_grad}
 
-    def _build_terms(self, example_input: Tensor, train_size: int | None, max_epochs: int | None) -> None:
+    def _build_terms(self, example_input: Tensor, context: BuildContext) -> None:
         was_training = self.student.training
         self.student.eval()
         with torch.no_grad():
             self.student(example_input)
             self.teacher(example_input)
         self.student.train(was_training)
-        context = BuildContext(
-            student_shapes={name: tensor.shape for name, tensor in self.student_taps.features.items()},
-            teacher_shapes={name: tensor.shape for name, tensor in self.teacher_taps.features.items()},
-            student=self.student, teacher=self.teacher.model, num_classes=self.num_classes,
-            train_size=train_size, max_epochs=max_epochs)
+        context.student_shapes = {name: tensor.shape for name, tensor in self.student_taps.features.items()}
+        context.teacher_shapes = {name: tensor.shape for name, tensor in self.teacher_taps.features.items()}
         for name, term in self.terms.items():
             term.build(context)
             term.check(name, context)
         self.student_taps.clear()
         self.teacher_taps.clear()
+
+    def set_init_stage(self, active: bool) -> None:
+        """Switch between the terms' initialisation stage and the main training.
+
+        Parameters the active stage does not train get requires_grad=False, so optimizers skip them and
+        DDP does not wait for gradients that never come (the init stage trains only `init_parameters`;
+        the main stage skips each term's `init_only_parameters`, e.g. FT's paraphraser).
+        """
+        self.init_stage = active
+        if active:
+            keep = {id(p) for term in self.init_terms.values() for p in term.init_parameters(self.student)}
+        else:
+            frozen = {id(p) for term in self.terms.values() for p in term.init_only_parameters()}
+            keep = self._trainable - frozen
+        for parameter in self.parameters():
+            parameter.requires_grad_(id(parameter) in keep and id(parameter) in self._trainable)
+        # Lightning keeps submodules in the mode it finds them, so undo the init stage's eval() here.
+        self.train()
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "Offline":
         # Device and dtype moves (trainer setup, precision plugins) must reach the unregistered teacher.
@@ -73,12 +91,6 @@ class Offline(DistillationModule):
     @property
     def init_terms(self) -> dict[str, DistillTerm]:
         return {name: term for name, term in self.terms.items() if term.init_epochs > 0}
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        if not self.init_stage:
-            return super().trainable_parameters()
-        chosen = {id(p): p for term in self.init_terms.values() for p in term.init_parameters(self.student)}
-        return list(chosen.values())
 
     def configure_optimizers(self) -> Any:
         if self.init_stage:  # the reference init stages (RepDistiller) run at a constant learning rate
@@ -109,6 +121,11 @@ class Offline(DistillationModule):
                 self.nonfinite.record(name, part_value, self.global_step)
                 losses[f"{name}_{part}" if part else name] = factor * part_value
         return losses
+
+    def on_train_epoch_start(self) -> None:
+        # An init stage that does not train the student (FT's paraphraser) must not move its BN statistics.
+        if self.init_stage and not any(p.requires_grad for p in self.student.parameters()):
+            self.student.eval()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Reading the flags syncs with the device, so on accelerators it happens only at logging steps.

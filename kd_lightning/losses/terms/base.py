@@ -10,7 +10,10 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
 
-STAGES = "stages"  # tap-list alias: every declared stage of the model, shallow to deep
+# Tap-list aliases, expanded per model by `DistillTerm.expand_taps`.
+STAGES = "stages"  # every declared stage, shallow to deep
+STAGES_PRE = "stages_pre"  # every declared stage's pre-ReLU tap (`stageK_pre`), shallow to deep
+LAST_STAGE = "last_stage"  # the deepest declared stage
 
 
 @dataclass
@@ -38,6 +41,7 @@ class BuildContext:
     num_classes: int = 0
     train_size: int | None = None
     max_epochs: int | None = None
+    train_targets: Tensor | None = None  # labels of the training split, by sample index
 
 
 class DistillTerm(nn.Module):
@@ -72,9 +76,9 @@ class DistillTerm(nn.Module):
         return self.weight * min(1.0, (epoch + 1) / self.warmup_epochs)
 
     def expand_taps(self, student_stages: Sequence[str], teacher_stages: Sequence[str]) -> None:
-        """Replace the "stages" alias by the models' declared stages; called once by the scheme."""
-        self.student_taps = _expand(self.student_taps, student_stages)
-        self.teacher_taps = _expand(self.teacher_taps, teacher_stages)
+        """Replace the stage aliases by the models' declared stages; called once by the scheme."""
+        self.student_taps = _expand(self.student_taps, student_stages, "student")
+        self.teacher_taps = _expand(self.teacher_taps, teacher_stages, "teacher")
 
     def build(self, context: BuildContext) -> None:
         """Create shape-dependent parts (regressors, embeddings, memory banks)."""
@@ -98,14 +102,31 @@ class DistillTerm(nn.Module):
         """Parameters the initialisation stage trains (default: the term's own)."""
         return [parameter for parameter in self.parameters() if parameter.requires_grad]
 
+    def init_only_parameters(self) -> list[nn.Parameter]:
+        """Parameters that only the initialisation stage trains and the main stage keeps fixed."""
+        return []
+
     def forward(self, inputs: DistillInputs) -> Tensor | dict[str, Tensor]:
         return self.loss(inputs)
 
 
-def _expand(taps: Sequence[str], stages: Sequence[str]) -> list[str]:
+def _expand(taps: Sequence[str], stages: Sequence[str], role: str) -> list[str]:
     out: list[str] = []
     for tap in taps:
-        out.extend(stages if tap == STAGES else [tap])
+        if tap in (STAGES, STAGES_PRE, LAST_STAGE) and not stages:
+            raise ConfigError(
+                f"The {role} model declares no stages, so the tap alias {tap!r} means nothing. Name its taps "
+                f"explicitly as module paths (`kd_lightning.models.module_paths(model)` lists them; add ':input' "
+                f"for a module's input), or use a kd_lightning zoo model."
+            )
+        if tap == STAGES:
+            out.extend(stages)
+        elif tap == STAGES_PRE:
+            out.extend(f"{stage}_pre" for stage in stages)
+        elif tap == LAST_STAGE:
+            out.append(stages[-1])
+        else:
+            out.append(tap)
     return out
 
 
