@@ -82,3 +82,38 @@ def test_misspelled_term_option_is_reported_with_its_key(make_cfg):
     cfg = make_cfg("+distill.kd.temprature=2")
     with pytest.raises(Exception, match="temprature"):
         instantiate(cfg.distill.kd)
+
+
+def test_warmup_longer_than_training(make_cfg):
+    with pytest.raises(ConfigError, match=r"warmup_epochs=20 is longer than training.*max_epochs=1"):
+        run(make_cfg("baseline=false", "distill=[dkd]"))
+
+
+def test_feature_term_on_taps_no_adapter_can_match(make_cfg):
+    # FSP compares C×C' matrices directly, so it needs equal widths; the digits pair differs (4 vs 32).
+    with pytest.raises(ConfigError, match="equal channel counts"):
+        run(make_cfg("baseline=false", "distill=[fsp]"))
+
+
+def test_crd_without_sample_indices(make_cfg):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from kd_lightning.pipeline import build_terms
+    from kd_lightning.schemes import Offline
+
+    images, targets = torch.randn(8, 1, 8, 8), torch.arange(8) % 2
+    module = Offline(student=build_model("convnet_tiny", 2, 1), teacher=build_model("convnet_large", 2, 1),
+                     terms=build_terms(make_cfg("distill=[crd]")), num_classes=2, example_input=images[:2],
+                     train_size=8, train_targets=targets, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    pairs = DataLoader(TensorDataset(images, targets), batch_size=4)  # (x, y): no indices
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.raises(ConfigError, match="needs sample indices"):
+        trainer.fit(module, train_dataloaders=pairs)
+
+
+def test_non_finite_loss_stops_the_run_and_names_the_term(make_cfg):
+    # A zero temperature divides the logits by zero: the KD term turns NaN on the first step.
+    with pytest.raises(ConfigError, match=r"Loss 'kd' became NaN or infinite at training step 0.*distill\.kd\.weight"):
+        run(make_cfg("baseline=false", "distill.kd.temperature=0.0"))
