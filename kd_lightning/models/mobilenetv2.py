@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kd_lightning.models import register_model
+from kd_lightning.models.init import init_weights
 from kd_lightning.taps import Taps
 
 # (expansion t, output channels c, repeats n, first stride s); t=None means the model's expand_ratio.
@@ -66,15 +67,7 @@ class MobileNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # the reference's AvgPool2d(2, ceil_mode=True) at 32×32
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def declared_taps(self) -> Taps:
         points = {"stem": "conv1", "penultimate": "classifier:input"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kd_lightning.models import register_model
+from kd_lightning.models.init import init_weights
 from kd_lightning.taps import Taps
 
 
@@ -59,12 +60,7 @@ class BottleneckResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(512 * Bottleneck.expansion, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_weights(self)
 
     def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
         layers = []

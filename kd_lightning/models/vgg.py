@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kd_lightning.models import register_model
+from kd_lightning.models.init import init_weights
 from kd_lightning.taps import Taps
 
 _CFGS = {
@@ -48,16 +49,7 @@ class VGG(nn.Module):
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(cfg[-1][-1], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def declared_taps(self) -> Taps:
         points = {"stem": "relu0", "penultimate": "classifier:input"}

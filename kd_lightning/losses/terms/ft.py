@@ -6,9 +6,8 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
-from kd_lightning.losses.terms.at import match_resolution
 from kd_lightning.losses.terms.base import LAST_STAGE, BuildContext, DistillInputs, DistillTerm
-from kd_lightning.losses.terms.stage_taps import require_init_stage, stage_pairs
+from kd_lightning.losses.terms.stage_taps import match_resolution, require_init_stage, stage_pairs
 
 
 class FT(DistillTerm):

@@ -3,10 +3,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
-from kd_lightning.losses.terms.at import match_resolution
 from kd_lightning.losses.terms.base import STAGES, BuildContext, DistillInputs, DistillTerm, as_tap_list
+from kd_lightning.losses.terms.stage_taps import match_resolution, stage_pairs
 
 
 class NST(DistillTerm):
@@ -27,20 +26,7 @@ class NST(DistillTerm):
 
     def check(self, name: str, context: BuildContext) -> None:
         super().check(name, context)
-        if len(self.student_taps) != len(self.teacher_taps):
-            raise ConfigError(
-                f"NST pairs student taps {self.student_taps} with teacher taps {self.teacher_taps}, but the counts "
-                f"differ. Set distill.{name}.student_taps and distill.{name}.teacher_taps to lists of equal length."
-            )
-        for s_tap, t_tap in zip(self.student_taps, self.teacher_taps):
-            s_shape, t_shape = context.student_shapes[s_tap], context.teacher_shapes[t_tap]
-            if len(s_shape) != 4 or len(t_shape) != 4:
-                raise ConfigError(
-                    f"NST compares the spatial patterns of channels, so it needs feature maps (N,C,H,W); student "
-                    f"tap {s_tap!r} has shape {tuple(s_shape[1:])} and teacher tap {t_tap!r} has "
-                    f"{tuple(t_shape[1:])} per sample. Use stage taps (distill.{name}.student_taps=stages "
-                    f"distill.{name}.teacher_taps=stages), not 'penultimate'."
-                )
+        stage_pairs(name, self.student_taps, self.teacher_taps, context)
 
     def loss(self, inputs: DistillInputs) -> Tensor:
         total = inputs.student_logits.new_zeros((), dtype=torch.float32)

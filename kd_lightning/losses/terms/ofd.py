@@ -8,9 +8,8 @@ from torch import Tensor, nn
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
 from kd_lightning.losses.terms.ab import bn_connector
-from kd_lightning.losses.terms.at import match_resolution
 from kd_lightning.losses.terms.base import STAGES_PRE, BuildContext, DistillInputs, DistillTerm, as_tap_list
-from kd_lightning.losses.terms.stage_taps import stage_pairs
+from kd_lightning.losses.terms.stage_taps import match_resolution, stage_pairs
 from kd_lightning.taps import resolve_tap
 
 # Projection shortcuts carry their own BN; the margin comes from the residual branch, as the authors'

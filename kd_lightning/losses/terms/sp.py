@@ -3,9 +3,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
 from kd_lightning.losses.terms.base import LAST_STAGE, BuildContext, DistillInputs, DistillTerm, as_tap_list
+from kd_lightning.losses.terms.stage_taps import check_paired
 
 
 class SP(DistillTerm):
@@ -26,12 +26,7 @@ class SP(DistillTerm):
 
     def check(self, name: str, context: BuildContext) -> None:
         super().check(name, context)
-        if len(self.student_taps) != len(self.teacher_taps):
-            raise ConfigError(
-                f"{type(self).__name__} pairs student taps {self.student_taps} with teacher taps "
-                f"{self.teacher_taps}, but the counts differ. Set distill.{name}.student_taps and "
-                f"distill.{name}.teacher_taps to lists of equal length."
-            )
+        check_paired(name, self.student_taps, self.teacher_taps)
 
     def loss(self, inputs: DistillInputs) -> Tensor:
         total = inputs.student_logits.new_zeros((), dtype=torch.float32)

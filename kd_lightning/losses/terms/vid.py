@@ -8,9 +8,8 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
-from kd_lightning.losses.terms.at import match_resolution
 from kd_lightning.losses.terms.base import STAGES, BuildContext, DistillInputs, DistillTerm, as_tap_list
-from kd_lightning.losses.terms.stage_taps import stage_pairs
+from kd_lightning.losses.terms.stage_taps import match_resolution, stage_pairs
 
 
 class VID(DistillTerm):
