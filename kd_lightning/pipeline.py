@@ -7,7 +7,6 @@ and a checkpoint directory each hold exactly one training. Everything is built f
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from kd_lightning.schemes import Offline, Supervised
 from kd_lightning.schemes.base import check_no_terms
 from kd_lightning.teachers import FrozenTeacher, export_student, load_weights, read_metrics, recipe_key
 
-log = logging.getLogger(__name__)
 GPU_ACCELERATORS = {"gpu", "cuda"}
 
 
@@ -47,7 +45,7 @@ def build_loggers(cfg: DictConfig, phase: str) -> list:
         target = str(logger_cfg.get("_target_", ""))
         overrides: dict[str, Any] = {}
         if target.endswith("WandbLogger"):
-            run_name = logger_cfg.get("name") or Path(cfg.paths.output_dir).name
+            run_name = logger_cfg.get("name") or f"{cfg.get('task_name', 'train')}/{Path(cfg.paths.output_dir).name}"
             overrides = {"name": f"{run_name}-{phase}", "group": logger_cfg.get("group") or run_name, "job_type": phase}
         elif "name" in logger_cfg or target.endswith(("CSVLogger", "TensorBoardLogger")):
             overrides = {"name": f"{logger_cfg.get('name') or key}/{phase}"}
@@ -172,7 +170,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             results["baseline"], _ = fit_and_test(cfg, baseline_module, datamodule, "baseline")
             rows.append(("student baseline", cfg.student.name, results["baseline"]))
         L.seed_everything(cfg.seed, workers=True)
-        datamodule.prepare_data()
         module = scheme_class(student=build_model(cfg.student, datamodule), teacher=FrozenTeacher(teacher),
                               terms=build_terms(cfg), example_input=datamodule.example_input(),
                               train_size=datamodule.train_size, train_targets=datamodule.train_targets,

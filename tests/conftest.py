@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-# Keep tests quiet and single-threaded per worker: pytest-xdist runs one worker per core.
 os.environ.setdefault("WANDB_SILENT", "true")
+# The suite runs under pytest-xdist with one worker per core and its tensors are small: a second intra-op
+# thread per worker only adds synchronisation and contention.
+torch.set_num_threads(1)
 
 FAST = [
     "trainer.max_epochs=1",

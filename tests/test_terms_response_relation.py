@@ -22,13 +22,6 @@ from kd_lightning.schemes import Offline
 from kd_lightning.teachers import FrozenTeacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def np64(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float64).numpy()
