@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,8 +34,18 @@ def check_accelerator(trainer_cfg: DictConfig) -> None:
         )
 
 
+def construct(node: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, re-raising a constructor's ConfigError as itself rather than wrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ConfigError):
+            raise error.__cause__ from None
+        raise
+
+
 def build_model(model_cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
-    return instantiate(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels)
+    return construct(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels)
 
 
 def build_loggers(cfg: DictConfig, phase: str) -> list:
@@ -103,7 +114,7 @@ def scheme_kwargs(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
 
 
 def build_terms(cfg: DictConfig) -> dict[str, Any]:
-    return {name: instantiate(term_cfg) for name, term_cfg in (cfg.get("distill") or {}).items()}
+    return {name: construct(term_cfg) for name, term_cfg in (cfg.get("distill") or {}).items()}
 
 
 def teacher_recipe(cfg: DictConfig) -> dict[str, Any]:
@@ -117,7 +128,7 @@ def teacher_recipe(cfg: DictConfig) -> dict[str, Any]:
     return {"model": OmegaConf.to_container(cfg.teacher.model, resolve=True), "data": data, "trainer": trainer,
             "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
             "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
-            "max_epochs": cfg.teacher.get("max_epochs"), "seed": cfg.teacher.seed}
+            "max_epochs": cfg.teacher.get("max_epochs"), "lr": cfg.teacher.get("lr"), "seed": cfg.teacher.seed}
 
 
 def evaluate(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -> dict[str, float]:
@@ -142,7 +153,10 @@ def obtain_teacher(cfg: DictConfig, datamodule: Any) -> tuple[torch.nn.Module, d
         return teacher, read_metrics(cache_file), f"cache {cache_file}"
     L.seed_everything(cfg.teacher.seed, workers=True)
     teacher = build_model(cfg.teacher.model, datamodule)
-    metrics, trainer = fit_and_test(cfg, Supervised(teacher, **scheme_kwargs(cfg, datamodule)), datamodule, "teacher",
+    options = scheme_kwargs(cfg, datamodule)
+    if cfg.teacher.get("lr") is not None:  # e.g. RepDistiller trains teachers at 0.05 for lr-0.01 students
+        options["optimizer"] = instantiate(cfg.optimizer, lr=cfg.teacher.lr)
+    metrics, trainer = fit_and_test(cfg, Supervised(teacher, **options), datamodule, "teacher",
                                     max_epochs=cfg.teacher.get("max_epochs"))
     if trainer.is_global_zero:
         export_student(teacher, cache_file, metrics)
@@ -154,7 +168,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured job and return its results (also written to `<output_dir>/results.json`)."""
     check_accelerator(cfg.trainer)
     scheme_class = get_class(cfg.scheme._target_)
-    datamodule = instantiate(cfg.data)
+    datamodule = construct(cfg.data)
     results: dict[str, Any] = {"student": OmegaConf.to_container(cfg.student, resolve=True)}
     rows: list[tuple[str, str, dict[str, float]]] = []
     scheme_options = {key: value for key, value in cfg.scheme.items() if key != "_target_"}

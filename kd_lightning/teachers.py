@@ -12,9 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.schemes.base import CHECKPOINT_KEY
 
 EXPORT_FORMAT = "kd_lightning.student/1"
+# Where scheme checkpoints record the student's build spec (read back here when a checkpoint is a teacher).
+CHECKPOINT_KEY = "kd_lightning"
 
 
 class FrozenTeacher(nn.Module):

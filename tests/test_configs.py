@@ -9,7 +9,7 @@ import torch
 from hydra.utils import get_class, instantiate
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.pipeline import build_callbacks, build_loggers, build_terms, check_accelerator
+from kd_lightning.pipeline import build_callbacks, build_loggers, build_terms, check_accelerator, construct
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -51,7 +51,7 @@ def test_teacher_options_build(make_cfg, option, tmp_path, monkeypatch):
         # Pretrained torchvision teachers need their file in torch's hub cache; nothing is downloaded.
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
         with pytest.raises(ConfigError, match="checkpoints"):
-            instantiate(cfg.teacher.model, num_classes=1000, in_channels=3)
+            construct(cfg.teacher.model, num_classes=1000, in_channels=3)
         cfg.teacher.model.weights = None
     model = instantiate(cfg.teacher.model, num_classes=10, in_channels=3)
     assert model.kd_spec["name"] == cfg.teacher.model.name
@@ -101,7 +101,7 @@ def test_logger_options_instantiate(make_cfg, option, monkeypatch):
 
 @pytest.mark.parametrize("option", options("callbacks"))
 def test_callback_options_instantiate(make_cfg, option):
-    cfg = make_cfg(f"callbacks={option}")
+    cfg = make_cfg(f"callbacks={option}", fast=False)  # fast settings switch the progress bar off
     assert len(build_callbacks(cfg, has_logger=True)) == len(cfg.get("callbacks") or {})
 
 

@@ -34,7 +34,8 @@ def test_default_job_reports_three_rows_and_reuses_the_cached_teacher(make_cfg, 
 def test_teacher_cache_key_changes_with_the_recipe(make_cfg, tmp_path):
     run(make_cfg("baseline=false"))
     run(make_cfg("baseline=false", "optimizer.lr=0.01"))
-    assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 2
+    run(make_cfg("baseline=false", "optimizer.lr=0.01", "teacher.lr=0.05"))  # the teacher's own learning rate
+    assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 3
 
 
 def test_exported_student_rebuilds_without_the_teacher(make_cfg, tmp_path):

@@ -49,7 +49,9 @@ def module_paths(model: nn.Module) -> list[str]:
 
 def _load_zoo() -> None:
     # Import for the side effect of registration; kept in one place so the registry is always complete.
-    from kd_lightning.models import cifar_resnet, mobilenetv2, resnet_bottleneck, shufflenet, small, vgg, wrn  # noqa: F401
+    from kd_lightning.models import (  # noqa: F401
+        cifar_resnet, mobilenetv1, mobilenetv2, resnet_bottleneck, shufflenet, small, vgg, wrn,
+    )
 
 
 _load_zoo()

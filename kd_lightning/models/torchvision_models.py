@@ -63,11 +63,26 @@ def build_torchvision_model(name: str, num_classes: int, in_channels: int = 3, w
     if in_channels != 3:
         _replace_first_conv(model, name, in_channels, pretrained=weights_member is not None)
     if isinstance(model, torchvision.models.ResNet):
-        # An instance attribute that taps.declared_taps calls; a partial (unlike a lambda) keeps the model
-        # picklable for spawn-based multi-process training and torch.save.
-        model.declared_taps = partial(Taps, points=dict(_RESNET_TAPS),
-                                      stages=("stage1", "stage2", "stage3", "stage4"))
+        _declare_resnet_taps(model)
     return model
+
+
+def _declare_resnet_taps(model: torchvision.models.ResNet) -> None:
+    """Stage taps, plus pre-ReLU ones for OFD/AB/ReviewKD.
+
+    A torchvision block calls its one `relu` module several times, the last time on the residual sum, so
+    a `relu:input` hook keeps exactly the block's pre-activation output, provided the ReLU does not
+    overwrite its input: every ReLU is made non-inplace (a little more memory, same results).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    points = dict(_RESNET_TAPS)
+    for k in range(1, 5):
+        points[f"stage{k}_pre"] = f"layer{k}.{len(getattr(model, f'layer{k}')) - 1}.relu:input"
+    # An instance attribute that taps.declared_taps calls; a partial (unlike a lambda) keeps the model
+    # picklable for spawn-based multi-process training and torch.save.
+    model.declared_taps = partial(Taps, points=points, stages=("stage1", "stage2", "stage3", "stage4"))
 
 
 def _unknown_message(name: str, valid: list[str]) -> str:

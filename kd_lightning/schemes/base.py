@@ -12,10 +12,10 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.teachers import CHECKPOINT_KEY
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-CHECKPOINT_KEY = "kd_lightning"
 
 
 def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
