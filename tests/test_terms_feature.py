@@ -326,7 +326,7 @@ def small_pair(student: str, teacher: str, term):
     module = Offline(student=build_model(student, num_classes=10, in_channels=1),
                      teacher=FrozenTeacher(build_model(teacher, num_classes=10, in_channels=1)), terms={"t": term},
                      num_classes=10, example_input=datamodule.example_input(),
-                     optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
+                     optimizer=lambda params, lr=0.1: torch.optim.SGD(params, lr=lr, momentum=0.9))
     return module, datamodule
 
 
@@ -365,6 +365,15 @@ def test_init_stage_trains_exactly_the_init_parameters(name):
     assert all(m.training for m in student.modules()), "the main stage must train the student in train mode"
     assert not ids(module.trainable_parameters()) & ids(term.init_only_parameters())
     assert ids(student.parameters()) <= ids(module.trainable_parameters())
+
+
+def test_init_stage_runs_at_init_lr_and_the_main_stage_at_the_optimizer_lr():
+    module, _ = small_pair("convnet_small", "convnet_large", FT())
+    module.init_lr = 0.01
+    module.set_init_stage(True)
+    assert module.configure_optimizers().param_groups[0]["lr"] == 0.01
+    module.set_init_stage(False)
+    assert module.configure_optimizers().param_groups[0]["lr"] == 0.1
 
 
 def test_ft_paraphraser_stays_frozen_in_the_main_stage():

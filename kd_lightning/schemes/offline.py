@@ -18,7 +18,8 @@ class Offline(DistillationModule):
     """A frozen, pre-trained teacher; the student minimises ce_weight·CE + Σ weight_i·term_i.
 
     Terms with `init_epochs > 0` get a first fit after `set_init_stage(True)`, in which only their
-    `init_loss` trains their `init_parameters`; the pipeline then fits again for the main training.
+    `init_loss` trains their `init_parameters` at the constant learning rate `init_lr` (default:
+    the optimizer's); the pipeline then fits again for the main training.
 
     `example_input` (a small batch of the data's shape) is run once through both networks at
     construction, so tap names are checked and learnable adapters are sized before the optimizer exists.
@@ -26,12 +27,14 @@ class Offline(DistillationModule):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, terms: Mapping[str, DistillTerm],
                  num_classes: int, example_input: Tensor, ce_weight: float = 1.0, train_size: int | None = None,
-                 max_epochs: int | None = None, train_targets: Tensor | None = None, **base: Any) -> None:
+                 max_epochs: int | None = None, train_targets: Tensor | None = None, init_lr: float | None = None,
+                 **base: Any) -> None:
         super().__init__(student, num_classes, **base)
         # Kept outside the module tree on purpose: see FrozenTeacher.
         object.__setattr__(self, "teacher", teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher))
         self.terms = nn.ModuleDict(dict(terms))
         self.ce_weight = ce_weight
+        self.init_lr = init_lr
         # While True, only the terms' initialisation losses train (FT paraphraser, AB connectors).
         self.init_stage = False
         for name, term in self.terms.items():
@@ -46,7 +49,7 @@ class Offline(DistillationModule):
         self._build_terms(example_input, BuildContext(
             student_shapes={}, teacher_shapes={}, student=student, teacher=self.teacher.model,
             num_classes=num_classes, train_size=train_size, max_epochs=max_epochs, train_targets=train_targets))
-        self.nonfinite = NonFiniteWatch(["ce", *self.terms])
+        self.nonfinite = NonFiniteWatch(["ce", *self.terms, *(f"{name}_init" for name in self.init_terms)])
         self._trainable = {id(p) for p in self.parameters() if p.requires_grad}
 
     def _build_terms(self, example_input: Tensor, context: BuildContext) -> None:
@@ -94,7 +97,8 @@ class Offline(DistillationModule):
 
     def configure_optimizers(self) -> Any:
         if self.init_stage:  # the reference init stages (RepDistiller) run at a constant learning rate
-            return self.optimizer_factory(self.trainable_parameters())
+            lr = {} if self.init_lr is None else {"lr": self.init_lr}
+            return self.optimizer_factory(self.trainable_parameters(), **lr)
         return super().configure_optimizers()
 
     def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
@@ -106,7 +110,10 @@ class Offline(DistillationModule):
             epoch=self.current_epoch,
         )
         if self.init_stage:
-            return {f"{name}_init": term.init_loss(inputs) for name, term in self.init_terms.items()}
+            losses = {f"{name}_init": term.init_loss(inputs) for name, term in self.init_terms.items()}
+            for name, value in losses.items():
+                self.nonfinite.record(name, value, self.global_step)
+            return losses
         ce = F.cross_entropy(student_logits.float(), targets)
         self.nonfinite.record("ce", ce, self.global_step)
         losses = {"ce": self.ce_weight * ce}

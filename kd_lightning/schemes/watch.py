@@ -38,6 +38,14 @@ class NonFiniteWatch:
             step, name = min(broken)
             raise ConfigError(
                 f"Loss {name!r} became NaN or infinite at training step {step}; the run was stopped there. Lower "
-                f"its weight (distill.{name}.weight) or the learning rate (optimizer.lr), check its inputs (taps, "
-                f"temperature), or train in trainer.precision=32-true if it happened under 16-bit precision."
+                f"{remedy(name)}, check its inputs (taps, temperature), or train in trainer.precision=32-true if "
+                f"it happened under 16-bit precision."
             )
+
+
+def remedy(loss_name: str) -> str:
+    if loss_name == "ce":
+        return "scheme.ce_weight or the learning rate (optimizer.lr)"
+    if loss_name.endswith("_init"):  # init-stage losses are unweighted
+        return "the learning rate (optimizer.lr, which the init stage uses unscheduled)"
+    return f"its weight (distill.{loss_name}.weight) or the learning rate (optimizer.lr)"
