@@ -164,6 +164,14 @@ def obtain_teacher(cfg: DictConfig, datamodule: Any) -> tuple[torch.nn.Module, d
     return teacher, metrics, f"trained, cached at {cache_file}"
 
 
+def build_offline(cfg: DictConfig, scheme_class: type, teacher: torch.nn.Module, datamodule: Any,
+                  scheme_options: dict[str, Any]) -> Offline:
+    return scheme_class(student=build_model(cfg.student, datamodule), teacher=FrozenTeacher(teacher),
+                        terms=build_terms(cfg), example_input=datamodule.example_input(),
+                        train_size=datamodule.train_size, train_targets=datamodule.train_targets,
+                        max_epochs=cfg.trainer.max_epochs, **scheme_options, **scheme_kwargs(cfg, datamodule))
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured job and return its results (also written to `<output_dir>/results.json`)."""
     check_accelerator(cfg.trainer)
@@ -174,6 +182,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     scheme_options = {key: value for key, value in cfg.scheme.items() if key != "_target_"}
 
     if issubclass(scheme_class, Offline):
+        # Build everything once with an untrained teacher first, so a bad student, term or tap name fails in
+        # seconds instead of after the teacher and the baseline have trained.
+        build_offline(cfg, scheme_class, build_model(cfg.teacher.model, datamodule), datamodule, scheme_options)
         teacher, teacher_metrics, source = obtain_teacher(cfg, datamodule)
         results["teacher"] = {"metrics": teacher_metrics, "source": source,
                               "model": OmegaConf.to_container(cfg.teacher.model, resolve=True)}
@@ -184,11 +195,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             results["baseline"], _ = fit_and_test(cfg, baseline_module, datamodule, "baseline")
             rows.append(("student baseline", cfg.student.name, results["baseline"]))
         L.seed_everything(cfg.seed, workers=True)
-        module = scheme_class(student=build_model(cfg.student, datamodule), teacher=FrozenTeacher(teacher),
-                              terms=build_terms(cfg), example_input=datamodule.example_input(),
-                              train_size=datamodule.train_size, train_targets=datamodule.train_targets,
-                              max_epochs=cfg.trainer.max_epochs,
-                              **scheme_options, **scheme_kwargs(cfg, datamodule))
+        module = build_offline(cfg, scheme_class, teacher, datamodule, scheme_options)
         init_epochs = max((term.init_epochs for term in module.terms.values()), default=0)
         if init_epochs and not cfg.get("ckpt_path"):  # a resumed run restores the initialised adapters
             module.set_init_stage(True)

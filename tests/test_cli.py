@@ -23,11 +23,12 @@ def kd_train(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.Compl
 
 
 def test_config_error_prints_one_paragraph_and_no_traceback(tmp_path):
-    result = kd_train(tmp_path, "student.name=resnet9", "hydra.run.dir=run")
+    result = kd_train(tmp_path, "student.name=resnet9", "hydra.run.dir=run", timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "kd-train: error: Unknown model 'resnet9'" in result.stderr
     assert "resnet8x4" in result.stderr
+    assert not (tmp_path / "cache").exists(), "a bad student name must fail before any teacher trains"
 
 
 @pytest.mark.slow
