@@ -325,6 +325,46 @@ def test_train_targets_of_a_dataset_without_a_label_list():
     assert dm.train_targets.tolist() == [(7 * i) % 3 for i in dm.train_set.indices]
 
 
+# --- train_subset ----------------------------------------------------------------------------------------
+def test_train_subset_is_a_seeded_part_of_the_training_split():
+    full = DigitsDataModule(batch_size=64, val_fraction=0.1, seed=0)
+    full.setup()
+    dm = DigitsDataModule(batch_size=64, val_fraction=0.1, seed=0, train_subset=200)
+    assert dm.train_size == 200  # before setup, as CRD's memory bank is sized
+    check_batches(dm, (1, 8, 8), 10)  # indices are a permutation of [0, 200)
+    subset = set(dm.train_set.indices)
+    assert len(subset) == 200 and subset <= set(full.train_set.indices)
+    assert not subset & set(dm.val_set.indices) and dm.val_set.indices == full.val_set.indices
+    assert torch.equal(dm.train_targets, dm.train_set.base.targets[dm.train_set.indices])
+    check_train_targets(DigitsDataModule(batch_size=64, val_fraction=0.1, seed=0, train_subset=200))
+
+    again, smaller = (DigitsDataModule(val_fraction=0.1, seed=0, train_subset=k) for k in (200, 50))
+    other_seed = DigitsDataModule(val_fraction=0.1, seed=1, train_subset=200)
+    for module in (again, smaller, other_seed):
+        module.setup()
+    assert again.train_set.indices == dm.train_set.indices
+    assert set(smaller.train_set.indices) < subset  # nested: one permutation, a shorter prefix
+    assert other_seed.train_set.indices != dm.train_set.indices
+
+
+def test_train_subset_without_a_val_split_and_its_errors(tmp_path):
+    arrays = write_mnist(tmp_path / "MNIST" / "raw", n_train=30)
+    dm = MNISTDataModule(root=str(tmp_path), batch_size=4, train_subset=12)
+    assert dm.train_size == 12  # from the IDX header, before any image is read
+    check_batches(dm, (1, 28, 28), 10)
+    labels = torch.as_tensor(arrays["train-labels-idx1-ubyte"], dtype=torch.long)
+    assert torch.equal(dm.train_targets, labels[dm.train_set.indices])
+    assert len(dm.test_set) == 12 and dm.val_set is dm.test_set  # evaluation splits are untouched
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ConfigError, match="train_subset"):
+            MNISTDataModule(root=str(tmp_path), train_subset=bad)
+    too_many = MNISTDataModule(root=str(tmp_path), val_fraction=0.2, train_subset=25)  # 24 left after the split
+    with pytest.raises(ConfigError, match="exceeds the 24 training samples"):
+        _ = too_many.train_size
+    with pytest.raises(ConfigError, match="exceeds the 24 training samples"):
+        too_many.setup()
+
+
 # --- ImageNet-style folders ------------------------------------------------------------------------------
 def test_imagenet_folders(tmp_path):
     write_image_folder(tmp_path / "train", ["a", "b", "c"], per_class=4)

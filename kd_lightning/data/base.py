@@ -102,7 +102,7 @@ class KDDataModule(L.LightningDataModule):
     image_size: tuple[int, int]
 
     def __init__(self, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
-                 val_fraction: float = 0.0, seed: int = 0) -> None:
+                 val_fraction: float = 0.0, seed: int = 0, train_subset: int | None = None) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ConfigError(f"data.batch_size must be a positive integer (per device), got {batch_size!r}.")
@@ -112,11 +112,15 @@ class KDDataModule(L.LightningDataModule):
         if not 0.0 <= float(val_fraction) < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}: it is the fraction "
                               f"of the training set held out for validation (0 validates on the test split).")
+        if train_subset is not None and (int(train_subset) != train_subset or int(train_subset) < 1):
+            raise ConfigError(f"data.train_subset must be a positive integer (training samples to keep) or null "
+                              f"for the whole training split, got {train_subset!r}.")
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
+        self.train_subset = None if train_subset is None else int(train_subset)
         self.train_set: IndexedDataset | None = None
         self.val_set: IndexedDataset | None = None
         self.test_set: IndexedDataset | None = None
@@ -158,7 +162,7 @@ class KDDataModule(L.LightningDataModule):
             return len(self.train_set)
         pool = self.train_pool_size()
         if pool is not None:
-            return split_sizes(pool, self.val_fraction)[0]
+            return self._subset_size(split_sizes(pool, self.val_fraction)[0])
         # No cheap count: load once now; `setup` keeps the result, so the trainer does not load it again.
         self.prepare_data()
         self.setup("fit")
@@ -198,7 +202,27 @@ class KDDataModule(L.LightningDataModule):
         else:
             train = IndexedDataset(pool, transform=self.train_transform())
             val = test
-        self.train_set, self.val_set, self.test_set = train, val, test
+        self.train_set, self.val_set, self.test_set = self._take_subset(train), val, test
+
+    def _subset_size(self, n_train: int) -> int:
+        if self.train_subset is None:
+            return n_train
+        if self.train_subset > n_train:
+            raise ConfigError(f"data.train_subset={self.train_subset} exceeds the {n_train} training samples left "
+                              f"after the validation split. Use a smaller value, or null for all of them.")
+        return self.train_subset
+
+    def _take_subset(self, train: IndexedDataset) -> IndexedDataset:
+        """A seeded subset of the training view, cut after the validation split so held-out samples never
+        enter it; a smaller subset with the same seed is a subset of a larger one (prefix of one permutation).
+        Sample indices stay positions in the new view, so they lie in [0, train_subset)."""
+        if self.train_subset is None:
+            return train
+        n = len(train)
+        chosen = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:self._subset_size(n)]
+        positions = sorted(chosen.tolist())
+        indices = positions if train.indices is None else [train.indices[p] for p in positions]
+        return IndexedDataset(train.base, indices, transform=train.transform)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:

@@ -60,8 +60,9 @@ class _CIFARDataModule(KDDataModule):
     std: ClassVar[tuple[float, float, float]]
 
     def __init__(self, root: str = "data", batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
-                 val_fraction: float = 0.0, seed: int = 0, download: bool = False) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed)
+                 val_fraction: float = 0.0, seed: int = 0, download: bool = False,
+                 train_subset: int | None = None) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset)
         self.in_channels, self.image_size = 3, (32, 32)
         self.root = Path(root).expanduser()
         self.download = bool(download)
