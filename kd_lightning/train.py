@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.errors import InstantiationException
@@ -12,7 +13,11 @@ from omegaconf import DictConfig
 from kd_lightning.errors import ConfigError
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+# An absolute path: relative ones are resolved as a Python package when run as the `kd-train` console script.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from kd_lightning.pipeline import run  # after Hydra parsed the arguments, so --help stays fast
 

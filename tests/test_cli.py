@@ -18,7 +18,9 @@ QUICK = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit
 def kd_train(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "KD_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
            "WANDB_DIR": str(tmp_path)}
-    return subprocess.run([sys.executable, "-m", "kd_lightning.train", *args], cwd=tmp_path, env=env,
+    # The console script, as the README runs it (it resolves the config directory differently from -m).
+    command = [str(Path(sys.executable).with_name("kd-train"))]
+    return subprocess.run([*command, *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
