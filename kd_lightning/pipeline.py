@@ -6,6 +6,7 @@ and a checkpoint directory each hold exactly one training. Everything is built f
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.report import format_table
@@ -153,11 +154,15 @@ def obtain_teacher(cfg: DictConfig, datamodule: Any) -> tuple[torch.nn.Module, d
         return teacher, read_metrics(cache_file), f"cache {cache_file}"
     L.seed_everything(cfg.teacher.seed, workers=True)
     teacher = build_model(cfg.teacher.model, datamodule)
-    options = scheme_kwargs(cfg, datamodule)
+    teacher_cfg = copy.deepcopy(cfg)
+    if cfg.teacher.get("max_epochs") is not None:
+        # Set in the config, not only on the Trainer, so schedules that read it (cosine T_max) follow.
+        with open_dict(teacher_cfg):
+            teacher_cfg.trainer.max_epochs = cfg.teacher.max_epochs
+    options = scheme_kwargs(teacher_cfg, datamodule)
     if cfg.teacher.get("lr") is not None:  # e.g. RepDistiller trains teachers at 0.05 for lr-0.01 students
         options["optimizer"] = instantiate(cfg.optimizer, lr=cfg.teacher.lr)
-    metrics, trainer = fit_and_test(cfg, Supervised(teacher, **options), datamodule, "teacher",
-                                    max_epochs=cfg.teacher.get("max_epochs"))
+    metrics, trainer = fit_and_test(teacher_cfg, Supervised(teacher, **options), datamodule, "teacher")
     if trainer.is_global_zero:
         export_student(teacher, cache_file, metrics)
     trainer.strategy.barrier("teacher-cache")

@@ -113,3 +113,16 @@ def test_kd_export_extracts_the_student_from_a_scheme_checkpoint(make_cfg, tmp_p
     assert spec["name"] == "convnet_tiny"
     assert not any("regressor" in key for key in state_dict)
     assert set(state_dict) == set(build_model(**spec).state_dict())
+
+
+def test_teacher_max_epochs_also_sets_its_schedule_length(make_cfg, tmp_path):
+    import kd_lightning.pipeline as pipeline
+
+    seen = []
+    original = pipeline.scheme_kwargs
+    pipeline.scheme_kwargs = lambda cfg, dm: seen.append(cfg.scheduler.T_max) or original(cfg, dm)
+    try:
+        run(make_cfg("baseline=false", "teacher.max_epochs=2", "trainer.max_epochs=1"))
+    finally:
+        pipeline.scheme_kwargs = original
+    assert 2 in seen and 1 in seen  # the teacher's cosine spans its own 2 epochs, the student's its 1
