@@ -27,7 +27,8 @@ class NonFiniteWatch:
         index = self.names.index(name)
         bad = ~torch.isfinite(value.detach()).all()
         current = self.first_step[index]
-        self.first_step[index] = torch.where(bad & (current == NEVER), torch.tensor(step, device=value.device), current)
+        # A Python scalar, not torch.tensor(step, device=...): no host-to-device copy per loss per step.
+        self.first_step[index] = torch.where(bad & (current == NEVER), step, current)
 
     def raise_if_any(self) -> None:
         if self.first_step is None:

@@ -3,11 +3,11 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kd_lightning.losses import functional
-from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
-from kd_lightning.losses.terms.rkd import require_embeddings
+from kd_lightning.losses.terms.base import BuildContext, DistillInputs
+from kd_lightning.losses.terms.rkd import EmbeddingTerm
 
 
-class CC(DistillTerm):
+class CC(EmbeddingTerm):
     """Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019, as benchmarked.
 
     Both penultimate embeddings go through their own learnable linear map to `feat_dim`=128 (RepDistiller's
@@ -19,10 +19,8 @@ class CC(DistillTerm):
 
     def __init__(self, weight: float = 0.02, feat_dim: int = 128, student_tap: str = "penultimate",
                  teacher_tap: str = "penultimate", warmup_epochs: int = 0) -> None:
-        super().__init__(weight, warmup_epochs)
+        super().__init__(weight, warmup_epochs, student_tap, teacher_tap)
         self.feat_dim = int(feat_dim)
-        self.student_taps = [student_tap]
-        self.teacher_taps = [teacher_tap]
         self.embed_student: nn.Module = nn.Identity()
         self.embed_teacher: nn.Module = nn.Identity()
 
@@ -32,10 +30,6 @@ class CC(DistillTerm):
         if len(student_shape) == 2 and len(teacher_shape) == 2:  # anything else is refused by check()
             self.embed_student = nn.Linear(student_shape[1], self.feat_dim)
             self.embed_teacher = nn.Linear(teacher_shape[1], self.feat_dim)
-
-    def check(self, name: str, context: BuildContext) -> None:
-        super().check(name, context)
-        require_embeddings(self, name, context)
 
     def loss(self, inputs: DistillInputs) -> Tensor:
         student = self.embed_student(inputs.student_features[self.student_taps[0]])

@@ -7,7 +7,24 @@ from kd_lightning.losses import functional
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
 
 
-class RKD(DistillTerm):
+class EmbeddingTerm(DistillTerm):
+    """A term on one (batch, dim) embedding per network, by default the pooled `penultimate` tap."""
+
+    def __init__(self, weight: float, warmup_epochs: int = 0, student_tap: str = "penultimate",
+                 teacher_tap: str = "penultimate") -> None:
+        super().__init__(weight, warmup_epochs)
+        self.student_taps = [student_tap]
+        self.teacher_taps = [teacher_tap]
+
+    def check(self, name: str, context: BuildContext) -> None:
+        super().check(name, context)
+        require_embeddings(self, name, context)
+
+    def embeddings(self, inputs: DistillInputs) -> tuple[Tensor, Tensor]:
+        return inputs.student_features[self.student_taps[0]], inputs.teacher_features[self.teacher_taps[0]]
+
+
+class RKD(EmbeddingTerm):
     """Park et al., "Relational Knowledge Distillation", CVPR 2019.
 
     25·distance + 50·angle: smooth-L1 between the student's and teacher's mean-normalised pairwise distances
@@ -17,19 +34,12 @@ class RKD(DistillTerm):
 
     def __init__(self, weight: float = 1.0, distance_weight: float = 25.0, angle_weight: float = 50.0,
                  student_tap: str = "penultimate", teacher_tap: str = "penultimate", warmup_epochs: int = 0) -> None:
-        super().__init__(weight, warmup_epochs)
+        super().__init__(weight, warmup_epochs, student_tap, teacher_tap)
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight
-        self.student_taps = [student_tap]
-        self.teacher_taps = [teacher_tap]
-
-    def check(self, name: str, context: BuildContext) -> None:
-        super().check(name, context)
-        require_embeddings(self, name, context)
 
     def loss(self, inputs: DistillInputs) -> Tensor:
-        return functional.rkd(inputs.student_features[self.student_taps[0]],
-                              inputs.teacher_features[self.teacher_taps[0]], self.distance_weight, self.angle_weight)
+        return functional.rkd(*self.embeddings(inputs), self.distance_weight, self.angle_weight)
 
 
 def require_embeddings(term: DistillTerm, name: str, context: BuildContext) -> None:
