@@ -118,18 +118,35 @@ def build_terms(cfg: DictConfig) -> dict[str, Any]:
     return {name: construct(term_cfg) for name, term_cfg in (cfg.get("distill") or {}).items()}
 
 
-def teacher_recipe(cfg: DictConfig) -> dict[str, Any]:
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+def teacher_config(cfg: DictConfig) -> DictConfig:
+    """The run's config as the teacher trains under it: `teacher.max_epochs` and `teacher.lr` applied.
+
+    Set in the config, not only on the Trainer, so schedules that read them (cosine T_max) follow, and so the
+    cache key sees the effective recipe: a sweep over student epochs shares one teacher of fixed length.
+    """
+    teacher_cfg = copy.deepcopy(cfg)
+    with open_dict(teacher_cfg):
+        if cfg.teacher.get("max_epochs") is not None:
+            teacher_cfg.trainer.max_epochs = cfg.teacher.max_epochs
+        if cfg.teacher.get("lr") is not None:  # e.g. RepDistiller trains teachers at 0.05 for lr-0.01 students
+            teacher_cfg.optimizer.lr = cfg.teacher.lr
+    return teacher_cfg
+
+
+def teacher_recipe(teacher_cfg: DictConfig) -> dict[str, Any]:
+    """What decides the trained teacher's weights (the cache key), from `teacher_config(cfg)`."""
+    trainer = OmegaConf.to_container(teacher_cfg.trainer, resolve=True)
     for irrelevant in ("default_root_dir", "log_every_n_steps", "enable_progress_bar", "enable_model_summary",
                        "devices", "num_nodes", "strategy"):
         trainer.pop(irrelevant, None)
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = OmegaConf.to_container(teacher_cfg.data, resolve=True)
     for irrelevant in ("num_workers", "pin_memory", "root", "system_dir"):
         data.pop(irrelevant, None)
-    return {"model": OmegaConf.to_container(cfg.teacher.model, resolve=True), "data": data, "trainer": trainer,
-            "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
-            "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
-            "max_epochs": cfg.teacher.get("max_epochs"), "lr": cfg.teacher.get("lr"), "seed": cfg.teacher.seed}
+    scheduler = teacher_cfg.get("scheduler")
+    return {"model": OmegaConf.to_container(teacher_cfg.teacher.model, resolve=True), "data": data,
+            "trainer": trainer, "optimizer": OmegaConf.to_container(teacher_cfg.optimizer, resolve=True),
+            "scheduler": OmegaConf.to_container(scheduler, resolve=True) if scheduler else None,
+            "seed": teacher_cfg.teacher.seed}
 
 
 def evaluate(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -> dict[str, float]:
@@ -148,20 +165,14 @@ def obtain_teacher(cfg: DictConfig, datamodule: Any) -> tuple[torch.nn.Module, d
         return teacher, evaluate(cfg, teacher, datamodule), f"checkpoint {cfg.teacher.checkpoint}"
     if cfg.teacher.model.get("weights"):
         return teacher, evaluate(cfg, teacher, datamodule), f"torchvision weights {cfg.teacher.model.weights}"
-    cache_file = Path(cfg.paths.cache_dir) / "teachers" / f"{teacher.kd_spec['name'].replace(':', '_')}-{recipe_key(teacher_recipe(cfg))}.pt"
+    teacher_cfg = teacher_config(cfg)
+    cache_file = Path(cfg.paths.cache_dir) / "teachers" / f"{teacher.kd_spec['name'].replace(':', '_')}-{recipe_key(teacher_recipe(teacher_cfg))}.pt"
     if cache_file.is_file():
         load_weights(teacher, cache_file)
         return teacher, read_metrics(cache_file), f"cache {cache_file}"
     L.seed_everything(cfg.teacher.seed, workers=True)
     teacher = build_model(cfg.teacher.model, datamodule)
-    teacher_cfg = copy.deepcopy(cfg)
-    if cfg.teacher.get("max_epochs") is not None:
-        # Set in the config, not only on the Trainer, so schedules that read it (cosine T_max) follow.
-        with open_dict(teacher_cfg):
-            teacher_cfg.trainer.max_epochs = cfg.teacher.max_epochs
     options = scheme_kwargs(teacher_cfg, datamodule)
-    if cfg.teacher.get("lr") is not None:  # e.g. RepDistiller trains teachers at 0.05 for lr-0.01 students
-        options["optimizer"] = instantiate(cfg.optimizer, lr=cfg.teacher.lr)
     metrics, trainer = fit_and_test(teacher_cfg, Supervised(teacher, **options), datamodule, "teacher")
     if trainer.is_global_zero:
         export_student(teacher, cache_file, metrics)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -46,3 +47,24 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
             )
 
     return _make
+
+
+class _LossRecorder(L.Callback):
+    def __init__(self, losses: dict[str, list[float]]) -> None:
+        self.losses = losses
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        phase = Path(trainer.default_root_dir).name
+        self.losses.setdefault(phase, []).append(float(outputs["loss"]))
+
+
+@pytest.fixture
+def recorded_losses(monkeypatch) -> dict[str, list[float]]:
+    """Every training step's total loss of every `pipeline.run` phase in this test, keyed by phase name."""
+    import kd_lightning.pipeline as pipeline
+
+    losses: dict[str, list[float]] = {}
+    original = pipeline.build_callbacks
+    monkeypatch.setattr(pipeline, "build_callbacks",
+                        lambda cfg, has_logger: [*original(cfg, has_logger), _LossRecorder(losses)])
+    return losses

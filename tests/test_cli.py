@@ -43,7 +43,7 @@ def test_ddp_on_cpu_with_two_gloo_processes(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["world_size"] == 2
     assert list((tmp_path / "run" / "csv" / "init").rglob("metrics.csv")), "the init stage ran"
-    assert 0.0 <= results["student_metrics"]["test/acc"] <= 1.0
+    # Numerical agreement with one process is tests/test_ddp.py's job; here: the command line gets there.
 
 
 @pytest.mark.slow
@@ -53,10 +53,15 @@ def test_multirun_gives_each_job_its_own_directory_and_closed_wandb_run(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
     assert len(jobs) == 4
+    grid, losses = set(), set()
     for job in jobs:
-        assert json.loads((job / "results.json").read_text())["student_metrics"]["test/acc"] >= 0.0
+        overrides = (job / ".hydra" / "overrides.yaml").read_text()
+        grid.add((("kd" if "distill=kd" in overrides else "at"), ("seed=1" in overrides)))
+        losses.add(json.loads((job / "results.json").read_text())["student_metrics"]["test/loss"])
         runs = list((job / "wandb").glob("offline-run-*"))
         # the teacher is trained (and cached) by the first job only; every job has its own student run
         assert len(runs) in (1, 2)
         assert all(list(run.glob("run-*.wandb")) for run in runs)
     assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 1
+    # Each job ran its own point of the grid and trained its own student (no job repeated another's result).
+    assert len(grid) == 4 and len(losses) == 4

@@ -8,24 +8,38 @@ from pathlib import Path
 import torch
 
 from kd_lightning.models import build_model
-from kd_lightning.pipeline import run
+from kd_lightning.pipeline import construct, evaluate, run
 from kd_lightning.teachers import load_weights, read_weights
 
 
-def test_default_job_reports_three_rows_and_reuses_the_cached_teacher(make_cfg, tmp_path, capsys):
-    results = run(make_cfg())
+def digits(cfg):
+    datamodule = construct(cfg.data)
+    datamodule.setup("test")
+    return datamodule
+
+
+def test_default_job_distils_a_student_that_beats_its_baseline_and_reuses_the_cached_teacher(make_cfg, tmp_path,
+                                                                                         capsys):
+    # The real default job (30 epochs on digits, ~25 s): chance is 10 %, so these margins fail on a pipeline
+    # that trains the wrong network, loses the teacher or distils towards noise.
+    results = run(make_cfg("logger=none", "callbacks=none", "trainer.enable_progress_bar=false", fast=False))
     table = capsys.readouterr().out
     assert results["teacher"]["source"].startswith("trained")
     for role in ("teacher", "student baseline", "student + kd"):
         assert role in table
-    for metrics in (results["teacher"]["metrics"], results["baseline"], results["student_metrics"]):
-        assert 0.0 <= metrics["test/acc"] <= 1.0
+    teacher, baseline, distilled = (results["teacher"]["metrics"]["test/acc"], results["baseline"]["test/acc"],
+                                    results["student_metrics"]["test/acc"])
+    assert teacher >= 0.95 and baseline >= 0.85
+    # The default job's claim (seeds 0/1/2 in BENCHMARKS.md: KD ahead by 1.7–3.6 points).
+    assert distilled > baseline, (baseline, distilled)
     written = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert written["student_metrics"]["test/acc"] == results["student_metrics"]["test/acc"]
+    assert written["student_metrics"]["test/acc"] == distilled
     cached = list((tmp_path / "cache" / "teachers").glob("convnet_large-*.pt"))
     assert len(cached) == 1
 
-    again = run(make_cfg("baseline=false", "seed=1"))
+    # A shorter student run with the teacher's length pinned to the same 30 epochs reuses that teacher.
+    again = run(make_cfg("baseline=false", "seed=1", "trainer.max_epochs=1", "teacher.max_epochs=30", "logger=none",
+                         "callbacks=none", "trainer.enable_progress_bar=false", fast=False))
     assert again["teacher"]["source"] == f"cache {cached[0]}"
     assert again["teacher"]["metrics"] == results["teacher"]["metrics"]
     assert "baseline" not in again
@@ -34,7 +48,14 @@ def test_default_job_reports_three_rows_and_reuses_the_cached_teacher(make_cfg, 
 def test_teacher_cache_key_changes_with_the_recipe(make_cfg, tmp_path):
     run(make_cfg("baseline=false"))
     run(make_cfg("baseline=false", "optimizer.lr=0.01"))
-    run(make_cfg("baseline=false", "optimizer.lr=0.01", "teacher.lr=0.05"))  # the teacher's own learning rate
+    run(make_cfg("baseline=false", "optimizer.lr=0.01", "teacher.lr=0.1"))  # the teacher's own learning rate
+    assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 3
+    # The teacher's own learning rate equal to the default one is the first recipe again.
+    assert run(make_cfg("baseline=false", "optimizer.lr=0.01", "teacher.lr=0.05"))["teacher"]["source"].startswith("cache")
+    # The key is the recipe the teacher trains under, not how it was spelled: the teacher's own length set
+    # to the run's length is the same recipe, whatever the student's epochs.
+    again = run(make_cfg("baseline=false", "trainer.max_epochs=2", "teacher.max_epochs=1"))
+    assert again["teacher"]["source"].startswith("cache")
     assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 3
 
 
@@ -45,7 +66,8 @@ def test_exported_student_rebuilds_without_the_teacher(make_cfg, tmp_path):
     assert not any(key.startswith(("teacher", "terms")) for key in state_dict)
     student = load_weights(build_model(**spec), tmp_path / "out" / "student.pt", role="student")
     assert torch.equal(student.fc.weight, state_dict["fc.weight"])
-    assert results["student_metrics"]["test/acc"] > 0
+    # The file holds the trained student: evaluated on its own, it scores what the run reported.
+    assert evaluate(make_cfg(), student, digits(make_cfg()))["test/acc"] == results["student_metrics"]["test/acc"]
 
 
 def test_lightning_checkpoint_holds_student_and_adapters_but_not_the_teacher(make_cfg, tmp_path):
@@ -62,15 +84,23 @@ def test_lightning_checkpoint_holds_student_and_adapters_but_not_the_teacher(mak
 
 
 def test_supervised_scheme_trains_one_network_without_a_teacher(make_cfg, tmp_path):
-    results = run(make_cfg("scheme=supervised", "student=convnet_large"))
+    results = run(make_cfg("scheme=supervised", "student=convnet_large", "trainer.max_epochs=2",
+                           "trainer.limit_train_batches=null", "trainer.limit_test_batches=null"))
     assert "teacher" not in results and "baseline" not in results
     assert not (tmp_path / "cache").exists()
-    assert 0.0 <= results["student_metrics"]["test/acc"] <= 1.0
+    assert results["student_metrics"]["test/acc"] >= 0.9  # two epochs on digits; chance is 0.1
 
 
-def test_bf16_mixed_precision_on_cpu(make_cfg):
-    results = run(make_cfg("baseline=false", "distill=[kd,at]", "trainer.precision=bf16-mixed"))
-    assert 0.0 <= results["student_metrics"]["test/acc"] <= 1.0
+def test_bf16_mixed_precision_on_cpu_follows_the_fp32_run(make_cfg, recorded_losses):
+    first_steps = {}
+    for precision in ("32-true", "bf16-mixed"):
+        recorded_losses.clear()
+        run(make_cfg("baseline=false", "distill=[kd,at]", f"trainer.precision={precision}"))
+        first_steps[precision] = recorded_losses["student"][0]
+    # bf16 keeps 8 mantissa bits: the first loss moves in the third digit, not more; equal would mean the
+    # precision setting never reached the step.
+    assert first_steps["bf16-mixed"] != first_steps["32-true"]
+    assert abs(first_steps["bf16-mixed"] - first_steps["32-true"]) <= 0.02 * abs(first_steps["32-true"])
 
 
 def test_resume_continues_at_the_next_epoch_with_the_saved_optimizer_state(make_cfg, tmp_path):
