@@ -1,12 +1,14 @@
-"""The main job: obtain a teacher, train the student baseline, train the distilled student, report.
+"""The main job: run the plan's stages in order (by default teacher, baseline, distilled student), report.
 
-Each phase gets its own Trainer and its own loggers (named after the phase), so a W&B run, a CSV log
-and a checkpoint directory each hold exactly one training. Everything is built from the Hydra config.
+Each stage (and an init phase of its terms) gets its own Trainer and its own loggers, named after it, so a
+W&B run, a CSV log and a checkpoint directory each hold exactly one training. Everything is built from
+the Hydra config; `kd_lightning.stages` turns it into the list of stages.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.report import format_table
-from kd_lightning.schemes import Offline, Supervised
-from kd_lightning.schemes.base import check_no_terms
-from kd_lightning.teachers import FrozenTeacher, export_student, load_weights, read_metrics, recipe_key
+from kd_lightning.schemes import Supervised
+from kd_lightning.schemes.base import DistillationModule
+from kd_lightning.stages import Stage, plan_stages
+from kd_lightning.teachers import (CHECKPOINT_KEY, export_student, load_products, load_weights, read_metrics,
+                                   recipe_key, save_products)
 
 GPU_ACCELERATORS = {"gpu", "cuda"}
 
@@ -80,7 +84,8 @@ def build_callbacks(cfg: DictConfig, has_logger: bool) -> list:
 
 
 def fit_and_test(cfg: DictConfig, module: L.LightningModule, datamodule: Any, phase: str,
-                 max_epochs: int | None = None, test: bool = True) -> tuple[dict[str, float], L.Trainer]:
+                 max_epochs: int | None = None, test: bool = True,
+                 ckpt_path: str | None = None) -> tuple[dict[str, float], L.Trainer]:
     loggers = build_loggers(cfg, phase)
     trainer_overrides: dict[str, Any] = {"logger": loggers or False, "callbacks": build_callbacks(cfg, bool(loggers)),
                                          "default_root_dir": str(Path(cfg.paths.output_dir) / phase)}
@@ -90,7 +95,7 @@ def fit_and_test(cfg: DictConfig, module: L.LightningModule, datamodule: Any, ph
     if loggers:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") if phase == "student" else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if test:
         trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
@@ -118,117 +123,195 @@ def build_terms(cfg: DictConfig) -> dict[str, Any]:
     return {name: construct(term_cfg) for name, term_cfg in (cfg.get("distill") or {}).items()}
 
 
-def teacher_config(cfg: DictConfig) -> DictConfig:
-    """The run's config as the teacher trains under it: `teacher.max_epochs` and `teacher.lr` applied.
+def stage_config(cfg: DictConfig, stage: Stage) -> DictConfig:
+    """The run's config as `stage` trains under it: its overrides, seed and terms applied.
 
-    Set in the config, not only on the Trainer, so schedules that read them (cosine T_max) follow, and so the
-    cache key sees the effective recipe: a sweep over student epochs shares one teacher of fixed length.
+    Set in the config, not only on the Trainer, so schedules that read them (cosine T_max) follow, the
+    stage's loggers record what it trained with, and the cache key sees the effective recipe: a sweep over
+    student epochs shares one teacher of fixed length.
     """
-    teacher_cfg = copy.deepcopy(cfg)
-    with open_dict(teacher_cfg):
-        if cfg.teacher.get("max_epochs") is not None:
-            teacher_cfg.trainer.max_epochs = cfg.teacher.max_epochs
-        if cfg.teacher.get("lr") is not None:  # e.g. RepDistiller trains teachers at 0.05 for lr-0.01 students
-            teacher_cfg.optimizer.lr = cfg.teacher.lr
-    return teacher_cfg
+    stage_cfg = copy.deepcopy(cfg)
+    with open_dict(stage_cfg):
+        for key, value in stage.overrides.items():
+            OmegaConf.update(stage_cfg, key, value, merge=False)
+        stage_cfg.seed = stage.seed
+        stage_cfg.distill = dict(stage.distill or {})
+    return stage_cfg
 
 
-def teacher_recipe(teacher_cfg: DictConfig) -> dict[str, Any]:
-    """What decides the trained teacher's weights (the cache key), from `teacher_config(cfg)`."""
-    trainer = OmegaConf.to_container(teacher_cfg.trainer, resolve=True)
+def stage_recipe(stage_cfg: DictConfig, stage: Stage, teacher_keys: dict[str, str]) -> dict[str, Any]:
+    """What decides a stage's trained weights (its cache key), including the keys of the stages it learns from."""
+    trainer = OmegaConf.to_container(stage_cfg.trainer, resolve=True)
     for irrelevant in ("default_root_dir", "log_every_n_steps", "enable_progress_bar", "enable_model_summary",
                        "devices", "num_nodes", "strategy"):
         trainer.pop(irrelevant, None)
-    data = OmegaConf.to_container(teacher_cfg.data, resolve=True)
+    data = OmegaConf.to_container(stage_cfg.data, resolve=True)
     for irrelevant in ("num_workers", "pin_memory", "root", "system_dir"):
         data.pop(irrelevant, None)
-    scheduler = teacher_cfg.get("scheduler")
-    return {"model": OmegaConf.to_container(teacher_cfg.teacher.model, resolve=True), "data": data,
-            "trainer": trainer, "optimizer": OmegaConf.to_container(teacher_cfg.optimizer, resolve=True),
+    scheduler = stage_cfg.get("scheduler")
+    return {"scheme": dict(stage.scheme), "networks": dict(stage.networks), "distill": dict(stage.distill or {}),
+            "seed": stage.seed, "data": data, "trainer": trainer,
+            "optimizer": OmegaConf.to_container(stage_cfg.optimizer, resolve=True),
             "scheduler": OmegaConf.to_container(scheduler, resolve=True) if scheduler else None,
-            "seed": teacher_cfg.teacher.seed}
+            "teachers": {name: teacher_keys[name] for name in stage.teacher_names()}}
 
 
-def evaluate(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -> dict[str, float]:
+def evaluate(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, phase: str = "teacher") -> dict[str, float]:
     module = Supervised(model, **scheme_kwargs(cfg, datamodule))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False,
-                          default_root_dir=str(Path(cfg.paths.output_dir) / "teacher"))
+                          default_root_dir=str(Path(cfg.paths.output_dir) / phase))
     trainer.test(module, datamodule=datamodule, verbose=False)
     return {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("test/")}
 
 
-def obtain_teacher(cfg: DictConfig, datamodule: Any) -> tuple[torch.nn.Module, dict[str, float], str]:
-    """A trained teacher and its test metrics: from teacher.checkpoint, local weights, the cache, or training."""
-    teacher = build_model(cfg.teacher.model, datamodule)
-    if cfg.teacher.get("checkpoint"):
-        load_weights(teacher, cfg.teacher.checkpoint)
-        return teacher, evaluate(cfg, teacher, datamodule), f"checkpoint {cfg.teacher.checkpoint}"
-    if cfg.teacher.model.get("weights"):
-        return teacher, evaluate(cfg, teacher, datamodule), f"torchvision weights {cfg.teacher.model.weights}"
-    teacher_cfg = teacher_config(cfg)
-    cache_file = Path(cfg.paths.cache_dir) / "teachers" / f"{teacher.kd_spec['name'].replace(':', '_')}-{recipe_key(teacher_recipe(teacher_cfg))}.pt"
-    if cache_file.is_file():
-        load_weights(teacher, cache_file)
-        return teacher, read_metrics(cache_file), f"cache {cache_file}"
-    L.seed_everything(cfg.teacher.seed, workers=True)
-    teacher = build_model(cfg.teacher.model, datamodule)
-    options = scheme_kwargs(teacher_cfg, datamodule)
-    metrics, trainer = fit_and_test(teacher_cfg, Supervised(teacher, **options), datamodule, "teacher")
-    if trainer.is_global_zero:
-        export_student(teacher, cache_file, metrics)
-    trainer.strategy.barrier("teacher-cache")
-    return teacher, metrics, f"trained, cached at {cache_file}"
+def constructor_parameters(cls: type) -> set[str]:
+    """Keyword names a scheme's constructor takes, following `**base` up to the class that stops forwarding."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names |= {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names
 
 
-def build_offline(cfg: DictConfig, scheme_class: type, teacher: torch.nn.Module, datamodule: Any,
-                  scheme_options: dict[str, Any]) -> Offline:
-    return scheme_class(student=build_model(cfg.student, datamodule), teacher=FrozenTeacher(teacher),
-                        terms=build_terms(cfg), example_input=datamodule.example_input(),
-                        train_size=datamodule.train_size, train_targets=datamodule.train_targets,
-                        max_epochs=cfg.trainer.max_epochs, **scheme_options, **scheme_kwargs(cfg, datamodule))
+def build_stage_module(stage_cfg: DictConfig, stage: Stage, datamodule: Any,
+                       teachers: dict[str, Any]) -> DistillationModule:
+    """The stage's scheme with freshly initialised networks, its teachers, terms and the data's facts."""
+    scheme_class = get_class(stage.scheme["_target_"])
+    accepted = constructor_parameters(scheme_class)
+    options = {key: value for key, value in stage.scheme.items() if key != "_target_"}
+    if stage.distill and "terms" not in accepted:
+        raise ConfigError(f"scheme {scheme_class.__name__} (stage {stage.name!r}) trains without a teacher, but "
+                          f"distill={list(stage.distill)} asks for teacher knowledge. Add `distill=[]` to train without "
+                          f"distillation, or choose a scheme that distils (scheme=offline).")
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(f"scheme {scheme_class.__name__} has no option {unknown} (stage {stage.name!r}). Its options: "
+                          f"{sorted(accepted - set(stage.networks) - set(stage.teachers) - set(CONTEXT))}.")
+    networks = {arg: [build_model(m, datamodule) for m in value] if isinstance(value, (list, tuple))
+                else build_model(value, datamodule) for arg, value in stage.networks.items()}
+    context = {"terms": build_terms(stage_cfg), "example_input": datamodule.example_input(),
+               "train_size": datamodule.train_size, "train_targets": datamodule.train_targets,
+               "max_epochs": stage_cfg.trainer.max_epochs, **scheme_kwargs(stage_cfg, datamodule)}
+    context = {key: value for key, value in context.items() if key in accepted}
+    return scheme_class(**networks, **teachers, **options, **context)
+
+
+# Arguments every scheme may take from the run rather than from its config (see build_stage_module).
+CONTEXT = ("terms", "example_input", "train_size", "train_targets", "max_epochs", "num_classes", "optimizer",
+           "scheduler")
+
+
+def teacher_arguments(stage: Stage, products: dict[str, dict[str, torch.nn.Module]]) -> dict[str, Any]:
+    def product(reference: str) -> torch.nn.Module:
+        name, _, role = reference.partition(":")
+        networks = products[name]
+        if role:
+            if role not in networks:
+                raise ConfigError(f"Stage {name!r} has no product {role!r}; it trained {sorted(networks)}.")
+            return networks[role]
+        if len(networks) != 1:
+            raise ConfigError(f"Stage {name!r} trained several networks {sorted(networks)}; name one as "
+                              f"'{name}:<network>' where stage {stage.name!r} reads it.")
+        return next(iter(networks.values()))
+
+    return {arg: [product(ref) for ref in value] if isinstance(value, (list, tuple)) else product(value)
+            for arg, value in stage.teachers.items()}
+
+
+def stage_file(cfg: DictConfig, stage: Stage, key: str) -> Path:
+    models = stage.model_names().replace(", ", "+").replace(":", "_")
+    return Path(cfg.paths.cache_dir) / "stages" / f"{stage.name}-{models}-{key}.pt"
+
+
+def run_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, products: dict[str, dict[str, torch.nn.Module]],
+              key: str, ckpt_path: str | None) -> tuple[dict[str, torch.nn.Module], dict[str, Any], L.Trainer | None]:
+    """Train, load or evaluate one stage; returns (its products by role, its record for results, its trainer)."""
+    teachers = teacher_arguments(stage, products)
+    if not stage.trains:
+        module = build_stage_module(stage_cfg, stage, datamodule, teachers)
+        networks = module.products()
+        if stage.checkpoint:
+            for network in networks.values():
+                load_weights(network, stage.checkpoint)
+        network = next(iter(networks.values()))
+        source = f"checkpoint {stage.checkpoint}" if stage.checkpoint else f"torchvision weights {network.kd_spec.get('weights')}"
+        return networks, {"metrics": evaluate(stage_cfg, network, datamodule, stage.name), "source": source}, None
+    cache_file = stage_file(stage_cfg, stage, key)
+    if stage.cache and ckpt_path is None and cache_file.is_file():
+        networks = build_stage_module(stage_cfg, stage, datamodule, teachers).products()
+        load_products(networks, cache_file)
+        return networks, {"metrics": read_metrics(cache_file), "source": f"cache {cache_file}"}, None
+    L.seed_everything(stage.seed, workers=True)
+    module = build_stage_module(stage_cfg, stage, datamodule, teachers)
+    module.stage_name = stage.name
+    if module.init_epochs:
+        if ckpt_path is None:  # a resumed stage restores its initialised adapters from the checkpoint
+            module.set_init_stage(True)
+            fit_and_test(stage_cfg, module, datamodule, f"{stage.name}_init", max_epochs=module.init_epochs, test=False)
+        # Also when resuming: the checkpoint's optimizer state covers the main stage's parameters only.
+        module.set_init_stage(False)
+    metrics, trainer = fit_and_test(stage_cfg, module, datamodule, stage.name, ckpt_path=ckpt_path)
+    source = "trained"
+    if stage.cache:
+        if trainer.is_global_zero:
+            save_products(module.products(), cache_file, metrics)
+        trainer.strategy.barrier(f"cache-{stage.name}")
+        source = f"trained, cached at {cache_file}"
+    return module.products(), {"metrics": metrics, "source": source}, trainer
+
+
+def resumed_stage(cfg: DictConfig, stages: list[Stage]) -> str | None:
+    """The stage `ckpt_path` belongs to (recorded in the checkpoint; the last stage for older checkpoints)."""
+    if not cfg.get("ckpt_path"):
+        return None
+    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    name = checkpoint.get(CHECKPOINT_KEY, {}).get("stage") or stages[-1].name
+    if name not in [stage.name for stage in stages]:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} was saved by stage {name!r}, which this run does not have "
+                          f"(its stages: {[stage.name for stage in stages]}). Resume it with the config it was "
+                          f"trained with.")
+    return name
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the configured job and return its results (also written to `<output_dir>/results.json`)."""
+    """Run the configured stages and return their results (also written to `<output_dir>/results.json`)."""
     check_accelerator(cfg.trainer)
-    scheme_class = get_class(cfg.scheme._target_)
     datamodule = construct(cfg.data)
-    results: dict[str, Any] = {"student": OmegaConf.to_container(cfg.student, resolve=True)}
-    rows: list[tuple[str, str, dict[str, float]]] = []
-    scheme_options = {key: value for key, value in cfg.scheme.items() if key != "_target_"}
-
-    if issubclass(scheme_class, Offline):
-        # Build everything once with an untrained teacher first, so a bad student, term or tap name fails in
-        # seconds instead of after the teacher and the baseline have trained.
-        build_offline(cfg, scheme_class, build_model(cfg.teacher.model, datamodule), datamodule, scheme_options)
-        teacher, teacher_metrics, source = obtain_teacher(cfg, datamodule)
-        results["teacher"] = {"metrics": teacher_metrics, "source": source,
-                              "model": OmegaConf.to_container(cfg.teacher.model, resolve=True)}
-        rows.append(("teacher", teacher.kd_spec["name"], teacher_metrics))
-        if cfg.get("baseline"):
-            L.seed_everything(cfg.seed, workers=True)
-            baseline_module = Supervised(build_model(cfg.student, datamodule), **scheme_kwargs(cfg, datamodule))
-            results["baseline"], _ = fit_and_test(cfg, baseline_module, datamodule, "baseline")
-            rows.append(("student baseline", cfg.student.name, results["baseline"]))
-        L.seed_everything(cfg.seed, workers=True)
-        module = build_offline(cfg, scheme_class, teacher, datamodule, scheme_options)
-        init_epochs = max((term.init_epochs for term in module.terms.values()), default=0)
-        if init_epochs and not cfg.get("ckpt_path"):  # a resumed run restores the initialised adapters
-            module.set_init_stage(True)
-            fit_and_test(cfg, module, datamodule, "init", max_epochs=init_epochs, test=False)
-            module.set_init_stage(False)
-        label = f"student + {'+'.join(cfg.distill or {}) or 'teacher'}"
-    else:
-        check_no_terms(cfg.get("distill"), cfg.scheme._target_.rsplit(".", 1)[-1].lower())
-        L.seed_everything(cfg.seed, workers=True)
-        module = scheme_class(student=build_model(cfg.student, datamodule), **scheme_options,
-                              **scheme_kwargs(cfg, datamodule))
-        label = "supervised"
-    results["student_metrics"], trainer = fit_and_test(cfg, module, datamodule, "student")
-    results["world_size"] = trainer.world_size
-    rows.append((label, cfg.student.name, results["student_metrics"]))
-    if trainer.is_global_zero:
-        export_student(module.student, Path(cfg.paths.output_dir) / "student.pt", results["student_metrics"])
-        (Path(cfg.paths.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
+    stages = plan_stages(cfg)
+    resume = resumed_stage(cfg, stages)
+    # Build every stage once with untrained networks first, so a bad model, term or tap name fails in
+    # seconds instead of after the teachers and the baseline have trained.
+    untrained: dict[str, dict[str, torch.nn.Module]] = {}
+    for stage in stages:
+        untrained[stage.name] = build_stage_module(stage_config(cfg, stage), stage, datamodule,
+                                                   teacher_arguments(stage, untrained)).products()
+    products: dict[str, dict[str, torch.nn.Module]] = {}
+    records: dict[str, dict[str, Any]] = {}
+    keys: dict[str, str] = {}
+    trainer = None
+    for stage in stages:
+        stage_cfg = stage_config(cfg, stage)
+        keys[stage.name] = recipe_key(stage_recipe(stage_cfg, stage, keys))
+        products[stage.name], records[stage.name], trainer = run_stage(
+            stage_cfg, stage, datamodule, products, keys[stage.name], cfg.ckpt_path if stage.name == resume else None)
+        records[stage.name].update(label=stage.label, models=dict(stage.networks), key=keys[stage.name])
+    last = stages[-1]
+    results: dict[str, Any] = {"student": OmegaConf.to_container(cfg.student, resolve=True), "stages": records,
+                               "student_metrics": records[last.name]["metrics"],
+                               "world_size": trainer.world_size if trainer is not None else 1}
+    if "teacher" in records:
+        results["teacher"] = {**records["teacher"], "model": records["teacher"]["models"]["student"]}
+    if "baseline" in records:
+        results["baseline"] = records["baseline"]["metrics"]
+    if trainer is None or trainer.is_global_zero:
+        output_dir = Path(cfg.paths.output_dir)
+        for role, network in products[last.name].items():
+            export_student(network, output_dir / f"{role}.pt", records[last.name]["metrics"])
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        rows = [(records[stage.name]["label"], stage.model_names(), records[stage.name]["metrics"]) for stage in stages]
         print(format_table(rows, cfg.get("task_name", "train")))
     return results

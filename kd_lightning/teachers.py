@@ -1,4 +1,4 @@
-"""Teachers: safe loading, freezing, and a cache of trained teachers keyed by their recipe."""
+"""Teachers: safe loading, freezing, and the files that hold trained networks (exports, the stage cache)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from kd_lightning.errors import ConfigError
 
 EXPORT_FORMAT = "kd_lightning.student/1"
+# A stage's trained networks by role (the stage cache); one with a single network is also a teacher file.
+STAGE_FORMAT = "kd_lightning.stage/1"
 # Where scheme checkpoints record the student's build spec (read back here when a checkpoint is a teacher).
 CHECKPOINT_KEY = "kd_lightning"
 
@@ -69,6 +71,13 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
                           f"model.state_dict() instead of the model object.")
     if content.get("format") == EXPORT_FORMAT:
         return dict(content["state_dict"]), dict(content["spec"])
+    if content.get("format") == STAGE_FORMAT:
+        products = content["products"]
+        if len(products) != 1:
+            raise ConfigError(f"{str(path)!r} holds the networks {sorted(products)} of one stage; a teacher file "
+                              f"holds one network. Export the one you want with `kd-export`.")
+        product = next(iter(products.values()))
+        return dict(product["state_dict"]), dict(product["spec"])
     if CHECKPOINT_KEY in content and "state_dict" in content:
         return _strip_prefix(content["state_dict"], "student."), dict(content[CHECKPOINT_KEY]["student"])
     for key in ("state_dict", "model"):
@@ -127,6 +136,29 @@ def export_student(model: nn.Module, path: str | os.PathLike, metrics: Mapping[s
     torch.save(payload, tmp)
     os.replace(tmp, path)  # atomic, so a concurrent sweep never reads a half-written teacher
     return path
+
+
+def save_products(networks: Mapping[str, nn.Module], path: str | os.PathLike,
+                  metrics: Mapping[str, float] | None = None) -> Path:
+    """Write a stage's trained networks (by role) with the specs that rebuild them, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": STAGE_FORMAT, "metrics": dict(metrics or {}),
+               "products": {role: {"spec": dict(getattr(network, "kd_spec", {})), "state_dict": network.state_dict()}
+                            for role, network in networks.items()}}
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # a concurrent sweep job never reads a half-written file
+    return path
+
+
+def load_products(networks: Mapping[str, nn.Module], path: str | os.PathLike) -> None:
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    if set(content.get("products", {})) != set(networks):
+        raise ConfigError(f"The cached stage {str(path)!r} holds {sorted(content.get('products', {}))}, but the stage "
+                          f"trains {sorted(networks)}. Delete the file to train the stage again.")
+    for role, network in networks.items():
+        network.load_state_dict(content["products"][role]["state_dict"])
 
 
 def read_metrics(path: str | os.PathLike) -> dict[str, float]:

@@ -53,7 +53,7 @@ def test_benchmark_runner_end_to_end(tmp_path):
     per_method, teacher = job_accuracies(out)
     assert sorted(per_method) == ["[kd,at]", "baseline", "kd"] and all(len(v) == 2 for v in per_method.values())
     assert len(teacher) == 1, "every job must distil from the same cached teacher"
-    assert len(list((out / "cache" / "teachers").glob("*.pt"))) == 1
+    assert len(list((out / "cache" / "stages").glob("teacher-*.pt"))) == 1
 
     text = markdown.read_text()
     assert text.startswith("# Benchmarks\n\nKept text.\n")

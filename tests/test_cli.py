@@ -62,6 +62,6 @@ def test_multirun_gives_each_job_its_own_directory_and_closed_wandb_run(tmp_path
         # the teacher is trained (and cached) by the first job only; every job has its own student run
         assert len(runs) in (1, 2)
         assert all(list(run.glob("run-*.wandb")) for run in runs)
-    assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "cache" / "stages").glob("teacher-*.pt"))) == 1
     # Each job ran its own point of the grid and trained its own student (no job repeated another's result).
     assert len(grid) == 4 and len(losses) == 4

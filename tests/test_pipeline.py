@@ -34,7 +34,7 @@ def test_default_job_distils_a_student_that_beats_its_baseline_and_reuses_the_ca
     assert distilled > baseline, (baseline, distilled)
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written["student_metrics"]["test/acc"] == distilled
-    cached = list((tmp_path / "cache" / "teachers").glob("convnet_large-*.pt"))
+    cached = list((tmp_path / "cache" / "stages").glob("teacher-convnet_large-*.pt"))
     assert len(cached) == 1
 
     # A shorter student run with the teacher's length pinned to the same 30 epochs reuses that teacher.
@@ -49,14 +49,14 @@ def test_teacher_cache_key_changes_with_the_recipe(make_cfg, tmp_path):
     run(make_cfg("baseline=false"))
     run(make_cfg("baseline=false", "optimizer.lr=0.01"))
     run(make_cfg("baseline=false", "optimizer.lr=0.01", "teacher.lr=0.1"))  # the teacher's own learning rate
-    assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 3
+    assert len(list((tmp_path / "cache" / "stages").glob("teacher-*.pt"))) == 3
     # The teacher's own learning rate equal to the default one is the first recipe again.
     assert run(make_cfg("baseline=false", "optimizer.lr=0.01", "teacher.lr=0.05"))["teacher"]["source"].startswith("cache")
     # The key is the recipe the teacher trains under, not how it was spelled: the teacher's own length set
     # to the run's length is the same recipe, whatever the student's epochs.
     again = run(make_cfg("baseline=false", "trainer.max_epochs=2", "teacher.max_epochs=1"))
     assert again["teacher"]["source"].startswith("cache")
-    assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 3
+    assert len(list((tmp_path / "cache" / "stages").glob("teacher-*.pt"))) == 3
 
 
 def test_exported_student_rebuilds_without_the_teacher(make_cfg, tmp_path):

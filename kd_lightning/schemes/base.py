@@ -56,9 +56,25 @@ class DistillationModule(L.LightningModule):
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.test_metrics = accuracy_metrics(num_classes, "test/")
         self.val_acc_best = MaxMetric()
+        # Set by the pipeline: the stage this module trains, recorded in checkpoints for `ckpt_path=`.
+        self.stage_name: str | None = None
 
     def forward(self, images: Tensor) -> Tensor:
         return self.student(images)
+
+    def products(self) -> dict[str, nn.Module]:
+        """The trained networks later stages read as teachers and the run exports, by role."""
+        return {"student": self.student}
+
+    @property
+    def init_epochs(self) -> int:
+        """Epochs of a preliminary fit before the main one (terms' initialisation stages); 0: none."""
+        return 0
+
+    def set_init_stage(self, active: bool) -> None:
+        """Switch between the preliminary fit and the main one (see `init_epochs`)."""
+        if active:
+            raise ConfigError(f"{type(self).__name__} has no initialisation stage.")
 
     def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
         """Named, already weighted losses for one batch; `train/loss` is their sum."""
@@ -112,12 +128,4 @@ class DistillationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"student": dict(getattr(self.student, "kd_spec", {}))}
-
-
-def check_no_terms(terms: Mapping[str, Any] | None, scheme: str) -> None:
-    if terms:
-        raise ConfigError(
-            f"scheme={scheme} trains without a teacher, but distill={list(terms)} asks for teacher knowledge. "
-            f"Add `distill=[]` to train without distillation, or choose scheme=offline."
-        )
+        checkpoint[CHECKPOINT_KEY] = {"student": dict(getattr(self.student, "kd_spec", {})), "stage": self.stage_name}

@@ -92,6 +92,10 @@ class Offline(DistillationModule):
         return self
 
     @property
+    def init_epochs(self) -> int:
+        return max((term.init_epochs for term in self.terms.values()), default=0)
+
+    @property
     def init_terms(self) -> dict[str, DistillTerm]:
         return {name: term for name, term in self.terms.items() if term.init_epochs > 0}
 

@@ -1,19 +1,17 @@
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.schemes.base import DistillationModule, check_no_terms
+from kd_lightning.schemes.base import DistillationModule
 
 
 class Supervised(DistillationModule):
     """Cross-entropy training of one network: teachers, and the student baselines KD is compared with."""
 
-    def __init__(self, student: nn.Module, num_classes: int, label_smoothing: float = 0.0,
-                 terms: Mapping[str, Any] | None = None, **base: Any) -> None:
-        check_no_terms(terms, "supervised")
+    def __init__(self, student: nn.Module, num_classes: int, label_smoothing: float = 0.0, **base: Any) -> None:
         super().__init__(student, num_classes, **base)
         self.label_smoothing = label_smoothing
 
