@@ -264,6 +264,16 @@ def run_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, products: di
     return module.products(), {"metrics": metrics, "source": source}, trainer
 
 
+def table_rows(stage: Stage, record: dict[str, Any], networks: dict[str, torch.nn.Module]) -> list[tuple]:
+    """One row per stage, or one per product when the scheme logs each product's `test/<role>/…` metrics."""
+    metrics = record["metrics"]
+    if len(networks) > 1 and all(f"test/{role}/acc" in metrics for role in networks):
+        return [(f"{record['label']} ({role})", network.kd_spec.get("name", role),
+                 {key.replace(f"/{role}/", "/"): value for key, value in metrics.items() if f"/{role}/" in key})
+                for role, network in networks.items()]
+    return [(record["label"], stage.model_names(), metrics)]
+
+
 def resumed_stage(cfg: DictConfig, stages: list[Stage]) -> str | None:
     """The stage `ckpt_path` belongs to (recorded in the checkpoint; the last stage for older checkpoints)."""
     if not cfg.get("ckpt_path"):
@@ -312,6 +322,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for role, network in products[last.name].items():
             export_student(network, output_dir / f"{role}.pt", records[last.name]["metrics"])
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        rows = [(records[stage.name]["label"], stage.model_names(), records[stage.name]["metrics"]) for stage in stages]
+        rows = [row for stage in stages for row in table_rows(stage, records[stage.name], products[stage.name])]
         print(format_table(rows, cfg.get("task_name", "train")))
     return results
