@@ -117,3 +117,9 @@ def test_non_finite_loss_stops_the_run_and_names_the_term(make_cfg):
     # A zero temperature divides the logits by zero: the KD term turns NaN on the first step.
     with pytest.raises(ConfigError, match=r"Loss 'kd' became NaN or infinite at training step 0.*distill\.kd\.weight"):
         run(make_cfg("baseline=false", "distill.kd.temperature=0.0"))
+
+
+def test_a_broken_init_stage_names_its_terms_init_lr():
+    from kd_lightning.schemes.watch import remedy
+
+    assert "distill.ft.init_lr" in remedy("ft_init")

@@ -172,6 +172,16 @@ def test_pair_recipes_reach_the_method_configs(make_cfg, experiment, method, key
         assert overridden.distill[method][key.rsplit(".", 1)[1]] == 123
 
 
+@pytest.mark.parametrize("experiment", [e for e in PAIR_CONFIGS if e.startswith("cifar100/")])
+def test_init_stages_run_at_repdistillers_learning_rates(make_cfg, experiment):
+    # helper/pretrain.py: 0.01 for FT ('factor') with a ResNet/WRN student, else (and for AB, FSP) the main rate.
+    cfg = make_cfg(f"experiment={experiment}", "distill=[ft,ab,fsp]", fast=False)
+    resnet_or_wrn = cfg.student.name.startswith(("resnet", "wrn_"))
+    assert cfg.distill.ft.init_lr == (0.01 if resnet_or_wrn or cfg.optimizer.lr == 0.01 else None)
+    assert cfg.distill.ab.init_lr is None and cfg.distill.fsp.init_lr is None
+    assert "init_lr" not in cfg.scheme
+
+
 # FSP compares C×C' matrices of consecutive stages, so it needs equal channel counts in every student/teacher
 # stage pair: it refuses these pairs, for which the CRD paper reports no FSP either (Table 2; "N/A" for
 # WRN-40-2 → WRN-40-1 in RepDistiller's README); the fashion_mnist demo's convnets differ in width too.
