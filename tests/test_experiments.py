@@ -148,6 +148,12 @@ RECIPE_CASES = [
     ("cifar100/resnet32x4_ShuffleNetV2", "reviewkd", "distill.reviewkd.weight", 8.0),
     ("cifar100/ResNet50_MobileNetV2", "kd_ls", "distill.kd_ls.weight", 1.0),  # Sun et al.'s log name
     ("cifar100/vgg13_vgg8", "kd_ls", "distill.kd_ls.temperature", 3.0),
+    ("cifar100/vgg13_vgg8", "dkd_ls", "distill.dkd_ls.weight", 15.0),  # Sun et al. log dkd,vgg13,vgg8,2,15,2.0
+    ("cifar100/vgg13_vgg8", "dkd_ls", "distill.dkd_ls.beta", 2.0),
+    ("cifar100/resnet56_resnet20", "dkd_ls", "distill.dkd_ls.temperature", 3.0),  # log dkd,resnet56,...,3,12,2.0
+    ("cifar100/resnet56_resnet20", "dkd_ls", "distill.dkd_ls.weight", 12.0),
+    ("cifar100/resnet32x4_resnet8x4", "dkd_ls", "distill.dkd_ls.beta", 8.0),  # log dkd,...,2,9: mdistiller's β
+    ("cifar100/ResNet50_vgg8", "dkd_ls", "distill.dkd_ls.weight", 9.0),  # no log for this pair: the default
     ("cifar100/resnet32x4_resnet8x4", "kd", "scheme.ce_weight", 0.1),
     ("imagenet/resnet34_resnet18", "kd", "distill.kd.temperature", 1.0),  # mdistiller r34_r18/kd.yaml
     ("imagenet/resnet34_resnet18", "kd", "scheme.ce_weight", 0.5),
