@@ -115,7 +115,16 @@ def scheme_kwargs(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
 
 
 def build_terms(cfg: DictConfig) -> dict[str, Any]:
-    return {name: construct(term_cfg) for name, term_cfg in (cfg.get("distill") or {}).items()}
+    """The `distill` terms; a term config's `ce_weight` (its published recipe's CE weight) goes on the term."""
+    terms = {}
+    for name, term_cfg in (cfg.get("distill") or {}).items():
+        options = OmegaConf.to_container(term_cfg, resolve=True)
+        recipe_ce_weight = options.pop("ce_weight", None)
+        # Rebuilt under its own key, so Hydra's errors still name `distill.<name>`.
+        terms[name] = construct(OmegaConf.create({"distill": {name: options}}).distill[name])
+        if recipe_ce_weight is not None:
+            terms[name].recipe_ce_weight = float(recipe_ce_weight)
+    return terms
 
 
 def teacher_recipe(cfg: DictConfig) -> dict[str, Any]:
@@ -213,6 +222,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         module = scheme_class(student=build_model(cfg.student, datamodule), **scheme_options,
                               **scheme_kwargs(cfg, datamodule))
         label = "supervised"
+    results["loss"] = module.loss_summary()
     results["student_metrics"], trainer = fit_and_test(cfg, module, datamodule, "student")
     results["world_size"] = trainer.world_size
     rows.append((label, cfg.student.name, results["student_metrics"]))

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
 from kd_lightning.schemes.base import DistillationModule
+from kd_lightning.schemes.composition import describe_init_loss, describe_loss, resolve_ce_weight
 from kd_lightning.schemes.watch import NonFiniteWatch
 from kd_lightning.taps import FeatureTaps, declared_taps
 from kd_lightning.teachers import FrozenTeacher
@@ -16,6 +17,9 @@ from kd_lightning.teachers import FrozenTeacher
 
 class Offline(DistillationModule):
     """A frozen, pre-trained teacher; the student minimises ce_weight·CE + Σ weight_i·term_i.
+
+    `ce_weight=None` takes the terms' common published CE weight (`schemes.composition`), and refuses
+    terms whose recipes disagree (e.g. KD's 0.1 with CRD's 1) rather than picking one silently.
 
     Terms with `init_epochs > 0` get a first fit after `set_init_stage(True)`, in which only their
     `init_loss` trains their `init_parameters`, each term's at its own constant `init_lr` (None: the
@@ -26,13 +30,13 @@ class Offline(DistillationModule):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, terms: Mapping[str, DistillTerm],
-                 num_classes: int, example_input: Tensor, ce_weight: float = 1.0, train_size: int | None = None,
-                 max_epochs: int | None = None, train_targets: Tensor | None = None, **base: Any) -> None:
+                 num_classes: int, example_input: Tensor, ce_weight: float | None = None,
+                 train_size: int | None = None, max_epochs: int | None = None, train_targets: Tensor | None = None,
+                 **base: Any) -> None:
         super().__init__(student, num_classes, **base)
         # Kept outside the module tree on purpose: see FrozenTeacher.
         object.__setattr__(self, "teacher", teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher))
         self.terms = nn.ModuleDict(dict(terms))
-        self.ce_weight = ce_weight
         # While True, only the terms' initialisation losses train (FT paraphraser, AB connectors).
         self.init_stage = False
         for name, term in self.terms.items():
@@ -40,6 +44,7 @@ class Offline(DistillationModule):
                 raise ConfigError(f"distill.{name} built a {type(term).__name__}, not a DistillTerm; check its "
                                   f"_target_ in conf/distill/{name}.yaml.")
             term.expand_taps(declared_taps(student).stages, declared_taps(self.teacher.model).stages)
+        self.ce_weight = resolve_ce_weight(ce_weight, self.terms)
         self.student_taps = FeatureTaps(student, [t for term in self.terms.values() for t in term.student_taps],
                                         getattr(student, "kd_spec", {}).get("name", "student"))
         self.teacher_taps = FeatureTaps(self.teacher.model, [t for term in self.terms.values() for t in term.teacher_taps],
@@ -89,6 +94,9 @@ class Offline(DistillationModule):
         self.teacher._apply(fn, *args, **kwargs)
         return self
 
+    def loss_summary(self) -> str:
+        return describe_init_loss(self.init_terms) if self.init_stage else describe_loss(self.ce_weight, self.terms)
+
     @property
     def init_terms(self) -> dict[str, DistillTerm]:
         return {name: term for name, term in self.terms.items() if term.init_epochs > 0}
@@ -115,7 +123,8 @@ class Offline(DistillationModule):
                         f"(null: optimizer.lr)."
                     )
                 groups.setdefault(term.init_lr, {})[id(parameter)] = parameter
-        return [{"params": list(params.values()), **({} if lr is None else {"lr": lr})} for lr, params in groups.items()]
+        return [{"params": list(params.values()), **({} if lr is None else {"lr": lr})}
+                for lr, params in groups.items()]
 
     def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
         teacher_logits = self.teacher(images)

@@ -26,6 +26,8 @@ class AB(DistillTerm):
     the main learning rate as in RepDistiller (`init_lr=None`).
     """
 
+    main_stage_loss = False
+
     def __init__(self, weight: float = 1.0, init_epochs: int = 30, margin: float = 1.0,
                  student_taps: str | list[str] = STAGES_PRE, teacher_taps: str | list[str] = STAGES_PRE,
                  warmup_epochs: int = 0, init_lr: float | None = None) -> None:

@@ -22,6 +22,8 @@ class FSP(DistillTerm):
     initialisation stage runs at the main learning rate as in RepDistiller (`init_lr=None`).
     """
 
+    main_stage_loss = False
+
     def __init__(self, weight: float = 50.0, init_epochs: int = 30,
                  student_taps: str | list[str] = ("stem", STAGES), teacher_taps: str | list[str] = ("stem", STAGES),
                  warmup_epochs: int = 0, init_lr: float | None = None) -> None:
