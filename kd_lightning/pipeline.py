@@ -120,7 +120,16 @@ def scheme_kwargs(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
 
 
 def build_terms(cfg: DictConfig) -> dict[str, Any]:
-    return {name: construct(term_cfg) for name, term_cfg in (cfg.get("distill") or {}).items()}
+    """The `distill` terms; a term config's `ce_weight` (its published recipe's CE weight) goes on the term."""
+    terms = {}
+    for name, term_cfg in (cfg.get("distill") or {}).items():
+        options = OmegaConf.to_container(term_cfg, resolve=True)
+        recipe_ce_weight = options.pop("ce_weight", None)
+        # Rebuilt under its own key, so Hydra's errors still name `distill.<name>`.
+        terms[name] = construct(OmegaConf.create({"distill": {name: options}}).distill[name])
+        if recipe_ce_weight is not None:
+            terms[name].recipe_ce_weight = float(recipe_ce_weight)
+    return terms
 
 
 def stage_config(cfg: DictConfig, stage: Stage) -> DictConfig:
@@ -254,6 +263,7 @@ def run_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, products: di
             fit_and_test(stage_cfg, module, datamodule, f"{stage.name}_init", max_epochs=module.init_epochs, test=False)
         # Also when resuming: the checkpoint's optimizer state covers the main stage's parameters only.
         module.set_init_stage(False)
+    loss = module.loss_summary()
     metrics, trainer = fit_and_test(stage_cfg, module, datamodule, stage.name, ckpt_path=ckpt_path)
     source = "trained"
     if stage.cache:
@@ -261,7 +271,7 @@ def run_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, products: di
             save_products(module.products(), cache_file, metrics)
         trainer.strategy.barrier(f"cache-{stage.name}")
         source = f"trained, cached at {cache_file}"
-    return module.products(), {"metrics": metrics, "source": source}, trainer
+    return module.products(), {"metrics": metrics, "source": source, "loss": loss}, trainer
 
 
 def table_rows(stage: Stage, record: dict[str, Any], networks: dict[str, torch.nn.Module]) -> list[tuple]:
@@ -311,7 +321,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         records[stage.name].update(label=stage.label, models=dict(stage.networks), key=keys[stage.name])
     last = stages[-1]
     results: dict[str, Any] = {"student": OmegaConf.to_container(cfg.student, resolve=True), "stages": records,
-                               "student_metrics": records[last.name]["metrics"],
+                               "student_metrics": records[last.name]["metrics"], "loss": records[last.name].get("loss"),
                                "world_size": trainer.world_size if trainer is not None else 1}
     if "teacher" in records:
         results["teacher"] = {**records["teacher"], "model": records["teacher"]["models"]["student"]}

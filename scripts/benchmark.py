@@ -1,7 +1,11 @@
 """Sweep distillation methods × seeds with `kd-train -m`, then tabulate and plot test top-1.
 
     python scripts/benchmark.py --name digits --methods kd,at,"[kd,crd]" --seeds 0,1,2 --out bench/digits \\
-        --set data=digits --term-set crd:distill.crd.nce_k=256 -- trainer.max_epochs=5
+        --set data=digits --term-set crd:distill.crd.nce_k=256 --term-set kd+crd:scheme.ce_weight=1.0 \
+        --term-set kd+crd:distill.kd.weight=1.0 -- trainer.max_epochs=5
+
+A composition whose terms' recipes disagree on the CE weight (kd's 0.1, crd's 1) is refused unless
+`scheme.ce_weight` is set, as above (CRD+KD: CE 1, KD 1, CRD 0.8; `distill=crd_kd` is the same recipe).
 
 Methods that take the same `--term-set` overrides share one Hydra multirun (`distill=kd,at,[kd,crd]
 seed=0,1,2 baseline=false`); a multirun that fails is retried method by method, so one broken method (a

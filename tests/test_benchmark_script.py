@@ -44,7 +44,8 @@ def test_benchmark_runner_end_to_end(tmp_path):
     out = tmp_path / "sweep"
     command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--name", "tiny", "--methods",
                "kd,[kd,at],nosuchterm", "--seeds", "0,1", "--out", str(out), "--markdown", str(markdown),
-               "--plot-dir", str(tmp_path / "plots"), "--set", "data=digits", "--", *FAST]
+               "--plot-dir", str(tmp_path / "plots"), "--set", "data=digits",
+               "--term-set", "kd+at:scheme.ce_weight=0.1", "--", *FAST]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     # The unknown method fails the shared multirun before any job; the retry runs each method on its own.
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]

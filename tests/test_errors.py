@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
-from hydra.utils import instantiate
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import build_model
-from kd_lightning.pipeline import run
+from kd_lightning.pipeline import build_terms, run
 
 
 def test_unknown_model_lists_valid_names(make_cfg):
@@ -80,8 +79,8 @@ def test_distillation_term_in_a_scheme_without_teacher(make_cfg):
 
 def test_misspelled_term_option_is_reported_with_its_key(make_cfg):
     cfg = make_cfg("+distill.kd.temprature=2")
-    with pytest.raises(Exception, match="temprature"):
-        instantiate(cfg.distill.kd)
+    with pytest.raises(Exception, match=r"temprature(.|\n)*distill\.kd"):
+        build_terms(cfg)
 
 
 def test_warmup_longer_than_training(make_cfg):
@@ -117,3 +116,9 @@ def test_non_finite_loss_stops_the_run_and_names_the_term(make_cfg):
     # A zero temperature divides the logits by zero: the KD term turns NaN on the first step.
     with pytest.raises(ConfigError, match=r"Loss 'kd' became NaN or infinite at training step 0.*distill\.kd\.weight"):
         run(make_cfg("baseline=false", "distill.kd.temperature=0.0"))
+
+
+def test_a_broken_init_stage_names_its_terms_init_lr():
+    from kd_lightning.schemes.watch import remedy
+
+    assert "distill.ft.init_lr" in remedy("ft_init")

@@ -27,7 +27,10 @@ EXPERIMENTS = sorted(p.relative_to(CONF / "experiment").with_suffix("").as_posix
                      for p in (CONF / "experiment").rglob("*.yaml"))
 TEACHER_CONFIGS = [e for e in EXPERIMENTS if Path(e).name.startswith("teacher_")]
 PAIR_CONFIGS = [e for e in EXPERIMENTS if e not in TEACHER_CONFIGS]
-METHODS = sorted(p.stem for p in (CONF / "distill").glob("*.yaml"))
+# Named combinations (a defaults list of other terms, e.g. crd_kd) are tested on their own: composed with
+# their members they would overwrite the members' settings.
+COMBINATIONS = sorted(p.stem for p in (CONF / "distill").glob("*.yaml") if "defaults:" in p.read_text())
+METHODS = sorted(p.stem for p in (CONF / "distill").glob("*.yaml") if p.stem not in COMBINATIONS)
 SMALL_LR_STUDENTS = {"MobileNetV2", "ShuffleNetV1", "ShuffleNetV2"}  # RepDistiller's lr 0.01 students
 BATCH = 2
 
@@ -60,9 +63,9 @@ def prepared(experiment: str, make_cfg: Callable[..., DictConfig]):
     by all of the pair's cases (they are listed grouped by experiment, so only the current pair is kept).
 
     One composition per pair instead of one per method: Hydra takes ~0.25 s a composition, which would be
-    most of this file's time. Each method's yaml is a separate key (`distill.<name>`, plus `scheme.ce_weight`
-    for kd and kd_ls), so its settings are the ones `distill=[<name>]` gives, except that scheme.ce_weight is
-    the last global-package method's; test_pair_recipes_reach_the_method_configs composes methods one by one.
+    most of this file's time. Each method's yaml is a separate key (`distill.<name>`, its recipe CE weight
+    included), so its settings are the ones `distill=[<name>]` gives; test_pair_recipes_reach_the_method_configs
+    composes methods one by one.
     Not FAST: warm-up checks compare against the experiment's own trainer.max_epochs.
     """
     if experiment not in _PREPARED:
@@ -148,9 +151,15 @@ RECIPE_CASES = [
     ("cifar100/resnet32x4_ShuffleNetV2", "reviewkd", "distill.reviewkd.weight", 8.0),
     ("cifar100/ResNet50_MobileNetV2", "kd_ls", "distill.kd_ls.weight", 1.0),  # Sun et al.'s log name
     ("cifar100/vgg13_vgg8", "kd_ls", "distill.kd_ls.temperature", 3.0),
-    ("cifar100/resnet32x4_resnet8x4", "kd", "scheme.ce_weight", 0.1),
+    ("cifar100/vgg13_vgg8", "dkd_ls", "distill.dkd_ls.weight", 15.0),  # Sun et al. log dkd,vgg13,vgg8,2,15,2.0
+    ("cifar100/vgg13_vgg8", "dkd_ls", "distill.dkd_ls.beta", 2.0),
+    ("cifar100/resnet56_resnet20", "dkd_ls", "distill.dkd_ls.temperature", 3.0),  # log dkd,resnet56,...,3,12,2.0
+    ("cifar100/resnet56_resnet20", "dkd_ls", "distill.dkd_ls.weight", 12.0),
+    ("cifar100/resnet32x4_resnet8x4", "dkd_ls", "distill.dkd_ls.beta", 8.0),  # log dkd,...,2,9: mdistiller's β
+    ("cifar100/ResNet50_vgg8", "dkd_ls", "distill.dkd_ls.weight", 9.0),  # no log for this pair: the default
+    ("cifar100/resnet32x4_resnet8x4", "kd", "distill.kd.ce_weight", 0.1),
     ("imagenet/resnet34_resnet18", "kd", "distill.kd.temperature", 1.0),  # mdistiller r34_r18/kd.yaml
-    ("imagenet/resnet34_resnet18", "kd", "scheme.ce_weight", 0.5),
+    ("imagenet/resnet34_resnet18", "kd", "distill.kd.ce_weight", 0.5),
     ("imagenet/resnet34_resnet18", "dkd", "distill.dkd.beta", 0.5),  # mdistiller r34_r18/dkd.yaml
     ("imagenet/resnet34_resnet18", "dkd", "distill.dkd.warmup_epochs", 1),
     ("imagenet/resnet50_mobilenetv1", "dkd", "distill.dkd.beta", 2.0),  # mdistiller r50_mv1/dkd.yaml
@@ -170,6 +179,16 @@ def test_pair_recipes_reach_the_method_configs(make_cfg, experiment, method, key
     if key.startswith("distill."):
         overridden = make_cfg(f"experiment={experiment}", f"distill=[{method}]", f"{key}=123", fast=False)
         assert overridden.distill[method][key.rsplit(".", 1)[1]] == 123
+
+
+@pytest.mark.parametrize("experiment", [e for e in PAIR_CONFIGS if e.startswith("cifar100/")])
+def test_init_stages_run_at_repdistillers_learning_rates(make_cfg, experiment):
+    # helper/pretrain.py: 0.01 for FT ('factor') with a ResNet/WRN student, else (and for AB, FSP) the main rate.
+    cfg = make_cfg(f"experiment={experiment}", "distill=[ft,ab,fsp]", fast=False)
+    resnet_or_wrn = cfg.student.name.startswith(("resnet", "wrn_"))
+    assert cfg.distill.ft.init_lr == (0.01 if resnet_or_wrn or cfg.optimizer.lr == 0.01 else None)
+    assert cfg.distill.ab.init_lr is None and cfg.distill.fsp.init_lr is None
+    assert "init_lr" not in cfg.scheme
 
 
 # FSP compares C×C' matrices of consecutive stages, so it needs equal channel counts in every student/teacher
@@ -205,7 +224,7 @@ def test_pair_trains_one_step_with_every_method(make_cfg, experiment, method):
     context = {"student": copy.deepcopy(student), "teacher": FrozenTeacher(teacher), "terms": terms,
                "num_classes": data.num_classes, "example_input": data.example_input(), "train_size": data.train_size,
                "train_targets": data.train_targets, "max_epochs": cfg.trainer.max_epochs,
-               "ce_weight": cfg.scheme.get("ce_weight", 1.0), "optimizer": instantiate(cfg.optimizer)}
+               "ce_weight": cfg.scheme.ce_weight, "optimizer": instantiate(cfg.optimizer)}
     torch.manual_seed(0)
     if refused:
         with pytest.raises(ConfigError, match=refused):

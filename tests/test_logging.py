@@ -17,7 +17,7 @@ def _csv_columns(root: Path, phase: str) -> set[str]:
 
 
 def test_csv_logger_records_the_documented_names(make_cfg, tmp_path):
-    run(make_cfg("logger=csv", "baseline=false", "distill=[kd,at]", "trainer.log_every_n_steps=1"))
+    run(make_cfg("logger=csv", "baseline=false", "distill=[kd,at]", "scheme.ce_weight=0.1", "trainer.log_every_n_steps=1"))
     columns = _csv_columns(tmp_path / "out", "student")
     assert {"train/loss", "train/ce", "train/kd", "train/at", "val/acc", "val/acc_best", "test/acc"} <= columns
     assert {"train/loss", "val/acc", "test/acc"} <= _csv_columns(tmp_path / "out", "teacher")

@@ -14,7 +14,7 @@ from torch import nn
 
 from kd_lightning.data import SyntheticDataModule
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.terms import AB, FSP, FT, OFD, VID, BuildContext, DistillInputs, ReviewKD
+from kd_lightning.losses.terms import AB, FSP, FT, OFD, VID, BuildContext, DistillInputs, FitNet, ReviewKD
 from kd_lightning.losses.terms.ab import connector
 from kd_lightning.losses.terms.ofd import batchnorm_before
 from kd_lightning.losses.terms.base import _expand as expand_stage_aliases
@@ -316,6 +316,33 @@ def test_reviewkd_fusion_and_hcl_match_reference(s_sizes, t_sizes):
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+# ---------------------------------------------------------------- FitNet regressor against RepDistiller's ConvReg
+
+
+@pytest.mark.parametrize(("teacher", "student", "channels", "size"), [
+    ("resnet32x4", "resnet8x4", 128, 16),  # hint layer 2 of both: 128 channels at 16×16
+    ("wrn_40_2", "wrn_16_2", 64, 16),  # hint layer 2 of both: 32·2 channels at 16×16
+])
+def test_fitnet_regressor_matches_convreg_for_equal_resolution_hints(teacher, student, channels, size):
+    module = Offline(student=build_model(student, num_classes=100, in_channels=3),
+                     teacher=FrozenTeacher(build_model(teacher, num_classes=100, in_channels=3)),
+                     terms={"fitnet": FitNet()}, num_classes=100, example_input=torch.randn(2, 3, 32, 32),
+                     optimizer=torch.optim.SGD)
+    regressor = module.terms["fitnet"].regressor
+    conv = regressor[0]
+    # ConvReg: kernel (1 + s_H − t_H, 1 + s_W − t_W) = 1×1 with a bias, then BN (weight, bias) and ReLU.
+    convreg_parameters = channels * channels * 1 * 1 + channels + 2 * channels
+    assert conv.kernel_size == (1, 1)
+    assert sum(p.numel() for p in regressor.parameters()) == convreg_parameters
+    assert regressor(torch.randn(2, channels, size, size)).shape == (2, channels, size, size)
+
+
+def test_fitnet_regressor_kernel_spans_a_small_resolution_gap_as_convreg():
+    term = built(FitNet(), {"stage2": (BATCH, 8, 8, 8)}, {"stage2": (BATCH, 16, 6, 6)})
+    assert term.regressor[0].kernel_size == (3, 3) and term.regressor[0].padding == (0, 0)
+    assert term.regressor(torch.randn(2, 8, 8, 8)).shape == (2, 16, 6, 6)
+
+
 # ---------------------------------------------------------------- initialisation stages with Lightning
 
 
@@ -368,12 +395,47 @@ def test_init_stage_trains_exactly_the_init_parameters(name):
 
 
 def test_init_stage_runs_at_init_lr_and_the_main_stage_at_the_optimizer_lr():
-    module, _ = small_pair("convnet_small", "convnet_large", FT())
-    module.init_lr = 0.01
+    module, _ = small_pair("convnet_small", "convnet_large", FT(init_lr=0.02))
     module.set_init_stage(True)
-    assert module.configure_optimizers().param_groups[0]["lr"] == 0.01
+    assert [group["lr"] for group in module.configure_optimizers().param_groups] == [0.02]
     module.set_init_stage(False)
     assert module.configure_optimizers().param_groups[0]["lr"] == 0.1
+
+
+def test_init_learning_rates_follow_repdistiller_per_term():
+    # helper/pretrain.py: lr 0.01 only for FT ('factor'), AB and FSP initialise at the main learning rate.
+    assert (FT().init_lr, AB().init_lr, FSP().init_lr) == (0.01, None, None)
+    module, _ = small_pair("convnet_small", "convnet_large", AB())
+    module.set_init_stage(True)
+    assert [group["lr"] for group in module.configure_optimizers().param_groups] == [0.1]
+
+
+def test_two_init_terms_get_one_optimizer_with_a_group_per_learning_rate():
+    ft, ab = FT(init_lr=0.01), AB()
+    torch.manual_seed(0)
+    datamodule = SyntheticDataModule(num_classes=10, in_channels=1, image_size=8, train_size=16, val_size=8,
+                                     test_size=8, batch_size=8)
+    module = Offline(student=build_model("convnet_small", num_classes=10, in_channels=1),
+                     teacher=FrozenTeacher(build_model("convnet_large", num_classes=10, in_channels=1)),
+                     terms={"ft": ft, "ab": ab}, num_classes=10, example_input=datamodule.example_input(),
+                     optimizer=lambda params, lr=0.1: torch.optim.SGD(params, lr=lr, momentum=0.9))
+    module.set_init_stage(True)
+    groups = {group["lr"]: ids(group["params"]) for group in module.configure_optimizers().param_groups}
+    assert groups == {0.01: ids(ft.init_parameters(module.student)), 0.1: ids(ab.init_parameters(module.student))}
+    fit(module, datamodule)  # both stages' losses train together in one fit
+
+
+def test_init_terms_sharing_parameters_at_different_rates_are_refused():
+    torch.manual_seed(0)
+    datamodule = SyntheticDataModule(num_classes=10, in_channels=1, image_size=8, train_size=16, val_size=8,
+                                     test_size=8, batch_size=8)
+    module = Offline(student=build_model("convnet_small", num_classes=10, in_channels=1),
+                     teacher=FrozenTeacher(build_model("convnet_small", num_classes=10, in_channels=1)),
+                     terms={"ab": AB(), "fsp": FSP(init_lr=0.01)}, num_classes=10,
+                     example_input=datamodule.example_input(), optimizer=torch.optim.SGD)
+    module.set_init_stage(True)
+    with pytest.raises(ConfigError, match="distill.ab.init_lr"):
+        module.configure_optimizers()
 
 
 def test_ft_paraphraser_stays_frozen_in_the_main_stage():

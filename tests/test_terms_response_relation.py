@@ -400,4 +400,4 @@ def test_configs_carry_the_published_cifar100_settings(make_cfg, name, cls, sett
     assert type(term) is cls
     for key, value in settings.items():
         assert getattr(term, key) == value, key
-    assert cfg.scheme.get("ce_weight", 1.0) == ce_weight
+    assert term.recipe_ce_weight == ce_weight and cfg.scheme.ce_weight is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterable, Mapping
 
 import lightning as L
@@ -13,6 +14,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.teachers import CHECKPOINT_KEY
+
+log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -100,6 +103,14 @@ class DistillationModule(L.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
+
+    def loss_summary(self) -> str:
+        """One line naming the losses this fit trains and their weights, logged when each fit starts."""
+        return "loss = 1.0·CE"
+
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:
+            log.info(self.loss_summary())
 
     def on_train_start(self) -> None:
         # The sanity-check validation ran on an untrained student; it must not count as the best epoch.

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
 from kd_lightning.schemes.base import DistillationModule
+from kd_lightning.schemes.composition import describe_init_loss, describe_loss, resolve_ce_weight
 from kd_lightning.schemes.watch import NonFiniteWatch
 from kd_lightning.taps import FeatureTaps, declared_taps
 from kd_lightning.teachers import FrozenTeacher
@@ -17,24 +18,25 @@ from kd_lightning.teachers import FrozenTeacher
 class Offline(DistillationModule):
     """A frozen, pre-trained teacher; the student minimises ce_weight·CE + Σ weight_i·term_i.
 
+    `ce_weight=None` takes the terms' common published CE weight (`schemes.composition`), and refuses
+    terms whose recipes disagree (e.g. KD's 0.1 with CRD's 1) rather than picking one silently.
+
     Terms with `init_epochs > 0` get a first fit after `set_init_stage(True)`, in which only their
-    `init_loss` trains their `init_parameters` at the constant learning rate `init_lr` (default:
-    the optimizer's); the pipeline then fits again for the main training.
+    `init_loss` trains their `init_parameters`, each term's at its own constant `init_lr` (None: the
+    optimizer's); the pipeline then fits again for the main training.
 
     `example_input` (a small batch of the data's shape) is run once through both networks at
     construction, so tap names are checked and learnable adapters are sized before the optimizer exists.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, terms: Mapping[str, DistillTerm],
-                 num_classes: int, example_input: Tensor, ce_weight: float = 1.0, train_size: int | None = None,
-                 max_epochs: int | None = None, train_targets: Tensor | None = None, init_lr: float | None = None,
+                 num_classes: int, example_input: Tensor, ce_weight: float | None = None,
+                 train_size: int | None = None, max_epochs: int | None = None, train_targets: Tensor | None = None,
                  **base: Any) -> None:
         super().__init__(student, num_classes, **base)
         # Kept outside the module tree on purpose: see FrozenTeacher.
         object.__setattr__(self, "teacher", teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher))
         self.terms = nn.ModuleDict(dict(terms))
-        self.ce_weight = ce_weight
-        self.init_lr = init_lr
         # While True, only the terms' initialisation losses train (FT paraphraser, AB connectors).
         self.init_stage = False
         for name, term in self.terms.items():
@@ -42,6 +44,7 @@ class Offline(DistillationModule):
                 raise ConfigError(f"distill.{name} built a {type(term).__name__}, not a DistillTerm; check its "
                                   f"_target_ in conf/distill/{name}.yaml.")
             term.expand_taps(declared_taps(student).stages, declared_taps(self.teacher.model).stages)
+        self.ce_weight = resolve_ce_weight(ce_weight, self.terms)
         self.student_taps = FeatureTaps(student, [t for term in self.terms.values() for t in term.student_taps],
                                         getattr(student, "kd_spec", {}).get("name", "student"))
         self.teacher_taps = FeatureTaps(self.teacher.model, [t for term in self.terms.values() for t in term.teacher_taps],
@@ -91,6 +94,9 @@ class Offline(DistillationModule):
         self.teacher._apply(fn, *args, **kwargs)
         return self
 
+    def loss_summary(self) -> str:
+        return describe_init_loss(self.init_terms) if self.init_stage else describe_loss(self.ce_weight, self.terms)
+
     @property
     def init_epochs(self) -> int:
         return max((term.init_epochs for term in self.terms.values()), default=0)
@@ -101,9 +107,28 @@ class Offline(DistillationModule):
 
     def configure_optimizers(self) -> Any:
         if self.init_stage:  # the reference init stages (RepDistiller) run at a constant learning rate
-            lr = {} if self.init_lr is None else {"lr": self.init_lr}
-            return self.optimizer_factory(self.trainable_parameters(), **lr)
+            return self.optimizer_factory(self._init_param_groups())
         return super().configure_optimizers()
+
+    def _init_param_groups(self) -> list[dict[str, Any]]:
+        """One param group per distinct `init_lr` (a group without "lr" takes the optimizer's)."""
+        owner: dict[int, tuple[str, float | None]] = {}
+        groups: dict[float | None, dict[int, nn.Parameter]] = {}
+        for name, term in self.init_terms.items():
+            for parameter in term.init_parameters(self.student):
+                if not parameter.requires_grad:
+                    continue
+                first = owner.setdefault(id(parameter), (name, term.init_lr))
+                if first[1] != term.init_lr:
+                    raise ConfigError(
+                        f"The init stages of {first[0]} (init_lr={first[1]}) and {name} (init_lr={term.init_lr}) "
+                        f"train the same student parameters, which one optimizer cannot step at two learning "
+                        f"rates. Give them one rate: distill.{first[0]}.init_lr=<lr> distill.{name}.init_lr=<lr> "
+                        f"(null: optimizer.lr)."
+                    )
+                groups.setdefault(term.init_lr, {})[id(parameter)] = parameter
+        return [{"params": list(params.values()), **({} if lr is None else {"lr": lr})}
+                for lr, params in groups.items()]
 
     def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
         teacher_logits = self.teacher(images)

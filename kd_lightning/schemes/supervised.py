@@ -15,6 +15,9 @@ class Supervised(DistillationModule):
         super().__init__(student, num_classes, **base)
         self.label_smoothing = label_smoothing
 
+    def loss_summary(self) -> str:
+        return f"loss = 1.0·CE(label_smoothing={self.label_smoothing})" if self.label_smoothing else "loss = 1.0·CE"
+
     def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
         logits = self.student(images)
         return {"ce": F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)}

@@ -47,6 +47,7 @@ class NonFiniteWatch:
 def remedy(loss_name: str) -> str:
     if loss_name == "ce":
         return "scheme.ce_weight or the learning rate (optimizer.lr)"
-    if loss_name.endswith("_init"):  # init-stage losses are unweighted
-        return "the learning rate (optimizer.lr, which the init stage uses unscheduled)"
+    if loss_name.endswith("_init"):  # init-stage losses are unweighted; each term has its own constant rate
+        term = loss_name[: -len("_init")]
+        return f"the init stage's learning rate (distill.{term}.init_lr; null means optimizer.lr, unscheduled)"
     return f"its weight (distill.{loss_name}.weight) or the learning rate (optimizer.lr)"

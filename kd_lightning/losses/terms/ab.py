@@ -22,13 +22,16 @@ class AB(DistillTerm):
     initialised student on the task loss), so `loss` is 0 and `weight` (1, the CRD benchmark's β) has
     nothing to scale. Connectors follow RepDistiller: none where the shapes already agree, otherwise the
     paper's 1×1 conv + BN (a stride-2 3×3 conv or a 4×4 transposed conv + BN where the resolution differs
-    by a factor of 2, as RepDistiller's ConvReg); they only train in the initialisation stage.
+    by a factor of 2, as RepDistiller's ConvReg); they only train in the initialisation stage, which runs at
+    the main learning rate as in RepDistiller (`init_lr=None`).
     """
+
+    main_stage_loss = False
 
     def __init__(self, weight: float = 1.0, init_epochs: int = 30, margin: float = 1.0,
                  student_taps: str | list[str] = STAGES_PRE, teacher_taps: str | list[str] = STAGES_PRE,
-                 warmup_epochs: int = 0) -> None:
-        super().__init__(weight, warmup_epochs, init_epochs)
+                 warmup_epochs: int = 0, init_lr: float | None = None) -> None:
+        super().__init__(weight, warmup_epochs, init_epochs, init_lr)
         require_init_stage("ab", self.init_epochs, "it transfers activation boundaries only there")
         self.margin = margin
         self.student_taps = as_tap_list(student_taps)

@@ -54,19 +54,31 @@ class DistillTerm(nn.Module):
 
     A term with a separate initialisation stage (FT's paraphraser, AB's connector pre-training) sets
     `init_epochs > 0` and implements `init_loss` and `init_parameters`; the pipeline then runs that
-    stage (scheme `TermInitialization`) before the main training.
+    stage before the main training, at the term's constant `init_lr` (None: the optimizer's learning rate).
+    A term whose main-stage loss is zero by design (AB, FSP) sets `main_stage_loss = False`.
+
+    `recipe_ce_weight` is the cross-entropy weight the term's published recipe trains with; the scheme
+    uses it when `scheme.ce_weight` is null (see `schemes.composition`), and a config's `ce_weight` key
+    sets it per run.
     """
 
     needs_teacher: ClassVar[bool] = True
     needs_indices: ClassVar[bool] = False
+    main_stage_loss: ClassVar[bool] = True
+    recipe_ce_weight: float = 1.0
 
-    def __init__(self, weight: float = 1.0, warmup_epochs: int = 0, init_epochs: int = 0) -> None:
+    def __init__(self, weight: float = 1.0, warmup_epochs: int = 0, init_epochs: int = 0,
+                 init_lr: float | None = None) -> None:
         super().__init__()
         if warmup_epochs < 0 or init_epochs < 0:
             raise ConfigError(f"warmup_epochs and init_epochs must be >= 0, got {warmup_epochs} and {init_epochs}.")
+        if init_lr is not None and not init_lr > 0:
+            raise ConfigError(f"init_lr is the initialisation stage's learning rate and must be > 0 (or null for "
+                              f"the optimizer's), got {init_lr}.")
         self.weight = float(weight)
         self.warmup_epochs = int(warmup_epochs)
         self.init_epochs = int(init_epochs)
+        self.init_lr = None if init_lr is None else float(init_lr)
         self.student_taps: list[str] = []
         self.teacher_taps: list[str] = []
 

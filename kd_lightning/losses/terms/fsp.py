@@ -18,13 +18,16 @@ class FSP(DistillTerm):
     (`init_epochs`, 30 in RepDistiller) trains the student's feature layers (not its classifier) on
     Σ_pairs mean((G_s − G_t)²), unweighted. As in the paper and RepDistiller (`loss_kd = 0`), the main
     training then uses the task loss only, so `loss` is 0 and `weight` (50, the CRD benchmark's β) has
-    nothing to scale. Student and teacher taps must have equal channel counts (no adapters), as there.
+    nothing to scale. Student and teacher taps must have equal channel counts (no adapters), as there. The
+    initialisation stage runs at the main learning rate as in RepDistiller (`init_lr=None`).
     """
+
+    main_stage_loss = False
 
     def __init__(self, weight: float = 50.0, init_epochs: int = 30,
                  student_taps: str | list[str] = ("stem", STAGES), teacher_taps: str | list[str] = ("stem", STAGES),
-                 warmup_epochs: int = 0) -> None:
-        super().__init__(weight, warmup_epochs, init_epochs)
+                 warmup_epochs: int = 0, init_lr: float | None = None) -> None:
+        super().__init__(weight, warmup_epochs, init_epochs, init_lr)
         require_init_stage("fsp", self.init_epochs, "it matches the FSP matrices only there")
         self.student_taps = as_tap_list(student_taps)
         self.teacher_taps = as_tap_list(teacher_taps)

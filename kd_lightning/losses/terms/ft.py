@@ -19,7 +19,8 @@ class FT(DistillTerm):
     last stage to a factor, the larger factor map is average-pooled to the smaller one, and the loss is the
     mean absolute difference of L2-normalised factor vectors (p=1; `functional.factor_transfer`). The
     paraphraser is frozen in the main training: teacher factors are computed without gradient. Modules
-    (no BN in the paraphraser, BN in the translator) follow RepDistiller.
+    (no BN in the paraphraser, BN in the translator) follow RepDistiller, and so does `init_lr=0.01`, the
+    paraphraser's constant learning rate there for ResNet/WRN students (other students: the main rate).
 
     factor="repdistiller" (default): RepDistiller's `FactorTransfer` (p1=2, p2=1), vector
     normalize(mean_c F²) of h·w entries, so the CRD benchmark's CIFAR-100 weight 200 (with CE 1) applies.
@@ -29,8 +30,9 @@ class FT(DistillTerm):
     """
 
     def __init__(self, weight: float = 200.0, init_epochs: int = 30, rate: float = 0.5, factor: str = "repdistiller",
-                 student_tap: str = LAST_STAGE, teacher_tap: str = LAST_STAGE, warmup_epochs: int = 0) -> None:
-        super().__init__(weight, warmup_epochs, init_epochs)
+                 student_tap: str = LAST_STAGE, teacher_tap: str = LAST_STAGE, warmup_epochs: int = 0,
+                 init_lr: float | None = 0.01) -> None:
+        super().__init__(weight, warmup_epochs, init_epochs, init_lr)
         require_init_stage("ft", self.init_epochs, "the paraphraser would otherwise stay random")
         if not 0 < rate <= 1:
             raise ConfigError(f"ft.rate is the paraphraser's channel ratio k and must lie in (0, 1]; got {rate}.")

@@ -16,6 +16,8 @@ class KD(DistillTerm):
     their CIFAR-100 recipe, base T=2 and weight 9 with CE 0.1, is conf/distill/kd_ls.yaml.
     """
 
+    recipe_ce_weight = 0.1
+
     def __init__(self, weight: float = 0.9, temperature: float = 4.0, warmup_epochs: int = 0,
                  logit_standardization: bool = False) -> None:
         super().__init__(weight, warmup_epochs)
