@@ -21,7 +21,8 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.report import format_table
 from kd_lightning.schemes import Offline, Supervised
 from kd_lightning.schemes.base import check_no_terms
-from kd_lightning.teachers import FrozenTeacher, export_student, load_weights, read_metrics, recipe_key
+from kd_lightning.teachers import (CHECKPOINT_KEY, FrozenTeacher, export_student, load_weights, read_metrics,
+                                   recipe_key)
 
 GPU_ACCELERATORS = {"gpu", "cuda"}
 
@@ -59,10 +60,20 @@ def build_loggers(cfg: DictConfig, phase: str) -> list:
         if target.endswith("WandbLogger"):
             run_name = logger_cfg.get("name") or f"{cfg.get('task_name', 'train')}/{Path(cfg.paths.output_dir).name}"
             overrides = {"name": f"{run_name}-{phase}", "group": logger_cfg.get("group") or run_name, "job_type": phase}
+            if phase == "student" and not logger_cfg.get("id") and (run_id := resumed_wandb_run_id(cfg)):
+                overrides["id"] = run_id  # the resumed training continues its W&B run instead of starting one
         elif "name" in logger_cfg or target.endswith(("CSVLogger", "TensorBoardLogger")):
             overrides = {"name": f"{logger_cfg.get('name') or key}/{phase}"}
         loggers.append(instantiate(logger_cfg, **overrides))
     return loggers
+
+
+def resumed_wandb_run_id(cfg: DictConfig) -> str | None:
+    """The W&B run id recorded in the checkpoint `ckpt_path` resumes (see DistillationModule.on_save_checkpoint)."""
+    if not cfg.get("ckpt_path"):
+        return None
+    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    return checkpoint.get(CHECKPOINT_KEY, {}).get("wandb_run_id")
 
 
 def build_callbacks(cfg: DictConfig, has_logger: bool) -> list:
@@ -180,6 +191,9 @@ def build_offline(cfg: DictConfig, scheme_class: type, teacher: torch.nn.Module,
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured job and return its results (also written to `<output_dir>/results.json`)."""
     check_accelerator(cfg.trainer)
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a file. Point it at a checkpoint of the student phase, "
+                          f"e.g. <output_dir>/student/checkpoints/last.ckpt, or drop ckpt_path to start afresh.")
     scheme_class = get_class(cfg.scheme._target_)
     datamodule = construct(cfg.data)
     results: dict[str, Any] = {"student": OmegaConf.to_container(cfg.student, resolve=True)}
@@ -202,9 +216,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)
         module = build_offline(cfg, scheme_class, teacher, datamodule, scheme_options)
         init_epochs = max((term.init_epochs for term in module.terms.values()), default=0)
-        if init_epochs and not cfg.get("ckpt_path"):  # a resumed run restores the initialised adapters
-            module.set_init_stage(True)
-            fit_and_test(cfg, module, datamodule, "init", max_epochs=init_epochs, test=False)
+        if init_epochs:
+            if not cfg.get("ckpt_path"):  # a resumed run restores the initialised adapters from its checkpoint
+                module.set_init_stage(True)
+                fit_and_test(cfg, module, datamodule, "init", max_epochs=init_epochs, test=False)
+            # Also when resuming: the checkpoint's optimizer state covers the main stage's parameters only.
             module.set_init_stage(False)
         label = f"student + {'+'.join(cfg.distill or {}) or 'teacher'}"
     else:
