@@ -42,12 +42,19 @@ SCHEME_CASES: dict[str, list[list[str]]] = {
     "supervised": [["distill=[]"]],
     "offline": [[f"distill=[{term}]", *TERM_OVERRIDES.get(term, [])] for term in TERMS],
 }
-CASES = [pytest.param(scheme, overrides, id=f"{scheme}-{overrides[0].split('=')[1].strip('[]')}" if overrides[0] !=
-                      "distill=[]" else scheme) for scheme, cases in SCHEME_CASES.items() for overrides in cases]
+
+
+def case_id(scheme: str, overrides: list[str]) -> str:
+    terms = overrides[0].removeprefix("distill=[").removesuffix("]")
+    return f"{scheme}-{terms}" if terms else scheme
+
+
+CASES = [pytest.param(scheme, overrides, id=case_id(scheme, overrides))
+         for scheme, cases in SCHEME_CASES.items() for overrides in cases]
 BATCHES_PER_EPOCH, EPOCHS, CHECKPOINT_EVERY = 4, 2, 3
 RESUME_STEP = 3  # mid-epoch: one batch of epoch 0 is left, then all of epoch 1
-QUICK = [f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={BATCHES_PER_EPOCH}", "trainer.limit_val_batches=1",
-         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "logger=none", "baseline=false",
+QUICK = [f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={BATCHES_PER_EPOCH}",
+         "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "logger=none", "baseline=false",
          "callbacks=default", "callbacks.progress_bar=null", "callbacks.model_checkpoint=null",
          f"callbacks.last_checkpoint.every_n_train_steps={CHECKPOINT_EVERY}", "callbacks.last_checkpoint.save_top_k=-1"]
 
