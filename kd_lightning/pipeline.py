@@ -53,7 +53,7 @@ def build_model(model_cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
     return construct(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels)
 
 
-def build_loggers(cfg: DictConfig, phase: str) -> list:
+def build_loggers(cfg: DictConfig, phase: str, ckpt_path: str | None = None) -> list:
     loggers = []
     for key, logger_cfg in (cfg.get("logger") or {}).items():
         if logger_cfg is None:
@@ -63,10 +63,23 @@ def build_loggers(cfg: DictConfig, phase: str) -> list:
         if target.endswith("WandbLogger"):
             run_name = logger_cfg.get("name") or f"{cfg.get('task_name', 'train')}/{Path(cfg.paths.output_dir).name}"
             overrides = {"name": f"{run_name}-{phase}", "group": logger_cfg.get("group") or run_name, "job_type": phase}
+            if ckpt_path and not logger_cfg.get("id") and (run_id := resumed_wandb_run_id(ckpt_path)):
+                overrides["id"] = run_id  # the resumed training continues its W&B run instead of starting one
         elif "name" in logger_cfg or target.endswith(("CSVLogger", "TensorBoardLogger")):
             overrides = {"name": f"{logger_cfg.get('name') or key}/{phase}"}
         loggers.append(instantiate(logger_cfg, **overrides))
     return loggers
+
+
+def resumed_wandb_run_id(ckpt_path: str) -> str | None:
+    """The W&B run id recorded in the checkpoint being resumed (see DistillationModule.on_save_checkpoint)."""
+    return checkpoint_record(ckpt_path).get("wandb_run_id")
+
+
+def checkpoint_record(ckpt_path: str) -> dict[str, Any]:
+    """What a kd_lightning scheme recorded in its checkpoint (stage, W&B run id, RNG states)."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    return dict(checkpoint.get(CHECKPOINT_KEY, {}))
 
 
 def build_callbacks(cfg: DictConfig, has_logger: bool) -> list:
@@ -86,7 +99,7 @@ def build_callbacks(cfg: DictConfig, has_logger: bool) -> list:
 def fit_and_test(cfg: DictConfig, module: L.LightningModule, datamodule: Any, phase: str,
                  max_epochs: int | None = None, test: bool = True,
                  ckpt_path: str | None = None) -> tuple[dict[str, float], L.Trainer]:
-    loggers = build_loggers(cfg, phase)
+    loggers = build_loggers(cfg, phase, ckpt_path)
     trainer_overrides: dict[str, Any] = {"logger": loggers or False, "callbacks": build_callbacks(cfg, bool(loggers)),
                                          "default_root_dir": str(Path(cfg.paths.output_dir) / phase)}
     if max_epochs is not None:
@@ -288,8 +301,10 @@ def resumed_stage(cfg: DictConfig, stages: list[Stage]) -> str | None:
     """The stage `ckpt_path` belongs to (recorded in the checkpoint; the last stage for older checkpoints)."""
     if not cfg.get("ckpt_path"):
         return None
-    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    name = checkpoint.get(CHECKPOINT_KEY, {}).get("stage") or stages[-1].name
+    if not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a file. Point it at a checkpoint of the stage to resume, "
+                          f"e.g. <output_dir>/student/checkpoints/last.ckpt, or drop ckpt_path to start afresh.")
+    name = checkpoint_record(cfg.ckpt_path).get("stage") or stages[-1].name
     if name not in [stage.name for stage in stages]:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} was saved by stage {name!r}, which this run does not have "
                           f"(its stages: {[stage.name for stage in stages]}). Resume it with the config it was "

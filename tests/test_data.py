@@ -22,6 +22,7 @@ from kd_lightning.data import (
     MNISTDataModule,
     SyntheticDataModule,
 )
+from kd_lightning.data.resumable import EpochPermutationSampler
 from kd_lightning.errors import ConfigError
 
 
@@ -175,7 +176,8 @@ def test_loader_settings():
     dm.setup()
     loader = dm.train_dataloader()
     assert loader.persistent_workers and loader.num_workers == 1 and loader.drop_last is False
-    assert isinstance(loader.sampler, torch.utils.data.RandomSampler)
+    # Shuffled by a per-epoch seeded permutation (not the global RNG), so a mid-epoch resume is exact.
+    assert isinstance(loader.sampler, EpochPermutationSampler) and loader.sampler.shuffle
     assert isinstance(dm.val_dataloader().sampler, torch.utils.data.SequentialSampler)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from kd_lightning.data.resumable import EpochPermutationSampler, ResumableLoader, global_seed
 from kd_lightning.errors import ConfigError
 
 
@@ -232,7 +233,14 @@ class KDDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
+        trainer = self.trainer
+        sampler = EpochPermutationSampler(self.train_set, num_replicas=trainer.world_size if trainer else 1,
+                                          rank=trainer.global_rank if trainer else 0, seed=global_seed())
+        return ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=False,
+                               num_workers=self.num_workers, pin_memory=self.pin_memory,
+                               persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

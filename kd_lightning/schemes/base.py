@@ -13,6 +13,7 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.rng import collect_rng_states, restore_rng_states
 from kd_lightning.teachers import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class DistillationModule(L.LightningModule):
         self.val_acc_best = MaxMetric()
         # Set by the pipeline: the stage this module trains, recorded in checkpoints for `ckpt_path=`.
         self.stage_name: str | None = None
+        self._resumed_rng_states: dict[str, Any] | None = None
 
     def forward(self, images: Tensor) -> Tensor:
         return self.student(images)
@@ -115,6 +117,10 @@ class DistillationModule(L.LightningModule):
     def on_train_start(self) -> None:
         # The sanity-check validation ran on an untrained student; it must not count as the best epoch.
         self.val_acc_best.reset()
+        if self._resumed_rng_states is not None:
+            # Restored here, not at load time: the sanity check and loader setup in between draw from them.
+            restore_rng_states(self._resumed_rng_states)
+            self._resumed_rng_states = None
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
@@ -139,4 +145,17 @@ class DistillationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"student": dict(getattr(self.student, "kd_spec", {})), "stage": self.stage_name}
+        checkpoint[CHECKPOINT_KEY] = {"student": dict(getattr(self.student, "kd_spec", {})), "stage": self.stage_name,
+                                      "rng_states": collect_rng_states(), "wandb_run_id": self._wandb_run_id()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_rng_states = checkpoint.get(CHECKPOINT_KEY, {}).get("rng_states")
+
+    def _wandb_run_id(self) -> str | None:
+        # Recorded so that `ckpt_path=` resumes the same W&B run (see pipeline.build_loggers).
+        trainer = self._trainer
+        for logger in trainer.loggers if trainer is not None else []:
+            if type(logger).__name__ == "WandbLogger":
+                return str(logger.version)
+        return None
+
