@@ -1,0 +1,107 @@
+"""No host-device synchronisation in a training step, except at logging steps.
+
+On a GPU every `.item()`, `bool(tensor)`, `torch.unique` or copy to the host waits for the queued kernels,
+which starves the device. Lightning converts logged values only at logging steps (`log_every_n_steps`),
+so the code may wait there and nowhere else. Where CUDA exists the check runs on the GPU under
+`torch.cuda.set_sync_debug_mode("error")`; everywhere it also runs on CPU, counting the Tensor methods
+and torch functions that synchronise on CUDA, through a real `Trainer.fit` with the default callbacks
+(RichProgressBar included), the CSV logger and the pipeline's own trainer construction.
+"""
+
+from __future__ import annotations
+
+import functools
+import traceback
+
+import lightning as L
+import pytest
+import torch
+
+from kd_lightning import pipeline
+from kd_lightning.schemes import Offline
+
+# Each returns a host value computed from device data (or waits for it), so on CUDA each one waits.
+SYNCING_TENSOR_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique",
+                          "cpu", "numpy", "masked_select", "equal", "allclose")
+SYNCING_TORCH_FUNCTIONS = ("unique", "nonzero", "masked_select", "equal", "allclose", "is_nonzero")
+
+BATCHES, LOG_EVERY = 10, 4
+
+
+def caller() -> str:
+    """The innermost frame outside torch and this file: the code that asked for the host value."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if "/torch/" not in frame.filename and frame.filename != __file__:
+            return f"{frame.filename}:{frame.lineno} ({frame.name})"
+    return "?"
+
+
+class SyncCounter(L.Callback):
+    """Counts synchronising calls per training batch, from `on_train_batch_start` (the first callback's)
+    to the end of the loop's `advance` (after the progress bar and the loggers have run)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: dict[int, list[str]] = {}
+        self._batch: int | None = None
+        for owner, names in ((torch.Tensor, SYNCING_TENSOR_METHODS), (torch, SYNCING_TORCH_FUNCTIONS)):
+            for name in names:
+                monkeypatch.setattr(owner, name, self._counted(getattr(owner, name), name))
+
+    def _counted(self, original, name: str):
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            if self._batch is not None:
+                batch, self._batch = self._batch, None  # calls made inside this call are not counted twice
+                self.calls[batch].append(f"{name} at {caller()}")
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self._batch = batch
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        advance = loop.advance
+
+        def counted_advance(*args, **kwargs):
+            try:
+                return advance(*args, **kwargs)
+            finally:
+                self._batch = None
+
+        loop.advance = counted_advance
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.calls[batch_idx] = []
+        self._batch = batch_idx
+
+
+def count_syncs(make_cfg, monkeypatch, distill: str) -> dict[int, list[str]]:
+    cfg = make_cfg(f"distill=[{distill}]", "data=synthetic", "data.num_classes=10", "data.train_size=640",
+                   "data.batch_size=32", "student=convnet_tiny", "teacher=convnet_large", "data.image_size=8", "callbacks=default",
+                   "logger=csv", "trainer.enable_progress_bar=true", f"trainer.limit_train_batches={BATCHES}",
+                   f"trainer.log_every_n_steps={LOG_EVERY}", "trainer.limit_val_batches=1", "baseline=false",
+                   *(["distill.crd.nce_k=256"] if distill == "crd" else []), fast=False)
+    counter = SyncCounter(monkeypatch)
+    real_callbacks = pipeline.build_callbacks
+    monkeypatch.setattr(pipeline, "build_callbacks", lambda *args: [counter, *real_callbacks(*args)])
+    datamodule = pipeline.construct(cfg.data)
+    teacher = pipeline.build_model(cfg.teacher.model, datamodule)
+    options = {key: value for key, value in cfg.scheme.items() if key != "_target_"}
+    module = pipeline.build_offline(cfg, Offline, teacher, datamodule, options)
+    pipeline.fit_and_test(cfg, module, datamodule, "student", max_epochs=1, test=False)
+    assert sorted(counter.calls) == list(range(BATCHES))
+    return counter.calls
+
+
+@pytest.mark.parametrize("distill", ["kd", "crd"])
+def test_no_host_sync_in_training_steps_outside_logging_steps(make_cfg, monkeypatch, distill):
+    calls = count_syncs(make_cfg, monkeypatch, distill)
+    logging = [batch for batch in range(BATCHES) if (batch + 1) % LOG_EVERY == 0]
+    quiet = [batch for batch in range(BATCHES - 1) if batch not in logging]  # the epoch's last batch may check
+    unexpected = {batch: calls[batch] for batch in quiet if calls[batch]}
+    assert not unexpected, "\n".join(f"batch {batch}: {call}" for batch, batch_calls in unexpected.items() for call in batch_calls)
+    # The counter does see the conversions Lightning makes when it writes the loggers.
+    assert all(calls[batch] for batch in logging), calls
