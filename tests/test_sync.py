@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import traceback
+import weakref
 
 import lightning as L
 import pytest
@@ -24,6 +25,8 @@ from kd_lightning.schemes import Offline
 SYNCING_TENSOR_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique",
                           "cpu", "numpy", "masked_select", "equal", "allclose")
 SYNCING_TORCH_FUNCTIONS = ("unique", "nonzero", "masked_select", "equal", "allclose", "is_nonzero")
+# What these make of a host tensor stays on the host.
+HOST_PRESERVING_METHODS = ("clone", "detach", "squeeze", "to", "float", "view", "reshape")
 
 BATCHES, LOG_EVERY = 10, 4
 
@@ -38,26 +41,56 @@ def caller() -> str:
 
 class SyncCounter(L.Callback):
     """Counts synchronising calls per training batch, from `on_train_batch_start` (the first callback's)
-    to the end of the loop's `advance` (after the progress bar and the loggers have run)."""
+    to the end of the loop's `advance` (after the progress bar and the loggers have run).
+
+    On a CPU-only machine every tensor is a host tensor, so the counter keeps track of which ones would be
+    host memory on an accelerator: the results of a (counted) `cpu()`, and what `clone`/`detach`/`to`/...
+    make of them. Reading those later (Lightning re-reads a cached progress-bar value every batch) is free.
+    """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: dict[int, list[str]] = {}
         self._batch: int | None = None
+        self._host: dict[int, weakref.ref] = {}  # by id: a WeakSet would compare tensors with ==
         for owner, names in ((torch.Tensor, SYNCING_TENSOR_METHODS), (torch, SYNCING_TORCH_FUNCTIONS)):
             for name in names:
                 monkeypatch.setattr(owner, name, self._counted(getattr(owner, name), name))
+        for name in HOST_PRESERVING_METHODS:
+            monkeypatch.setattr(torch.Tensor, name, self._host_preserving(getattr(torch.Tensor, name)))
 
     def _counted(self, original, name: str):
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
-            if self._batch is not None:
+            on_host = bool(args) and self._on_host(args[0])
+            if self._batch is None or on_host:
+                result = original(*args, **kwargs)
+            else:
                 batch, self._batch = self._batch, None  # calls made inside this call are not counted twice
                 self.calls[batch].append(f"{name} at {caller()}")
                 try:
-                    return original(*args, **kwargs)
+                    result = original(*args, **kwargs)
                 finally:
                     self._batch = batch
-            return original(*args, **kwargs)
+            if name == "cpu":
+                self._mark_host(result)
+            return result
+
+        return wrapper
+
+    def _on_host(self, tensor) -> bool:
+        entry = self._host.get(id(tensor))
+        return entry is not None and entry() is tensor
+
+    def _mark_host(self, tensor: torch.Tensor) -> None:
+        self._host[id(tensor)] = weakref.ref(tensor)
+
+    def _host_preserving(self, original):
+        @functools.wraps(original)
+        def wrapper(tensor, *args, **kwargs):
+            result = original(tensor, *args, **kwargs)
+            if isinstance(result, torch.Tensor) and self._on_host(tensor):
+                self._mark_host(result)
+            return result
 
         return wrapper
 

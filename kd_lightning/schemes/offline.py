@@ -135,6 +135,7 @@ class Offline(DistillationModule):
             self.student.eval()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Reading the flags syncs with the device, so on accelerators it happens only at logging steps.
-        if self.device.type == "cpu" or self.global_step % self.trainer.log_every_n_steps == 0:
+        # Reading the flags waits for the device, so it happens only where the loggers wait anyway, and before
+        # the epoch's validation and checkpoint; the error still names the first step that went wrong.
+        if self.is_logging_step() or batch_idx + 1 >= self.trainer.num_training_batches:
             self.nonfinite.raise_if_any()
