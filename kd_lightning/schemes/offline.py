@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
@@ -8,10 +9,14 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
-from kd_lightning.schemes.base import DistillationModule
+from kd_lightning.schemes.base import DistillationModule, unpack_batch
 from kd_lightning.schemes.watch import NonFiniteWatch
 from kd_lightning.taps import FeatureTaps, declared_taps
 from kd_lightning.teachers import FrozenTeacher
+
+# Offline checks each batch in `on_before_batch_transfer`, on the host; Lightning reports any such override
+# when the data comes from a LightningDataModule (which then simply does not define the hook).
+warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 class Offline(DistillationModule):
@@ -128,6 +133,14 @@ class Offline(DistillationModule):
                 self.nonfinite.record(name, part_value, self.global_step)
                 losses[f"{name}_{part}" if part else name] = factor * part_value
         return losses
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Still in host memory: a check here never waits for the device, as one in a term's loss would.
+        if self.trainer.training:
+            indices = unpack_batch(batch)[2]
+            for name, term in self.terms.items():
+                term.check_batch(name, indices)
+        return batch
 
     def on_train_epoch_start(self) -> None:
         # An init stage that does not train the student (FT's paraphraser) must not move its BN statistics.
