@@ -147,6 +147,21 @@ class Offline(DistillationModule):
         if self.init_stage and not any(p.requires_grad for p in self.student.parameters()):
             self.student.eval()
 
+    def release_features(self) -> None:
+        """Drop the tapped tensors of the last forward: the autograd graph holds what backward needs and
+        frees it; the taps would keep them (activations of a whole batch) alive until the next forward."""
+        self.student_taps.clear()
+        self.teacher_taps.clear()
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.release_features()
+
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.release_features()
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        self.release_features()
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Reading the flags waits for the device, so it happens only where the loggers wait anyway, and before
         # the epoch's validation and checkpoint; the error still names the first step that went wrong.
