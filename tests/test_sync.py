@@ -2,10 +2,10 @@
 
 On a GPU every `.item()`, `bool(tensor)`, `torch.unique` or copy to the host waits for the queued kernels,
 which starves the device. Lightning converts logged values only at logging steps (`log_every_n_steps`),
-so the code may wait there and nowhere else. Where CUDA exists the check runs on the GPU under
-`torch.cuda.set_sync_debug_mode("error")`; everywhere it also runs on CPU, counting the Tensor methods
-and torch functions that synchronise on CUDA, through a real `Trainer.fit` with the default callbacks
-(RichProgressBar included), the CSV logger and the pipeline's own trainer construction.
+so the code may wait there and nowhere else. The check needs no GPU: it counts the Tensor methods and
+torch functions that synchronise on CUDA, through a real `Trainer.fit` built by the pipeline with the
+default callbacks (RichProgressBar included) and the CSV logger. Syncs inside C++ ops (boolean-mask
+indexing, for one) are invisible to it; `torch.cuda.set_sync_debug_mode("error")` would see those on a GPU.
 """
 
 from __future__ import annotations

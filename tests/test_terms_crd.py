@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
 from kd_lightning.losses.terms import CRD, BuildContext, DistillInputs
+from kd_lightning.losses.terms import crd as crd_module
 
 EPS = 1e-7  # the reference's eps in ContrastLoss
 
@@ -92,9 +93,10 @@ def test_contrastive_nce_matches_the_reference_formula(shape):
     assert functional.contrastive_nce(p, m).item() == pytest.approx(expected, rel=1e-5)
 
 
-# M=20 rows, D=8: with K=6 the scores come from the whole table (M <= (K+1)·D), with K=1 from gathered rows.
-@pytest.mark.parametrize("nce_k", [6, 1])
-def test_bank_loss_matches_the_reference_over_two_batches_with_fixed_negatives(monkeypatch, nce_k):
+# With K=6 the scores come from the whole table (M <= 32·(K+1)), with the ratio lowered from gathered rows.
+@pytest.mark.parametrize("nce_k, whole_table", [(6, True), (6, False)])
+def test_bank_loss_matches_the_reference_over_two_batches_with_fixed_negatives(monkeypatch, nce_k, whole_table):
+    monkeypatch.setattr(crd_module, "WHOLE_TABLE_MAX_RATIO", 32 if whole_table else 2)
     term = built(train_size=20, nce_k=nce_k, feat_dim=8)
     gen = torch.Generator().manual_seed(1)
     memory = term.memory.double().tolist()  # [side][row][dim]: 0 = student embeddings, 1 = teacher ones
@@ -123,8 +125,10 @@ def test_bank_loss_matches_the_reference_over_two_batches_with_fixed_negatives(m
     torch.testing.assert_close(term.normalizers, torch.tensor(z, dtype=torch.float32), rtol=1e-4, atol=0.0)
 
 
-@pytest.mark.parametrize("nce_k", [6, 1])
-def test_gradients_see_the_memory_as_scored_not_as_updated_by_the_same_step(monkeypatch, nce_k):
+@pytest.mark.parametrize("whole_table", [True, False])
+def test_gradients_see_the_memory_as_scored_not_as_updated_by_the_same_step(monkeypatch, whole_table):
+    monkeypatch.setattr(crd_module, "WHOLE_TABLE_MAX_RATIO", 32 if whole_table else 2)
+    nce_k = 6
     term = built(train_size=20, nce_k=nce_k, feat_dim=8)
     gen = torch.Generator().manual_seed(12)
     term.loss(batch(torch.tensor([2, 9]), gen))  # sets Z and leaves an update of rows 2 and 9 to write

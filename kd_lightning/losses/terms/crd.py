@@ -50,12 +50,13 @@ class CRD(DistillTerm):
     memory="bank" (the reference): two tables of M = context.train_size rows, initialised uniformly in
     [−1/√(feat_dim/3), 1/√(feat_dim/3)]; after each batch the rows of its sample indices become
     normalize(nce_m·row + (1 − nce_m)·embedding). Needs sample indices in [0, M). Size
-    2·M·feat_dim·4 bytes: CIFAR-100 (50k) 51 MB, ImageNet (1.28M) 1.3 GB. Scores against the memory come
-    from the B×M products with the whole table, of which the drawn (B, nce_k + 1) are kept, whenever that
-    moves fewer bytes than gathering the B·(nce_k + 1) rows as the reference does (2·B·(nce_k + 1)·feat_dim·4
-    bytes, 1.07 GB at B=64 with the defaults, against 2·B·M·4 = 25.6 MB on CIFAR-100), i.e. while
-    M <= (nce_k + 1)·feat_dim; else by the gather. The update of a batch's rows is written when the memory
-    is next read (the next step, a checkpoint), after this step's backward pass, which reads the table.
+    2·M·feat_dim·4 bytes: CIFAR-100 (50k) 51 MB, ImageNet (1.28M) 1.3 GB. While M <= 32·(nce_k + 1)
+    (CIFAR-100 with the defaults) the scores come from the B×M products with the whole table, of which the
+    drawn (B, nce_k + 1) are kept: 2·B·M·4 transient bytes (25.6 MB at B=64 on CIFAR-100) instead of the
+    reference's 2·B·(nce_k + 1)·feat_dim·4 bytes of gathered rows kept for the backward pass (1.07 GB at
+    B=64), and faster; larger banks (ImageNet) gather the rows as the reference does. The update of a
+    batch's rows is written when the memory is next read (the next step, a checkpoint), after this step's
+    backward pass, which reads the table as it was scored.
     memory="queue" (not in the paper; MoCo-style, He et al. 2020): the `queue_size` most recent embeddings
     of each network, first in first out; every anchor is contrasted against the whole other queue
     (K = queue_size, M = queue_size) and its positive is the other network's current embedding of the same
@@ -323,11 +324,17 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+# A score from the product with the whole table costs a GEMM's share, one from gathered rows a memory-bound
+# read of D floats: measured on CPU (scripts/crd_step.py, K=16384) the whole table is 22x faster at
+# M = 3(K+1) and 4.8x at 16(K+1), slower at 78(K+1) (an ImageNet bank), so it is used up to 32(K+1).
+WHOLE_TABLE_MAX_RATIO = 32
+
+
 def _scores_at(anchors: Tensor, table: Tensor, rows: Tensor) -> Tensor:
-    """(B, K+1) dot products of each anchor with its `rows` of `table` (M, D), computed the way that moves
-    fewer bytes: the B×M products with the whole table, then the drawn ones (B·M floats), or RepDistiller's
-    gather of the rows (B·(K+1)·D floats, kept for the backward pass)."""
-    if table.shape[0] <= rows.shape[1] * table.shape[1]:
+    """(B, K+1) dot products of each anchor with its `rows` of `table` (M, D): from the B×M products with
+    the whole table (transient B·M floats, nothing kept for the backward pass but the table itself) while
+    M <= 32·(K+1), else by RepDistiller's gather of the rows (B·(K+1)·D floats, kept for the backward)."""
+    if table.shape[0] <= WHOLE_TABLE_MAX_RATIO * rows.shape[1]:
         return (anchors @ table.t()).gather(1, rows)
     return torch.bmm(table[rows], anchors.unsqueeze(2)).squeeze(2)
 
