@@ -1,4 +1,4 @@
-"""scripts/crd_step.py runs CRD's step before and after the hot-path change, and both give the same losses."""
+"""scripts/crd_step.py runs CRD's step before and after the hot-path change; both give the same losses."""
 
 from __future__ import annotations
 

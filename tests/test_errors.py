@@ -112,6 +112,25 @@ def test_crd_without_sample_indices(make_cfg):
         trainer.fit(module, train_dataloaders=pairs)
 
 
+def test_crd_sample_indices_beyond_train_size_are_refused_before_the_step(make_cfg):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from kd_lightning.pipeline import build_terms
+    from kd_lightning.schemes import Offline
+
+    images, targets = torch.randn(8, 1, 8, 8), torch.arange(8) % 2
+    module = Offline(student=build_model("convnet_tiny", 2, 1), teacher=build_model("convnet_large", 2, 1),
+                     terms=build_terms(make_cfg("distill=[crd]")), num_classes=2, example_input=images[:2],
+                     train_size=6, train_targets=targets[:6], optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    # Indices of the whole data set, not of a 6-sample training split.
+    loader = DataLoader(TensorDataset(images, targets, torch.arange(8)), batch_size=8)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.raises(ConfigError, match=r"distill\.crd got sample index 7 \(min 0\).*6 rows"):
+        trainer.fit(module, train_dataloaders=loader)
+
+
 def test_non_finite_loss_stops_the_run_and_names_the_term(make_cfg):
     # A zero temperature divides the logits by zero: the KD term turns NaN on the first step.
     with pytest.raises(ConfigError, match=r"Loss 'kd' became NaN or infinite at training step 0.*distill\.kd\.weight"):

@@ -49,3 +49,45 @@ def test_feature_modified_in_place_after_capture_is_refused():
         model(torch.randn(1, 1, 2, 2))
         with pytest.raises(ConfigError, match="in-place"):
             taps.features
+
+
+def test_offline_releases_tapped_features_after_each_step_and_evaluation_batch():
+    import gc
+    import weakref
+
+    import lightning as L
+
+    from kd_lightning.data import SyntheticDataModule
+    from kd_lightning.losses.terms import CRD
+    from kd_lightning.schemes import Offline
+
+    datamodule = SyntheticDataModule(num_classes=10, in_channels=1, image_size=8, train_size=32, val_size=16,
+                                     test_size=8, batch_size=8)
+    student, teacher = build_model("convnet_tiny", 10, 1), build_model("convnet_large", 10, 1)
+    module = Offline(student=student, teacher=teacher, terms={"crd": CRD(nce_k=8)}, num_classes=10,
+                     example_input=datamodule.example_input(), train_size=32, train_targets=datamodule.train_targets,
+                     optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    captured: list[weakref.ref] = []
+    for network in (student, teacher):  # the penultimate tap is the input of the classifier
+        network.fc.register_forward_hook(lambda m, inputs, output: captured.append(weakref.ref(inputs[0])))
+
+    class AliveAfterUse(L.Callback):
+        def __init__(self) -> None:
+            self.alive: list[int] = []
+
+        def _count(self) -> None:
+            gc.collect()
+            self.alive.append(sum(ref() is not None for ref in captured))
+
+        def on_after_backward(self, *args) -> None:  # the graph has let go: nothing else may hold them
+            self._count()
+
+        def on_validation_batch_start(self, *args) -> None:
+            self._count()
+
+    probe = AliveAfterUse()
+    trainer = L.Trainer(max_steps=3, val_check_interval=2, limit_val_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[probe])
+    trainer.fit(module, datamodule=datamodule)
+    assert len(probe.alive) == 3 + 2 and probe.alive == [0] * 5

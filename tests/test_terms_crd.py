@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
 from kd_lightning.losses.terms import CRD, BuildContext, DistillInputs
+from kd_lightning.losses.terms import crd as crd_module
 
 EPS = 1e-7  # the reference's eps in ContrastLoss
 
@@ -92,14 +93,17 @@ def test_contrastive_nce_matches_the_reference_formula(shape):
     assert functional.contrastive_nce(p, m).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_bank_loss_matches_the_reference_over_two_batches_with_fixed_negatives(monkeypatch):
-    term = built(train_size=20, nce_k=6, feat_dim=8)
+# With K=6 the scores come from the whole table (M <= 32·(K+1)), with the ratio lowered from gathered rows.
+@pytest.mark.parametrize("nce_k, whole_table", [(6, True), (6, False)])
+def test_bank_loss_matches_the_reference_over_two_batches_with_fixed_negatives(monkeypatch, nce_k, whole_table):
+    monkeypatch.setattr(crd_module, "WHOLE_TABLE_MAX_RATIO", 32 if whole_table else 2)
+    term = built(train_size=20, nce_k=nce_k, feat_dim=8)
     gen = torch.Generator().manual_seed(1)
     memory = term.memory.double().tolist()  # [side][row][dim]: 0 = student embeddings, 1 = teacher ones
     z = None
     for step, indices in enumerate([torch.tensor([3, 11, 0, 19]), torch.tensor([11, 5, 7])]):
         inputs = batch(indices, gen)
-        rows = torch.randint(0, 20, (len(indices), 7), generator=gen)
+        rows = torch.randint(0, 20, (len(indices), nce_k + 1), generator=gen)
         rows[:, 0] = indices
         monkeypatch.setattr(term, "sample_contrast_indices", lambda idx, rows=rows: rows.clone())
         losses = term.loss(inputs)
@@ -119,6 +123,51 @@ def test_bank_loss_matches_the_reference_over_two_batches_with_fixed_negatives(m
             memory[1][index] = momentum_row(memory[1][index], v_t[i], 0.5)
     torch.testing.assert_close(term.memory, torch.tensor(memory, dtype=torch.float32), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(term.normalizers, torch.tensor(z, dtype=torch.float32), rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.parametrize("whole_table", [True, False])
+def test_gradients_see_the_memory_as_scored_not_as_updated_by_the_same_step(monkeypatch, whole_table):
+    monkeypatch.setattr(crd_module, "WHOLE_TABLE_MAX_RATIO", 32 if whole_table else 2)
+    nce_k = 6
+    term = built(train_size=20, nce_k=nce_k, feat_dim=8)
+    gen = torch.Generator().manual_seed(12)
+    term.loss(batch(torch.tensor([2, 9]), gen))  # sets Z and leaves an update of rows 2 and 9 to write
+    indices = torch.tensor([9, 4, 2])  # rows updated by the last step and again by this one
+    rows = torch.randint(0, 20, (3, nce_k + 1), generator=gen)
+    rows[:, 0], rows[0, -1] = indices, 4
+    monkeypatch.setattr(term, "sample_contrast_indices", lambda idx: rows.clone())
+    inputs = batch(indices, gen)
+    scored = term.memory.double().clone()  # as this step scores it: the last step's update written
+    losses = term.loss(inputs)
+    (losses["student"] + 2 * losses["teacher"]).backward()
+
+    heads = {name: module.double() for name, module in (("s", term.student_embed), ("t", term.teacher_embed))}
+    reference = {name: [p.detach().clone().requires_grad_(True) for p in head.parameters()]
+                 for name, head in heads.items()}
+    z = term.normalizers.double()
+    total = 0.0
+    for side, (name, features) in enumerate((("s", "penultimate"), ("t", "penultimate"))):
+        weight, bias = reference[name]
+        raw = (inputs.student_features if name == "s" else inputs.teacher_features)[features].double()
+        anchor = torch.nn.functional.normalize(raw @ weight.t() + bias, dim=1)
+        table = scored[1 - side]  # the student anchor meets past teacher embeddings and vice versa
+        p = torch.exp(torch.einsum("bkd,bd->bk", table[rows], anchor) / 0.07) / z[side]
+        total = total + (1 + side) * functional.contrastive_nce(p, 20)
+    total.backward()
+    for name, head in heads.items():
+        for got, want in zip(head.parameters(), reference[name]):
+            torch.testing.assert_close(got.grad, want.grad.to(got.grad.dtype), rtol=1e-4, atol=1e-7)
+
+
+def test_bank_scores_keep_no_gathered_rows_for_the_backward_pass():
+    # RepDistiller gathers B×(K+1)×D rows per side, which bmm keeps for the backward pass: 1.07 GB at B=64,
+    # K=16384, D=128. Scored against the whole table, nothing of that size is saved.
+    term = built(train_size=200, nce_k=150, feat_dim=16)
+    inputs = batch(torch.arange(8), torch.Generator().manual_seed(13))
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        term.loss(inputs)
+    assert saved and max(saved) < 8 * 151 * 16 / 4, sorted(saved)[-3:]
 
 
 def test_queue_loss_matches_the_reference_whole_queue_as_negatives():
@@ -330,8 +379,12 @@ def test_errors_name_the_fix():
     built("queue", train_size=None)  # the queue needs no dataset size
     term = built(train_size=10)
     gen = torch.Generator().manual_seed(9)
-    with pytest.raises(ConfigError, match="train_size"):
-        term.loss(batch(torch.tensor([1, 10]), gen))
+    with pytest.raises(ConfigError, match=r"index 10 \(min 1\).*10 rows.*train_size"):
+        term.check_batch("crd", torch.tensor([1, 10]))
+    with pytest.raises(ConfigError, match="index 3 \\(min -1\\)"):
+        term.check_batch("crd", torch.tensor([3, -1]))
+    term.check_batch("crd", torch.tensor([0, 9]))
+    built("queue", train_size=None).check_batch("crd", torch.tensor([10**6]))  # the queue reads no indices
     with pytest.raises(ConfigError, match="data module"):
         term.loss(batch(None, gen, size=2))
     with pytest.raises(ConfigError, match="queue"):

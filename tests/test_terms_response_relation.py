@@ -230,6 +230,14 @@ def test_dist_parts_are_inter_and_intra_class_relations(batch, classes, beta, ga
     close(parts["intra"], T * T * gamma * intra, rtol=1e-4)
 
 
+def test_dist_computes_the_softmaxes_once_for_both_parts(monkeypatch):
+    calls = []
+    softmax = torch.nn.functional.softmax
+    monkeypatch.setattr(torch.nn.functional, "softmax", lambda *args, **kwargs: calls.append(1) or softmax(*args, **kwargs))
+    DIST().loss(logits_inputs(4, 10, seed=6))
+    assert len(calls) == 2  # one per network, not one per network per logged part
+
+
 # ----------------------------------------------------------------------------- relation-based
 
 

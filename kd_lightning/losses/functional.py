@@ -157,12 +157,16 @@ def dist(student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0, gamm
     is still defined. The T² factor is in the released code (`DIST(tau=...)`); its first public release had
     no temperature (T=1, where the factor is 1). Computed in float32.
     """
+    inter, intra = dist_parts(student_logits, teacher_logits, temperature)
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+def dist_parts(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Unweighted (inter-class, intra-class) relation losses of `dist`, without the T² factor."""
     _check_logits(student_logits, teacher_logits, "dist")
     y_s = F.softmax(student_logits.float() / temperature, dim=1)
     y_t = F.softmax(teacher_logits.float() / temperature, dim=1)
-    inter = 1.0 - _mean_pearson_rows(y_s, y_t)
-    intra = 1.0 - _mean_pearson_rows(y_s.t(), y_t.t())
-    return temperature**2 * (beta * inter + gamma * intra)
+    return 1.0 - _mean_pearson_rows(y_s, y_t), 1.0 - _mean_pearson_rows(y_s.t(), y_t.t())
 
 
 def _standardize_logits(logits: Tensor) -> Tensor:

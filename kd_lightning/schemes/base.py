@@ -45,7 +45,8 @@ class DistillationModule(L.LightningModule):
     """Holds the trained network (`self.student`) and everything every scheme shares.
 
     Logged names: `train/loss`, `train/<term>` (weighted), `val/acc`, `val/acc_best`, `test/acc`
-    (plus `*_top5` when there are more than 10 classes). Optimizers see trainable parameters only.
+    (plus `*_top5` when there are more than 10 classes); the progress bar shows the training loss as
+    `loss`, refreshed at logging steps only. Optimizers see trainable parameters only.
     The checkpoint records the student's build spec so `kd_lightning.export` can extract it alone.
     """
 
@@ -89,10 +90,20 @@ class DistillationModule(L.LightningModule):
         losses = self.training_losses(*unpack_batch(batch))
         total = torch.stack([loss.float() for loss in losses.values()]).sum()
         batch_size = len(batch[0])
-        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", total, batch_size=batch_size)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
+        if self.is_logging_step():
+            # Lightning turns progress-bar values into Python numbers after every batch, which waits for the
+            # device; a host copy taken only when the loggers write anyway keeps the other steps asynchronous.
+            self.log("loss", total.detach().cpu(), prog_bar=True, logger=False, batch_size=batch_size)
         return total
+
+    def is_logging_step(self) -> bool:
+        """Whether Lightning writes the loggers after this training batch (every `log_every_n_steps`):
+        the steps at which reading a value back from the device costs nothing extra."""
+        # The predicate Lightning's logger connector (and its LearningRateMonitor) decides with.
+        return bool(self.trainer._logger_connector.should_update_logs or self.trainer.fast_dev_run)
 
     def _evaluate(self, batch: Any, metrics: MetricCollection, stage: str) -> None:
         images, targets, _ = unpack_batch(batch)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
@@ -8,11 +9,15 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
-from kd_lightning.schemes.base import DistillationModule
+from kd_lightning.schemes.base import DistillationModule, unpack_batch
 from kd_lightning.schemes.composition import describe_init_loss, describe_loss, resolve_ce_weight
 from kd_lightning.schemes.watch import NonFiniteWatch
 from kd_lightning.taps import FeatureTaps, declared_taps
 from kd_lightning.teachers import FrozenTeacher
+
+# Offline checks each batch in `on_before_batch_transfer`, on the host; Lightning reports any such override
+# when the data comes from a LightningDataModule (which then simply does not define the hook).
+warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 class Offline(DistillationModule):
@@ -158,12 +163,36 @@ class Offline(DistillationModule):
                 losses[f"{name}_{part}" if part else name] = factor * part_value
         return losses
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Still in host memory: a check here never waits for the device, as one in a term's loss would.
+        if self.trainer.training:
+            indices = unpack_batch(batch)[2]
+            for name, term in self.terms.items():
+                term.check_batch(name, indices)
+        return batch
+
     def on_train_epoch_start(self) -> None:
         # An init stage that does not train the student (FT's paraphraser) must not move its BN statistics.
         if self.init_stage and not any(p.requires_grad for p in self.student.parameters()):
             self.student.eval()
 
+    def release_features(self) -> None:
+        """Drop the tapped tensors of the last forward: the autograd graph holds what backward needs and
+        frees it; the taps would keep them (activations of a whole batch) alive until the next forward."""
+        self.student_taps.clear()
+        self.teacher_taps.clear()
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.release_features()
+
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.release_features()
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        self.release_features()
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Reading the flags syncs with the device, so on accelerators it happens only at logging steps.
-        if self.device.type == "cpu" or self.global_step % self.trainer.log_every_n_steps == 0:
+        # Reading the flags waits for the device, so it happens only where the loggers wait anyway, and before
+        # the epoch's validation and checkpoint; the error still names the first step that went wrong.
+        if self.is_logging_step() or batch_idx + 1 >= self.trainer.num_training_batches:
             self.nonfinite.raise_if_any()

@@ -104,6 +104,10 @@ class DistillTerm(nn.Module):
                 f"warmup_epochs or train longer."
             )
 
+    def check_batch(self, name: str, indices: Tensor | None) -> None:
+        """Refuse a training batch this term cannot use. Called by the scheme while the batch is still in
+        host memory, so a check here never waits for the device (one in `loss` would, every step)."""
+
     def loss(self, inputs: DistillInputs) -> Tensor | dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement loss()")
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -49,8 +50,13 @@ class CRD(DistillTerm):
     memory="bank" (the reference): two tables of M = context.train_size rows, initialised uniformly in
     [−1/√(feat_dim/3), 1/√(feat_dim/3)]; after each batch the rows of its sample indices become
     normalize(nce_m·row + (1 − nce_m)·embedding). Needs sample indices in [0, M). Size
-    2·M·feat_dim·4 bytes: CIFAR-100 (50k) 51 MB, ImageNet (1.28M) 1.3 GB; each step also gathers
-    2·B·(nce_k + 1)·feat_dim·4 bytes of rows (1.07 GB at B=64 with the defaults), as the reference.
+    2·M·feat_dim·4 bytes: CIFAR-100 (50k) 51 MB, ImageNet (1.28M) 1.3 GB. While M <= 32·(nce_k + 1)
+    (CIFAR-100 with the defaults) the scores come from the B×M products with the whole table, of which the
+    drawn (B, nce_k + 1) are kept: 2·B·M·4 transient bytes (25.6 MB at B=64 on CIFAR-100) instead of the
+    reference's 2·B·(nce_k + 1)·feat_dim·4 bytes of gathered rows kept for the backward pass (1.07 GB at
+    B=64), and faster; larger banks (ImageNet) gather the rows as the reference does. The update of a
+    batch's rows is written when the memory is next read (the next step, a checkpoint), after this step's
+    backward pass, which reads the table as it was scored.
     memory="queue" (not in the paper; MoCo-style, He et al. 2020): the `queue_size` most recent embeddings
     of each network, first in first out; every anchor is contrasted against the whole other queue
     (K = queue_size, M = queue_size) and its positive is the other network's current embedding of the same
@@ -58,8 +64,11 @@ class CRD(DistillTerm):
     dataset, hence meant for ImageNet-scale data. It ignores nce_k, nce_m and negatives, and does not read
     the indices.
 
-    Under DDP every rank updates its memory with the embeddings and indices of all ranks (all_gather),
-    starting from rank 0's initial memory, so the memories stay identical; each rank's loss uses its
+    Nothing in a step waits for the device (no host reads of device values); the range of the sample
+    indices is checked on the host, before the batch moves (`check_batch`, called by the scheme).
+    Under DDP every rank updates its memory with the embeddings and indices of all ranks (all_gather, the
+    per-rank batch sizes exchanged on the host through a CPU group), starting from rank 0's initial
+    memory, so the memories stay identical; each rank's loss uses its
     own batch and its own random negatives, drawn independently on each rank. The memory (and the class
     table of other_class) is a plain attribute (not a buffer, which DDP would broadcast every step),
     moved by `_apply`, kept in float32 under dtype casts, and checkpointed through `get_extra_state`
@@ -101,9 +110,27 @@ class CRD(DistillTerm):
         self._memory_shared = False
 
     @property
+    def memory(self) -> Tensor:
+        """(2, M, feat_dim): past student embeddings, past teacher embeddings, current to the last batch."""
+        self._write_pending_update()
+        return self._memory
+
+    @memory.setter
+    def memory(self, value: Tensor) -> None:
+        self._memory = value
+        self._pending_update: tuple[Tensor, Tensor] | None = None
+
+    def _write_pending_update(self) -> None:
+        if self._pending_update is not None:
+            rows, values = self._pending_update
+            self._pending_update = None
+            # A repeated row gets the same value from each of its entries, so the order does not matter.
+            self._memory.index_copy_(1, rows, values)
+
+    @property
     def noise_size(self) -> int:
         """M: the number of memory rows the noise distribution is uniform over."""
-        return self.memory.shape[1]
+        return self._memory.shape[1]
 
     def build(self, context: BuildContext) -> None:
         s_shape, t_shape = context.student_shapes[self.student_taps[0]], context.teacher_shapes[self.teacher_taps[0]]
@@ -146,6 +173,16 @@ class CRD(DistillTerm):
             raise ConfigError("distill.crd.negatives=other_class needs at least two classes in the training split, "
                               "which has one. Set distill.crd.negatives=uniform.")
         return labels, torch.argsort(labels, stable=True), counts.cumsum(0) - counts, counts
+
+    def check_batch(self, name: str, indices: Tensor | None) -> None:
+        if self.memory_kind != "bank" or indices is None:  # a missing index is the scheme's error to report
+            return
+        if bool(((indices < 0) | (indices >= self.noise_size)).any()):
+            raise ConfigError(
+                f"distill.{name} got sample index {int(indices.max())} (min {int(indices.min())}), but its memory "
+                f"bank has {self.noise_size} rows, sized by train_size. Pass the training split's size as "
+                f"train_size, with indices counted within the training split."
+            )
 
     def embed(self, inputs: DistillInputs) -> tuple[Tensor, Tensor]:
         student = self.student_embed(inputs.student_features[self.student_taps[0]].flatten(1))
@@ -192,18 +229,19 @@ class CRD(DistillTerm):
         `contrast_indices` (bank only) replaces the random draw, e.g. to recompute a loss exactly.
         """
         self._share_initial_memory()
+        memory = self.memory
         with torch.autocast(student.device.type, enabled=False):  # exp(1/τ) and Z need float32
             student, teacher = student.float(), teacher.float()
             if self.memory_kind == "bank":
                 indices = self._checked_indices(indices)
                 rows = self.sample_contrast_indices(indices) if contrast_indices is None else contrast_indices
-                student_scores = torch.bmm(self.memory[TEACHER][rows], student.unsqueeze(2)).squeeze(2)
-                teacher_scores = torch.bmm(self.memory[STUDENT][rows], teacher.unsqueeze(2)).squeeze(2)
+                student_scores = _scores_at(student, memory[TEACHER], rows)
+                teacher_scores = _scores_at(teacher, memory[STUDENT], rows)
             else:
                 student_scores = torch.cat([(student * teacher.detach()).sum(1, keepdim=True),
-                                            student @ self.memory[TEACHER].t()], dim=1)
+                                            student @ memory[TEACHER].t()], dim=1)
                 teacher_scores = torch.cat([(teacher * student.detach()).sum(1, keepdim=True),
-                                            teacher @ self.memory[STUDENT].t()], dim=1)
+                                            teacher @ memory[STUDENT].t()], dim=1)
             student_p, teacher_p = torch.exp(student_scores / self.nce_t), torch.exp(teacher_scores / self.nce_t)
             normalizers = self._normalizers_from(student_p, teacher_p).clone()
             losses = {"student": functional.contrastive_nce(student_p / normalizers[0], self.noise_size),
@@ -216,36 +254,31 @@ class CRD(DistillTerm):
             raise ConfigError("distill.crd needs the sample index of every training image to address its memory "
                               "bank, but the batch has none. Use a kd_lightning data module (they yield indices) "
                               "or memory: queue.")
-        if bool(((indices < 0) | (indices >= self.noise_size)).any()):
-            raise ConfigError(
-                f"distill.crd got sample index {int(indices.max())} (min {int(indices.min())}), but its memory "
-                f"bank has {self.noise_size} rows, sized by train_size. Pass the training split's size as "
-                f"train_size, with indices counted within the training split."
-            )
         return indices
 
     def _normalizers_from(self, student_p: Tensor, teacher_p: Tensor) -> Tensor:
         if not self._normalizers_set:
-            if bool((self.normalizers < 0).any()):
-                estimate = torch.stack([student_p.mean(), teacher_p.mean()]).detach() * self.noise_size
-                if _distributed():
-                    dist.all_reduce(estimate)
-                    estimate /= dist.get_world_size()
-                self.normalizers.copy_(estimate)
+            # Set once, from the first batch; a Z restored from a checkpoint stays (where, not `if`: no host read).
+            estimate = torch.stack([student_p.mean(), teacher_p.mean()]).detach() * self.noise_size
+            if _distributed():
+                dist.all_reduce(estimate)
+                estimate /= dist.get_world_size()
+            self.normalizers.copy_(torch.where(self.normalizers < 0, estimate, self.normalizers))
             self._normalizers_set = True
         return self.normalizers
 
     @torch.no_grad()
     def _update(self, student: Tensor, teacher: Tensor, indices: Tensor | None) -> None:
-        embeddings = _all_ranks(torch.stack([student, teacher], dim=1))  # (global B, 2, feat_dim)
+        embeddings = torch.stack([student, teacher], dim=1)  # (B, 2, feat_dim)
         if self.memory_kind == "queue":
-            self._enqueue(embeddings.transpose(0, 1))
+            self._enqueue(_all_ranks(embeddings)[0].transpose(0, 1))
             return
         assert indices is not None
-        rows, last = _last_occurrence(_all_ranks(indices))
-        for side in (STUDENT, TEACHER):
-            mixed = self.memory[side].index_select(0, rows) * self.nce_m + embeddings[last, side] * (1 - self.nce_m)
-            self.memory[side].index_copy_(0, rows, F.normalize(mixed, dim=1))
+        embeddings, rows = _all_ranks(embeddings, indices)
+        latest = embeddings[_last_occurrence(rows, self.noise_size)].transpose(0, 1)  # (2, global B, feat_dim)
+        mixed = self._memory.index_select(1, rows) * self.nce_m + latest * (1 - self.nce_m)
+        # Written at the next read: this step's backward pass still needs the table as it was scored.
+        self._pending_update = (rows, F.normalize(mixed, dim=2))
 
     def _enqueue(self, keys: Tensor) -> None:
         pushed = keys.shape[1]
@@ -264,7 +297,7 @@ class CRD(DistillTerm):
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "CRD":
         # Device moves must reach the unregistered memory; dtype casts must not reach it or Z
         # (float16 overflows at Z ~ 1e5, and momentum updates need float32).
-        memory, normalizers = self.memory, self.normalizers
+        memory, normalizers = self.memory, self.normalizers  # reading the memory writes a pending update
         super()._apply(fn, *args, **kwargs)
         device = self.normalizers.device
         self.memory = memory.to(device)
@@ -291,26 +324,54 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_ranks(tensor: Tensor) -> Tensor:
-    """The concatenation over ranks, in rank order, of each rank's `tensor` (lengths may differ)."""
+# A score from the product with the whole table costs a GEMM's share, one from gathered rows a memory-bound
+# read of D floats: measured on CPU (scripts/crd_step.py, K=16384) the whole table is 22x faster at
+# M = 3(K+1) and 4.8x at 16(K+1), slower at 78(K+1) (an ImageNet bank), so it is used up to 32(K+1).
+WHOLE_TABLE_MAX_RATIO = 32
+
+
+def _scores_at(anchors: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """(B, K+1) dot products of each anchor with its `rows` of `table` (M, D): from the B×M products with
+    the whole table (transient B·M floats, nothing kept for the backward pass but the table itself) while
+    M <= 32·(K+1), else by RepDistiller's gather of the rows (B·(K+1)·D floats, kept for the backward)."""
+    if table.shape[0] <= WHOLE_TABLE_MAX_RATIO * rows.shape[1]:
+        return (anchors @ table.t()).gather(1, rows)
+    return torch.bmm(table[rows], anchors.unsqueeze(2)).squeeze(2)
+
+
+def _all_ranks(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Each tensor concatenated over ranks, in rank order (lengths may differ between ranks, not between
+    the tensors)."""
     if not _distributed():
-        return tensor
-    world = dist.get_world_size()
-    length = torch.tensor([tensor.shape[0]], device=tensor.device)
-    lengths = [torch.zeros_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length)
-    counts = [int(n) for n in lengths]
-    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+        return tensors
+    counts = _host_all_gather(tensors[0].shape[0])
+    gathered = []
+    for tensor in tensors:
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+        gathered.append(torch.cat([part[:n] for part, n in zip(parts, counts)]))
+    return tuple(gathered)
 
 
-def _last_occurrence(indices: Tensor) -> tuple[Tensor, Tensor]:
-    """Distinct indices and the position of each one's last occurrence: a deterministic bank update when
-    a sample appears twice (DistributedSampler pads the last batches with repeats)."""
-    distinct, inverse = torch.unique(indices, return_inverse=True)
+def _host_all_gather(value: int) -> list[int]:
+    """Every rank's `value`, exchanged between hosts (CPU tensors over gloo): no rank waits for its device."""
+    values = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(values, torch.tensor([value]), group=_host_group(dist.group.WORLD))
+    return [int(v) for v in values]
+
+
+@functools.lru_cache(maxsize=None)
+def _host_group(world: Any) -> Any:
+    # A backend that already carries CPU tensors (gloo, or "cpu:gloo,cuda:nccl") needs no second group.
+    return None if "gloo" in str(dist.get_backend(world)) else dist.new_group(backend="gloo")
+
+
+def _last_occurrence(indices: Tensor, rows: int) -> Tensor:
+    """For each entry, the position of the last entry with the same index: a deterministic bank update when
+    a sample appears twice (DistributedSampler pads the last batches with repeats), found without
+    `torch.unique`, whose output size the host would have to wait for."""
     order = torch.arange(indices.shape[0], device=indices.device)
-    last = torch.full_like(distinct, -1).scatter_reduce_(0, inverse, order, reduce="amax")
-    return distinct, last
+    latest = torch.full((rows,), -1, dtype=order.dtype, device=indices.device)
+    return latest.scatter_reduce_(0, indices, order, reduce="amax")[indices]

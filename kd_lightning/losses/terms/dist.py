@@ -24,8 +24,6 @@ class DIST(DistillTerm):
         self.temperature = temperature
 
     def loss(self, inputs: DistillInputs) -> dict[str, Tensor]:
-        student, teacher = inputs.student_logits, inputs.teacher_logits
-        return {
-            "inter": functional.dist(student, teacher, beta=self.beta, gamma=0.0, temperature=self.temperature),
-            "intra": functional.dist(student, teacher, beta=0.0, gamma=self.gamma, temperature=self.temperature),
-        }
+        inter, intra = functional.dist_parts(inputs.student_logits, inputs.teacher_logits, self.temperature)
+        scale = self.temperature**2
+        return {"inter": scale * self.beta * inter, "intra": scale * self.gamma * intra}
