@@ -22,6 +22,7 @@ from kd_lightning.report import format_table
 from kd_lightning.schemes import Offline, Supervised
 from kd_lightning.schemes.base import check_no_terms
 from kd_lightning.teachers import FrozenTeacher, export_student, load_weights, read_metrics, recipe_key
+from kd_lightning.validate import check_settings
 
 GPU_ACCELERATORS = {"gpu", "cuda"}
 
@@ -179,6 +180,7 @@ def build_offline(cfg: DictConfig, scheme_class: type, teacher: torch.nn.Module,
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured job and return its results (also written to `<output_dir>/results.json`)."""
+    check_settings(cfg)
     check_accelerator(cfg.trainer)
     scheme_class = get_class(cfg.scheme._target_)
     datamodule = construct(cfg.data)
