@@ -59,7 +59,8 @@ class RecordFailedJobs(Callback):
         (job_dir / ERROR_FILE).write_text(json.dumps(record, indent=2))
         write_failures(self.sweep_dir)
         if isinstance(error, ConfigError):
-            log.error("Job %s failed: %s The sweep goes on; recorded in %s", record["job"], error, job_dir / ERROR_FILE)
+            log.error("Job %s failed: %s The sweep goes on; recorded in %s", record["job"], error,
+                      job_dir / ERROR_FILE)
         else:  # unexpected: the traceback is the lead, so it goes to the job's log as well
             log.error("Job %s failed; the sweep goes on; recorded in %s", record["job"], job_dir / ERROR_FILE,
                       exc_info=error)
@@ -68,7 +69,8 @@ class RecordFailedJobs(Callback):
 def write_failures(sweep_dir: Path) -> list[dict[str, Any]]:
     failures = sorted((json.loads(path.read_text()) for path in sweep_dir.rglob(ERROR_FILE)),
                       key=lambda record: record["job"])
-    summary = [{key: record[key] for key in ("job", "overrides", "dir", "error_type", "message")} for record in failures]
+    summary = [{key: record[key] for key in ("job", "overrides", "dir", "error_type", "message")}
+               for record in failures]
     (sweep_dir / FAILURES_FILE).write_text(json.dumps({"failed": len(summary), "jobs": summary}, indent=2))
     return failures
 
@@ -87,7 +89,8 @@ def finish_sweep() -> int:
         # Only what this job's sweep varied: the settings shared by every job say nothing about the failure.
         lines = [f"  job {record['job']} ({' '.join(o for o in record['overrides'] if o not in shared)}): "
                  f"{record['error_type']}: {record['message']}" for record in failures]
-        print(f"\nkd-train: {len(failures)} of {len(job_overrides)} sweep jobs failed; the others finished. Each failed job's "
+        jobs = max(len(job_overrides), len(failures))  # without hydra.output_subdir there are no overrides files
+        print(f"\nkd-train: {len(failures)} of {jobs} sweep jobs failed; every job ran. Each failed job's "
               f"{ERROR_FILE} holds its traceback; {sweep_dir / FAILURES_FILE} lists them:\n" + "\n".join(lines),
               file=sys.stderr)
     return failed

@@ -65,7 +65,7 @@ def test_sweep_runs_every_job_and_records_the_failed_one(tmp_path):
     assert error["error_type"] == "ConfigError" and error["message"].startswith("Unknown model 'resnet9'")
     failures = json.loads((sweep / "failures.json").read_text())
     assert failures["failed"] == 1 and [job["job"] for job in failures["jobs"]] == [1]
-    assert "1 of 3 sweep jobs failed" in result.stderr
+    assert "1 of 3 sweep jobs failed; every job ran" in result.stderr
     assert "job 1 (student.name=resnet9): ConfigError: Unknown model 'resnet9'" in result.stderr
     assert "Traceback" not in result.stderr
 

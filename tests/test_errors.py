@@ -121,7 +121,8 @@ def test_non_finite_loss_stops_the_run_and_names_the_term(make_cfg):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["distill=[kdd]"], r"Unknown option 'kdd' for config group 'distill'.*closest match is 'kd'\..*Valid options: ab, at,"),
+    (["distill=[kdd]"],
+     r"Unknown option 'kdd' for config group 'distill'.*closest match is 'kd'\..*Valid options: ab, at,"),
     (["distill=[kd,att]"], r"'att' for config group 'distill'.*closest match is 'at'\."),
     (["-m", "distill=kd,kdd"], r"'kdd' for config group 'distill'"),
     (["data=cifar1000"], r"'cifar1000' for config group 'data'.*closest match is 'cifar100'\..*synthetic"),
@@ -168,7 +169,8 @@ def test_valid_command_lines_pass_the_group_check(argv):
     (["optimizer.weight_decay=-0.1"], r"optimizer\.weight_decay=-0\.1 must be a number ≥ 0"),
     (["optimizer.momentum=1.5"], r"optimizer\.momentum=1\.5 must be a number in \[0, 1\)"),
     (["optimizer=adamw", "optimizer.betas=[0.9,1.5]"], r"optimizer\.betas=\[0\.9, 1\.5\] must be two numbers"),
-    (["scheduler=multistep", "scheduler.milestones=[180,150]"], r"scheduler\.milestones=\[180, 150\] must be a strictly"),
+    (["scheduler=multistep", "scheduler.milestones=[180,150]"],
+     r"scheduler\.milestones=\[180, 150\] must be a strictly"),
     (["data.batch_size=0"], r"data\.batch_size=0 must be a whole number ≥ 1"),
     (["data.val_fraction=1.0"], r"data\.val_fraction=1\.0 must be a fraction in \[0, 1\)"),
     (["distill.kd.temperature=0"], r"distill\.kd\.temperature=0 must be a number > 0"),
@@ -203,10 +205,10 @@ def test_valid_settings_pass_the_check(make_cfg, overrides):
 
 
 def test_every_shipped_experiment_passes_the_settings_check(make_cfg):
-    from kd_lightning.cli_checks import group_options
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.utils import create_config_search_path
 
+    from kd_lightning.cli_checks import group_options
     from kd_lightning.train import CONF_DIR
     from kd_lightning.validate import check_settings
 
