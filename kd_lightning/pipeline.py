@@ -26,6 +26,7 @@ from kd_lightning.schemes.base import DistillationModule
 from kd_lightning.stages import Stage, plan_stages
 from kd_lightning.teachers import (CHECKPOINT_KEY, export_student, load_products, load_weights, read_metrics,
                                    recipe_key, save_products)
+from kd_lightning.validate import check_settings
 
 GPU_ACCELERATORS = {"gpu", "cuda"}
 
@@ -314,6 +315,7 @@ def resumed_stage(cfg: DictConfig, stages: list[Stage]) -> str | None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages and return their results (also written to `<output_dir>/results.json`)."""
+    check_settings(cfg)
     check_accelerator(cfg.trainer)
     datamodule = construct(cfg.data)
     stages = plan_stages(cfg)

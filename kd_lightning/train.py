@@ -7,24 +7,49 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from kd_lightning.cli_checks import check_command_line
 from kd_lightning.errors import ConfigError
+from kd_lightning.sweep import JobFailed, finish_sweep
 
 
 # An absolute path: relative ones are resolved as a Python package when run as the `kd-train` console script.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
+def main() -> None:
+    """Check the command line's config-group names, run Hydra, and end a sweep with its failed jobs."""
+    try:
+        check_command_line(sys.argv[1:], CONF_DIR)
+    except ConfigError as error:
+        print(f"kd-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        train_job()
+    finally:  # also when Hydra exits with the first failed job's error after running the whole batch
+        failed = finish_sweep()
+    if failed:
+        sys.exit(1)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def train_job(cfg: DictConfig) -> float | None:
     from kd_lightning.pipeline import run  # after Hydra parsed the arguments, so --help stays fast
 
     quiet_lightning_console()
     try:
         results = run(cfg)
-    except (ConfigError, InstantiationException) as error:
+    except Exception as error:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # Raised, not exited: Hydra records the job as failed and runs the rest of the sweep.
+            cause = error.__cause__ if isinstance(error.__cause__, ConfigError) else error
+            raise JobFailed(f"{type(cause).__name__}: {cause}") from cause
+        if not isinstance(error, (ConfigError, InstantiationException)):
+            raise
         # A user mistake: the message names the fix; a traceback would only bury it. Hydra wraps errors
         # raised inside constructors, so show the ConfigError itself when there is one.
         error = error.__cause__ if isinstance(error.__cause__, ConfigError) else error

@@ -132,9 +132,109 @@ def test_crd_sample_indices_beyond_train_size_are_refused_before_the_step(make_c
 
 
 def test_non_finite_loss_stops_the_run_and_names_the_term(make_cfg):
-    # A zero temperature divides the logits by zero: the KD term turns NaN on the first step.
+    # Positive, so it passes the settings check, but it rounds to zero in float32: the logits are divided
+    # by zero and the KD term turns NaN on the first step.
     with pytest.raises(ConfigError, match=r"Loss 'kd' became NaN or infinite at training step 0.*distill\.kd\.weight"):
-        run(make_cfg("baseline=false", "distill.kd.temperature=0.0"))
+        run(make_cfg("baseline=false", "distill.kd.temperature=1e-46"))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["distill=[kdd]"],
+     r"Unknown option 'kdd' for config group 'distill'.*closest match is 'kd'\..*Valid options: ab, at,"),
+    (["distill=[kd,att]"], r"'att' for config group 'distill'.*closest match is 'at'\."),
+    (["-m", "distill=kd,kdd"], r"'kdd' for config group 'distill'"),
+    (["data=cifar1000"], r"'cifar1000' for config group 'data'.*closest match is 'cifar100'\..*synthetic"),
+    (["student=resnet57"], r"config group 'student'.*closest match is 'resnet56'\..*wrn_40_2"),
+    (["teacher=resnet33x4"], r"config group 'teacher'.*closest match is 'resnet32x4'"),
+    (["+experiment=cifar100/resnet32x4_resnet8"],
+     r"config group 'experiment'.*closest match is 'cifar100/resnet32x4_resnet8x4'.*imagenet/resnet34_resnet18"),
+    (["+experiment=resnet56_resnet20"], r"closest match is 'cifar100/resnet56_resnet20'"),
+    (["scheme=ofline"], r"config group 'scheme'.*closest match is 'offline'.*supervised"),
+    (["trainer=gpus"], r"config group 'trainer'.*closest match is 'gpu'.*ddp"),
+    (["logger=wandbb"], r"config group 'logger'.*closest match is 'wandb'.*tensorboard"),
+    (["optimizer=adam"], r"config group 'optimizer'.*closest match is 'adamw'"),
+    (["hydra/launcher=joblb"], r"config group 'hydra/launcher'.*Valid options: basic.*plugins"),
+    (["studnet=resnet8"], r"'studnet=resnet8' names no config group or setting.*closest match is 'student'.*\+studnet"),
+])
+def test_unknown_group_option_lists_valid_ones_and_closest(argv, message):
+    from kd_lightning.cli_checks import check_command_line
+    from kd_lightning.train import CONF_DIR
+
+    with pytest.raises(ConfigError, match=message):
+        check_command_line(argv, CONF_DIR)
+
+
+@pytest.mark.parametrize("argv", [
+    ["distill=[kd,at]", "data=cifar100", "student=resnet8x4", "teacher=resnet32x4"],
+    ["experiment=cifar100/resnet32x4_resnet8x4"], ["-m", "seed=0,1", "distill=kd,at"], ["distill=glob(k*)"],
+    ["~debug"], ["experiment=null", "debug=fdr"], ["student.name=resnet9"], ["+anything=1"], ["distill=[]"],
+    ["hydra/launcher=basic", "hydra.run.dir=x"], ["--cfg", "job"], ["--help"], [],
+])
+def test_valid_command_lines_pass_the_group_check(argv):
+    from kd_lightning.cli_checks import check_command_line
+    from kd_lightning.train import CONF_DIR
+
+    check_command_line(argv, CONF_DIR)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["trainer.max_epochs=abc"], r"^Invalid setting: trainer\.max_epochs='abc' must be a whole number ≥ 1 .*"
+                                 r"e\.g\. trainer\.max_epochs=30\. Fix it"),
+    (["trainer.max_epochs=2.5"], r"trainer\.max_epochs=2\.5 must be a whole number"),
+    (["optimizer.lr=-1"], r"optimizer\.lr=-1 must be a number > 0, e\.g\. optimizer\.lr="),
+    (["teacher.lr=0"], r"teacher\.lr=0 must be a number > 0 or null"),
+    (["teacher.max_epochs=0"], r"teacher\.max_epochs=0 must be a whole number ≥ 1 or null"),
+    (["optimizer.weight_decay=-0.1"], r"optimizer\.weight_decay=-0\.1 must be a number ≥ 0"),
+    (["optimizer.momentum=1.5"], r"optimizer\.momentum=1\.5 must be a number in \[0, 1\)"),
+    (["optimizer=adamw", "optimizer.betas=[0.9,1.5]"], r"optimizer\.betas=\[0\.9, 1\.5\] must be two numbers"),
+    (["scheduler=multistep", "scheduler.milestones=[180,150]"],
+     r"scheduler\.milestones=\[180, 150\] must be a strictly"),
+    (["data.batch_size=0"], r"data\.batch_size=0 must be a whole number ≥ 1"),
+    (["data.val_fraction=1.0"], r"data\.val_fraction=1\.0 must be a fraction in \[0, 1\)"),
+    (["distill.kd.temperature=0"], r"distill\.kd\.temperature=0 must be a number > 0"),
+    (["distill.kd.weight=-1"], r"distill\.kd\.weight=-1 must be a number ≥ 0"),
+    (["distill=[rkd]", "distill.rkd.angle_weight=nan"], r"distill\.rkd\.angle_weight=nan must be a number ≥ 0"),
+    (["distill=[dkd]", "distill.dkd.warmup_epochs=-1"], r"distill\.dkd\.warmup_epochs=-1 must be a whole number ≥ 0"),
+    (["scheme.ce_weight=abc"], r"scheme\.ce_weight='abc' must be a number ≥ 0"),
+    (["trainer.limit_train_batches=1.5"], r"trainer\.limit_train_batches=1\.5 must be null \(all\), a whole number"),
+    (["trainer.limit_val_batches=-2"], r"trainer\.limit_val_batches=-2 must be null"),
+    (["trainer.devices=0"], r"trainer\.devices=0 must be a whole number ≥ 1, -1 \(all\), 'auto'"),
+    (["trainer.log_every_n_steps=0"], r"trainer\.log_every_n_steps=0 must be a whole number ≥ 1"),
+    (["seed=-1"], r"seed=-1 must be a whole number in \[0, 2\^32\)"),
+    (["optimizer.lr=-1", "data.batch_size=0"], r"^Invalid settings: .*optimizer\.lr=-1.*data\.batch_size=0|"
+                                               r"^Invalid settings: .*data\.batch_size=0.*optimizer\.lr=-1"),
+])
+def test_bad_setting_names_key_value_and_fix_before_training(make_cfg, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        run(make_cfg(*overrides))
+    assert "scheduler.T_max" not in str(error.value), "T_max follows trainer.max_epochs: name the source once"
+    assert not (tmp_path / "cache").exists(), "the check must come before the teacher trains"
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["trainer.devices=auto"], ["trainer.devices=[0]"], ["trainer.limit_train_batches=0.25"],
+    ["trainer.limit_train_batches=0"], ["teacher.lr=null"], ["optimizer=adamw"], ["scheduler=multistep"],
+    ["distill=[kd,at,dkd,rkd,crd,dist,vid,fitnet,reviewkd]"], ["optimizer.lr=1"],
+])
+def test_valid_settings_pass_the_check(make_cfg, overrides):
+    from kd_lightning.validate import check_settings
+
+    check_settings(make_cfg(*overrides))
+
+
+def test_every_shipped_experiment_passes_the_settings_check(make_cfg):
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+
+    from kd_lightning.cli_checks import group_options
+    from kd_lightning.train import CONF_DIR
+    from kd_lightning.validate import check_settings
+
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(CONF_DIR))
+    experiments = group_options(loader, "experiment")
+    assert "cifar100/resnet32x4_resnet8x4" in experiments
+    for experiment in experiments:
+        check_settings(make_cfg(f"experiment={experiment}", fast=False))
 
 
 def test_a_broken_init_stage_names_its_terms_init_lr():
