@@ -113,7 +113,7 @@ def test_ddp_on_cpu_with_two_gloo_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["world_size"] == 2
-    assert list((tmp_path / "run" / "csv" / "init").rglob("metrics.csv")), "the init stage ran"
+    assert list((tmp_path / "run" / "csv" / "student_init").rglob("metrics.csv")), "the init stage ran"
     # Numerical agreement with one process is tests/test_ddp.py's job; here: the command line gets there.
 
 
