@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 import kd_lightning.pipeline as pipeline
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.terms import KD, RKD, FitNet
+from kd_lightning.losses.terms import FT, KD, RKD, DistillInputs, FitNet
 from kd_lightning.models import build_model
 from kd_lightning.pipeline import run
 from kd_lightning.schemes import MultiTeacher
@@ -117,6 +117,31 @@ def test_feature_terms_get_one_adapter_per_teacher_sized_to_it():
     optimized = {id(p) for group in module.configure_optimizers().param_groups for p in group["params"]}
     for key in ("fitnet", "fitnet_teacher2", "fitnet_teacher3"):
         assert {id(p) for p in module.terms[key].parameters()} <= optimized
+
+
+def test_sample_losses_average_to_the_terms_batch_loss():
+    module = make_module("average", terms={"kd": KD(), "kd_ls": KD(temperature=2.0, logit_standardization=True),
+                                           "fitnet": FitNet()}).eval()
+    images, targets = batch()
+    inputs = DistillInputs(student_logits=module.student(images), targets=targets, indices=None,
+                           teacher_logits=module.teacher(images), student_features=module.student_taps.features,
+                           teacher_features=module.teacher_taps.features)
+    for name in ("kd", "kd_ls", "fitnet"):
+        term = module.terms[name]
+        torch.testing.assert_close(term.sample_losses(inputs).mean(), term(inputs), rtol=1e-5, atol=1e-7)
+
+
+def test_init_stage_terms_train_one_paraphraser_per_teacher_and_freeze_all_of_them_after():
+    module = make_module("average", terms={"ft": FT(init_epochs=1)}).eval()
+    images, targets = batch()
+    module.set_init_stage(True)
+    assert set(module.training_losses(images, targets, None)) == {"ft_init", "ft_teacher2_init", "ft_teacher3_init"}
+    assert all(p.requires_grad for key in ("ft", "ft_teacher2", "ft_teacher3")
+               for p in module.terms[key].init_only_parameters())
+    module.set_init_stage(False)
+    assert not any(p.requires_grad for key in ("ft", "ft_teacher2", "ft_teacher3")
+                   for p in module.terms[key].init_only_parameters())
+    assert set(module.training_losses(images, targets, None)) == {"ce", "ft"}
 
 
 def test_every_teacher_is_frozen_pinned_to_eval_and_outside_optimizer_and_checkpoint():
