@@ -204,7 +204,14 @@ def teacher_chain_plan(cfg: DictConfig, chain: Any = None) -> list[Stage]:
     """TAKD's chain, teacher → assistant(s) → student, as consecutive stages: each hop distils the next network
     from the previous stage's product with the run's scheme and terms. The first entry is a teacher entry
     (see `teacher_config`), the others models; assistants are cached like teachers, keyed by their recipe and
-    their teacher's key; the last entry is the run's student."""
+    their teacher's key; the last entry is the run's student.
+
+    Mirzadeh et al., "Improved Knowledge Distillation via Teacher Assistant" (AAAI 2020). The reference
+    (imirzadeh/Teacher-Assistant-Knowledge-Distillation, train.py) trains each hop with (1−λ)·CE + λ·T²·KL
+    where nn.KLDivLoss's default 'mean' also divides by the class count, and searched λ and T per pair
+    (search_space.json); here a hop is the run's `distill` terms (default KD: CE 0.1 + 0.9·T²·KL, T=4,
+    per-sample sum over classes), so its published weights apply and no class-count factor hides in λ.
+    """
     entries = _entries(chain, "plan.chain", 2, "a chain is a teacher, any assistants and the student, e.g. "
                        "plan.chain=[resnet110,resnet20,resnet8].")
     stages = [teacher_stage(cfg, teacher=teacher_config(cfg, entries[0], 0, "plan.chain[0]"))]
@@ -228,7 +235,13 @@ def born_again_plan(cfg: DictConfig, generations: int = 3) -> list[Stage]:
     """Born-Again Networks: generation 0 is `cfg.student` trained on labels alone (the baseline stage), and
     each generation k = 1..`generations` is the same architecture, freshly initialised (seed + k), distilled
     from generation k − 1 with the run's terms. Every generation but the last is cached; the last is the
-    run's student."""
+    run's student.
+
+    Furlanello et al., "Born Again Neural Networks" (ICML 2018). No official code; the unofficial ones
+    (nocotan/born_again_neuralnet, KD_Lib BANN) use KD with α=0.9 and nn.KLDivLoss's default 'mean', which
+    divides the KD term by the class count as well; here each generation uses the run's `distill` terms
+    (default KD, batch-mean KL summed over classes).
+    """
     if int(generations) < 1:
         raise ConfigError(f"plan.generations={generations}: Born-Again training needs at least one generation "
                           f"after the label-trained generation 0, e.g. plan.generations=3.")
