@@ -27,7 +27,8 @@ def main(mode: str, out: Path) -> None:
     L.seed_everything(SEED)
     datamodule = DigitsDataModule(batch_size=16)
     datamodule.setup("fit")
-    teachers = [build_model(name, num_classes=10, in_channels=1) for name in ("convnet_large", "convnet_small", "convnet_tiny")]
+    teachers = [build_model(name, num_classes=10, in_channels=1)
+                for name in ("convnet_large", "convnet_small", "convnet_tiny")]
     module = MultiTeacher(student=build_model("convnet_tiny", 10, 1), teachers=teachers, num_classes=10,
                           example_input=datamodule.example_input(), aggregation="random", selection_seed=SEED,
                           terms={"kd": KD(weight=0.9, temperature=4.0), "fitnet": FitNet(weight=100.0)}, ce_weight=0.1,

@@ -33,10 +33,11 @@ SCHEMES_FOR_RESUME = [
     ("born_again", ["distill=[kd]", "plan.generations=2"]),
 ]
 T = 4.0
+WIDTHS = ("convnet_large", "convnet_small", "convnet_tiny")
 
 
 def teachers_of_three_widths() -> list[torch.nn.Module]:
-    return [build_model(name, num_classes=10, in_channels=1) for name in ("convnet_large", "convnet_small", "convnet_tiny")]
+    return [build_model(name, num_classes=10, in_channels=1) for name in WIDTHS]
 
 
 def make_module(aggregation: str = "average", terms=None, teachers=None, seed: int = 0) -> MultiTeacher:
@@ -170,8 +171,8 @@ def test_a_teacher_of_another_class_count_is_refused_naming_it():
 def test_a_teacher_file_of_another_class_count_in_the_teacher_list_is_refused(make_cfg, tmp_path):
     torch.save(build_model("convnet_small", 7, 1).state_dict(), tmp_path / "seven.pt")
     cfg = make_cfg("scheme=multi_teacher", "baseline=false")
-    OmegaConf.update(cfg, "teachers", ["convnet_large", {"name": "convnet_small", "checkpoint": str(tmp_path / "seven.pt")}],
-                     merge=False)
+    entry = {"name": "convnet_small", "checkpoint": str(tmp_path / "seven.pt")}
+    OmegaConf.update(cfg, "teachers", ["convnet_large", entry], merge=False)
     with pytest.raises(ConfigError, match="does not fit model 'convnet_small'"):
         run(cfg)
 
@@ -232,8 +233,8 @@ def test_multi_teacher_run_distils_from_each_trained_cached_teacher(make_cfg, tm
     original = pipeline.build_callbacks
     monkeypatch.setattr(pipeline, "build_callbacks",
                         lambda cfg, has_logger: [*original(cfg, has_logger), CaptureStudentModule(modules)])
-    cfg = make_cfg("scheme=multi_teacher", "teachers=[convnet_large,convnet_large,convnet_small]", "distill=[kd,fitnet]")
-    results = run(cfg)
+    results = run(make_cfg("scheme=multi_teacher", "teachers=[convnet_large,convnet_large,convnet_small]",
+                           "distill=[kd,fitnet]"))
     table = capsys.readouterr().out
     for label in ("teacher 1", "teacher 2", "teacher 3", "student baseline", "student + kd+fitnet (3 teachers)"):
         assert label in table
@@ -314,7 +315,8 @@ def test_resume_from_a_checkpoint_continues_with_the_uninterrupted_losses(aggreg
     steps_per_epoch = 4
     # The same order every epoch, so the comparison isolates the module's own state (adapters, momentum,
     # the per-step teacher draw) from the data loader's.
-    loader = DataLoader(datamodule.train_set, batch_sampler=[list(range(i * 16, (i + 1) * 16)) for i in range(steps_per_epoch)])
+    order = [list(range(i * 16, (i + 1) * 16)) for i in range(steps_per_epoch)]
+    loader = DataLoader(datamodule.train_set, batch_sampler=order)
     torch.manual_seed(3)
     teachers = teachers_of_three_widths()
     terms = lambda: {"kd": KD(weight=0.9, temperature=T), "fitnet": FitNet(weight=100.0)}  # noqa: E731
@@ -336,7 +338,8 @@ def test_two_ddp_ranks_match_one_process_with_random_teachers_and_per_teacher_ad
         assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1, single = (torch.load(tmp_path / f"{name}.pt", weights_only=True)
                             for name in ("ddp-rank0", "ddp-rank1", "single-rank0"))
-    trained = [key for key in rank0["state_dict"] if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    buffers = ("running_mean", "running_var", "num_batches_tracked")  # per-rank BN statistics, by design
+    trained = [key for key in rank0["state_dict"] if not key.endswith(buffers)]
     assert any(key.startswith("terms.fitnet_teacher2.regressor") for key in trained)
     for key in trained:
         assert torch.equal(rank0["state_dict"][key], rank1["state_dict"][key]), f"ranks disagree on {key}"
