@@ -23,6 +23,17 @@ def kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0)
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
 
 
+def kd_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    """`kd` before the batch mean: one T²·KL(teacher ‖ student) per sample, shape (B,).
+
+    What schemes that weight each sample's loss need (CA-MKD's per-teacher confidence, DistillKL with
+    `is_ca=True` in Rorozhl/CA-MKD); its mean is `kd`.
+    """
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1) * temperature**2
+
+
 def fitnet_hint(student_regressed: Tensor, teacher_feature: Tensor) -> Tensor:
     """Romero et al., "FitNets: Hints for Thin Deep Nets" (2015): ‖W_r(student) − teacher‖².
 

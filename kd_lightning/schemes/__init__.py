@@ -1,7 +1,8 @@
 """Schemes: LightningModules that decide how the networks train together (DESIGN.md)."""
 
 from kd_lightning.schemes.base import DistillationModule
+from kd_lightning.schemes.multi_teacher import MultiTeacher
 from kd_lightning.schemes.offline import Offline
 from kd_lightning.schemes.supervised import Supervised
 
-__all__ = ["DistillationModule", "Offline", "Supervised"]
+__all__ = ["DistillationModule", "MultiTeacher", "Offline", "Supervised"]

@@ -111,6 +111,12 @@ class DistillTerm(nn.Module):
     def loss(self, inputs: DistillInputs) -> Tensor | dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement loss()")
 
+    def sample_losses(self, inputs: DistillInputs) -> Tensor | None:
+        """One unweighted loss per sample, shape (B,), whose mean is `loss`; None where the loss does not
+        split over samples (relations between samples, memory banks). Schemes that weight samples (CA-MKD's
+        teacher confidence) accept only terms that give them."""
+        return None
+
     def init_loss(self, inputs: DistillInputs) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has init_epochs > 0 but no init_loss()")
 

@@ -34,6 +34,12 @@ class FitNet(DistillTerm):
         student = self.regressor(inputs.student_features[self.student_taps[0]])
         return functional.fitnet_hint(student, inputs.teacher_features[self.teacher_taps[0]])
 
+    def sample_losses(self, inputs: DistillInputs) -> Tensor:
+        # Per-sample element mean of the squared error, as CA-MKD weights its feature loss (CAMKD.py).
+        student = self.regressor(inputs.student_features[self.student_taps[0]])
+        teacher = inputs.teacher_features[self.teacher_taps[0]]
+        return (student.float() - teacher.float()).pow(2).flatten(1).mean(dim=1)
+
 
 def regressor(student_shape: torch.Size, teacher_shape: torch.Size, student_tap: str, teacher_tap: str) -> nn.Module:
     """A learnable map from a student feature shape to a teacher feature shape (ConvReg or linear)."""

@@ -28,3 +28,10 @@ class KD(DistillTerm):
         if self.logit_standardization:
             return functional.kd_standardized(inputs.student_logits, inputs.teacher_logits, self.temperature)
         return functional.kd(inputs.student_logits, inputs.teacher_logits, self.temperature)
+
+    def sample_losses(self, inputs: DistillInputs) -> Tensor:
+        student, teacher = inputs.student_logits, inputs.teacher_logits
+        if self.logit_standardization:
+            student = functional._standardize_logits(student.float())
+            teacher = functional._standardize_logits(teacher.float())
+        return functional.kd_per_sample(student, teacher, self.temperature)
