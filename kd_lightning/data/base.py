@@ -21,6 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from kd_lightning.errors import ConfigError
 
+# What a LightningModule's `train_batches` attribute names to get same-class pair batches (CS-KD).
+CLASS_PAIRS = "class_pairs"
+
 
 class IndexedDataset(Dataset):
     """A view of `base` (optionally a subset of it) whose samples are `(transform(image), target, index)`.
@@ -232,7 +235,20 @@ class KDDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
+        if getattr(getattr(self.trainer, "lightning_module", None), "train_batches", None) == CLASS_PAIRS:
+            return self.class_pair_loader()
         return self._loader(self.train_set, shuffle=True)
+
+    def class_pair_loader(self) -> DataLoader:
+        """Training batches of same-class pairs (CS-KD), asked for by a module with `train_batches = "class_pairs"`."""
+        from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
+
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
+        sampler = ClassPairBatchSampler(EpochPermutation(len(self.train_set), self.seed), self.batch_size, False,
+                                        view_targets(self.train_set), self.seed)
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
