@@ -71,7 +71,10 @@ class ClassPairBatchSampler(BatchSampler):
 
     def partners(self) -> Tensor:
         """This epoch's partner of every sample: uniform over the other members of its class."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_919)
+        # Lightning calls set_epoch on the anchor sampler only (EpochPermutation, DistributedSampler), so its
+        # epoch is the one that counts.
+        epoch = int(getattr(self.sampler, "epoch", self.epoch))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 7_919)
         size = self._class_size[self.targets]
         others = (size - 1).clamp(min=1)
         draw = (torch.rand(len(self.targets), generator=generator, dtype=torch.float64) * others).long()
