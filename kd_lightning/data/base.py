@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
 from kd_lightning.errors import ConfigError
 
 # What a LightningModule's `train_batches` attribute names to get same-class pair batches (CS-KD).
@@ -241,8 +242,6 @@ class KDDataModule(L.LightningDataModule):
 
     def class_pair_loader(self) -> DataLoader:
         """Training batches of same-class pairs (CS-KD), asked for by a module with `train_batches = "class_pairs"`."""
-        from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
-
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
         sampler = ClassPairBatchSampler(EpochPermutation(len(self.train_set), self.seed), self.batch_size, False,
