@@ -254,3 +254,50 @@ def born_again_plan(cfg: DictConfig, generations: int = 3) -> list[Stage]:
                             networks={"student": _plain(cfg.student)}, teachers={"teacher": stages[-1].name},
                             distill=terms, seed=int(cfg.seed) + k, cache=not last))
     return stages
+
+
+def label_smoothing_stage(cfg: DictConfig, smoothing: float) -> Stage:
+    """The student trained with label-smoothed cross-entropy: the baseline every self-distillation table needs
+    (a neutral re-run puts it above BYOT, CS-KD and Tf-KD, winycg/Self-KD-Lib). Cached like the baseline."""
+    return Stage(name="label_smoothing", label=f"student + label smoothing {smoothing:g}",
+                 scheme={"_target_": SUPERVISED, "label_smoothing": float(smoothing)},
+                 networks={"student": _plain(cfg.student)}, seed=int(cfg.seed), cache=True)
+
+
+def _comparison_stages(cfg: DictConfig, label_smoothing: float | None) -> list[Stage]:
+    stages = [baseline_stage(cfg)] if cfg.get("baseline") else []
+    if label_smoothing:
+        if not 0.0 < float(label_smoothing) < 1.0:
+            raise ConfigError(f"plan.label_smoothing={label_smoothing} must be in (0, 1) (Tf-KD and Self-KD-Lib "
+                              f"compare with 0.1), or null to leave the label-smoothing baseline out.")
+        stages.append(label_smoothing_stage(cfg, float(label_smoothing)))
+    return stages
+
+
+def self_distillation_plan(cfg: DictConfig, label_smoothing: float | None = 0.1) -> list[Stage]:
+    """(baseline) → (label-smoothing baseline) → the student trained by a scheme that is its own teacher."""
+    terms = _plain(cfg.get("distill")) or {}
+    name = str(cfg.scheme["_target_"]).rsplit(".", 1)[-1]
+    return [*_comparison_stages(cfg, label_smoothing),
+            Stage(name="student", label=f"student + {'+'.join([name, *terms])}", scheme=_plain(cfg.scheme),
+                  networks={"student": _plain(cfg.student)}, distill=terms, seed=int(cfg.seed))]
+
+
+def cs_kd_plan(cfg: DictConfig, label_smoothing: float | None = 0.1) -> list[Stage]:
+    """`self_distillation_plan`, refusing before anything trains a batch size that cannot hold class pairs."""
+    from kd_lightning.data.pairs import check_pair_batch_size
+
+    check_pair_batch_size(cfg.data.batch_size)
+    return self_distillation_plan(cfg, label_smoothing)
+
+
+def tf_kd_self_plan(cfg: DictConfig, label_smoothing: float | None = 0.1) -> list[Stage]:
+    """Tf-KD_self: a teacher of the student's own architecture trained first (seed `teacher.seed`, cached, or
+    `teacher.checkpoint`), then (baseline), (label smoothing), and the student distilled from it offline."""
+    own_architecture = OmegaConf.create({**_plain(cfg.teacher), "model": _plain(cfg.student)})
+    self_teacher = teacher_stage(cfg, label="self-teacher", teacher=own_architecture)
+    terms = _plain(cfg.get("distill")) or {}
+    return [self_teacher, *_comparison_stages(cfg, label_smoothing),
+            Stage(name="student", label=f"student + self-teacher {'+'.join(terms)}", scheme=_plain(cfg.scheme),
+                  networks={"student": _plain(cfg.student)}, teachers={"teacher": "teacher"}, distill=terms,
+                  seed=int(cfg.seed))]

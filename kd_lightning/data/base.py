@@ -20,7 +20,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from kd_lightning.data.resumable import EpochPermutationSampler, ResumableLoader, global_seed
+from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
 from kd_lightning.errors import ConfigError
+
+# What a LightningModule's `train_batches` attribute names to get same-class pair batches (CS-KD).
+CLASS_PAIRS = "class_pairs"
 
 
 class IndexedDataset(Dataset):
@@ -233,6 +237,8 @@ class KDDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
+        if getattr(getattr(self.trainer, "lightning_module", None), "train_batches", None) == CLASS_PAIRS:
+            return self.class_pair_loader()
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
         trainer = self.trainer
@@ -241,6 +247,15 @@ class KDDataModule(L.LightningDataModule):
         return ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=False,
                                num_workers=self.num_workers, pin_memory=self.pin_memory,
                                persistent_workers=self.num_workers > 0)
+
+    def class_pair_loader(self) -> DataLoader:
+        """Training batches of same-class pairs (CS-KD), asked for by a module with `train_batches = "class_pairs"`."""
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
+        sampler = ClassPairBatchSampler(EpochPermutation(len(self.train_set), self.seed), self.batch_size, False,
+                                        view_targets(self.train_set), self.seed)
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

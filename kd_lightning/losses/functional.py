@@ -6,6 +6,8 @@ docstring says where that code departs from the paper's text. No Lightning, no s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -541,3 +543,79 @@ def hierarchical_context(student_feature: Tensor, teacher_feature: Tensor,
         loss = loss + weight * F.mse_loss(*pooled)
         total += weight
     return loss / total
+
+
+def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 3.0) -> Tensor:
+    """BYOT's distillation of a shallow head by the deepest one (Zhang et al., "Be Your Own Teacher", ICCV 2019).
+
+    T² · mean_i −Σ_k softmax(teacher/T)_k · log softmax(student/T)_k: the cross-entropy form of the
+    reference code (luanyunteng/pytorch-be-your-own-teacher `kd_loss_function` times T²), which exceeds
+    KL by the teacher's entropy — a constant for the student, so the gradients equal KD's. Float32.
+    """
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    p_teacher = F.softmax(teacher_logits.float() / temperature, dim=1)
+    return -(p_teacher * log_p_student).sum(dim=1).mean() * temperature**2
+
+
+def byot_feature_hint(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+    """BYOT's feature hint: Σ (f_s − f_t)² over the entries where either is positive, summed (not averaged)
+    over batch and channels as in the reference `feature_loss_function`, which is why its weight is 1e-6."""
+    if student_feature.shape != teacher_feature.shape:
+        raise ValueError(f"byot_feature_hint needs features of the same shape; got {tuple(student_feature.shape)} "
+                         f"and {tuple(teacher_feature.shape)}.")
+    s, t = student_feature.float(), teacher_feature.float()
+    return ((s - t).pow(2) * ((s > 0) | (t > 0))).sum()
+
+
+def tf_kd_self(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 6.0,
+               multiplier: float = 50.0) -> Tensor:
+    """Tf-KD_self of Yuan et al., "Revisiting Knowledge Distillation via Label Smoothing Regularization" (CVPR 2020).
+
+    multiplier · T² · KL(softmax(t/T) ‖ softmax(s/T)) averaged over batch AND classes: the reference
+    `loss_kd_self` uses `nn.KLDivLoss()`, whose default reduction divides by N·K, and its published
+    multipliers (50 for ResNet-18 on CIFAR-100) were tuned with that division.
+    """
+    _check_logits(student_logits, teacher_logits, "tf_kd_self")
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return _kl_from_log_probs(log_p_teacher, log_p_student).sum() / student_logits.numel() * temperature**2 * multiplier
+
+
+def virtual_teacher(targets: Tensor, num_classes: int, correct_prob: float = 0.99) -> Tensor:
+    """Tf-KD_reg's hand-made teacher distribution: `correct_prob` on the true class, the rest spread evenly."""
+    probs = torch.full((len(targets), num_classes), (1.0 - correct_prob) / (num_classes - 1), device=targets.device)
+    return probs.scatter_(1, targets.view(-1, 1), correct_prob)
+
+
+def tf_kd_reg(student_logits: Tensor, targets: Tensor, temperature: float = 20.0, multiplier: float = 100.0,
+              correct_prob: float = 0.99, temper_student: bool = False) -> Tensor:
+    """Tf-KD_reg of Yuan et al. (CVPR 2020): KL from a virtual teacher, as the reference `loss_kd_regularization`.
+
+    multiplier · mean over batch and classes of KL(softmax(p_d/T) ‖ softmax(s)), p_d = `virtual_teacher`.
+    Two departures of the reference code from the paper's Eq. 9 are kept because the published T=20 and
+    multiplier=100 were tuned with them: the temperature divides the teacher's *probabilities* (not
+    logits) and is not applied to the student (TF-KD issues #3, #19, #24), and `nn.KLDivLoss()`'s default
+    reduction divides by N·K. `temper_student=True` divides the student's logits by T as Eq. 9 writes.
+    """
+    if student_logits.ndim != 2 or student_logits.shape[1] < 2:
+        raise ValueError(f"tf_kd_reg expects logits of shape (batch, classes >= 2); got {tuple(student_logits.shape)}.")
+    log_p_teacher = F.log_softmax(virtual_teacher(targets, student_logits.shape[1], correct_prob) / temperature, dim=1)
+    student = student_logits.float() / (temperature if temper_student else 1.0)
+    log_p_student = F.log_softmax(student, dim=1)
+    return _kl_from_log_probs(log_p_teacher, log_p_student).sum() / student_logits.numel() * multiplier
+
+
+def softmax_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean teacher's consistency cost (Tarvainen & Valpola, NeurIPS 2017): Σ (softmax(s) − softmax(t))²
+    divided by classes and batch, as CuriousAI/mean-teacher `softmax_mse_loss` / minibatch size."""
+    _check_logits(student_logits, teacher_logits, "softmax_mse")
+    difference = F.softmax(student_logits.float(), dim=1) - F.softmax(teacher_logits.float(), dim=1)
+    return difference.pow(2).sum() / student_logits.numel()
+
+
+def sigmoid_rampup(epoch: int, rampup_epochs: int) -> float:
+    """exp(−5 (1 − t)²), t = clip(epoch / rampup_epochs, 0, 1): mean teacher's consistency ramp-up (1 if 0 epochs)."""
+    if rampup_epochs == 0:
+        return 1.0
+    phase = 1.0 - min(max(epoch, 0), rampup_epochs) / rampup_epochs
+    return float(math.exp(-5.0 * phase * phase))

@@ -3,6 +3,7 @@
 from kd_lightning.schemes.base import DistillationModule
 from kd_lightning.schemes.multi_teacher import MultiTeacher
 from kd_lightning.schemes.offline import Offline
+from kd_lightning.schemes.self_distill import BYOT, CSKD, MeanTeacher, TfKDReg
 from kd_lightning.schemes.supervised import Supervised
 
-__all__ = ["DistillationModule", "MultiTeacher", "Offline", "Supervised"]
+__all__ = ["BYOT", "CSKD", "DistillationModule", "MeanTeacher", "MultiTeacher", "Offline", "Supervised", "TfKDReg"]

@@ -150,18 +150,7 @@ class Offline(DistillationModule):
             return losses
         ce = F.cross_entropy(student_logits.float(), targets)
         self.nonfinite.record("ce", ce, self.global_step)
-        losses = {"ce": self.ce_weight * ce}
-        for name, term in self.terms.items():
-            if term.needs_indices and indices is None:
-                raise ConfigError(f"Term {name!r} needs sample indices, but the data module yields (images, "
-                                  f"targets) pairs. Use a kd_lightning data module, which yields indices.")
-            factor = term.weight_at(self.current_epoch)
-            value = term(inputs)
-            parts = value if isinstance(value, Mapping) else {"": value}
-            for part, part_value in parts.items():
-                self.nonfinite.record(name, part_value, self.global_step)
-                losses[f"{name}_{part}" if part else name] = factor * part_value
-        return losses
+        return {"ce": self.ce_weight * ce, **weighted_term_losses(self.terms, inputs, self.nonfinite, self.global_step)}
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Still in host memory: a check here never waits for the device, as one in a term's loss would.
@@ -196,3 +185,20 @@ class Offline(DistillationModule):
         # the epoch's validation and checkpoint; the error still names the first step that went wrong.
         if self.is_logging_step() or batch_idx + 1 >= self.trainer.num_training_batches:
             self.nonfinite.raise_if_any()
+
+
+def weighted_term_losses(terms: Mapping[str, DistillTerm], inputs: DistillInputs, nonfinite: NonFiniteWatch,
+                         step: int) -> dict[str, Tensor]:
+    """Each term's weighted loss (or named parts) for one batch; shared by every scheme that composes terms."""
+    losses: dict[str, Tensor] = {}
+    for name, term in terms.items():
+        if term.needs_indices and inputs.indices is None:
+            raise ConfigError(f"Term {name!r} needs sample indices, but the data module yields (images, "
+                              f"targets) pairs. Use a kd_lightning data module, which yields indices.")
+        factor = term.weight_at(inputs.epoch)
+        value = term(inputs)
+        parts = value if isinstance(value, Mapping) else {"": value}
+        for part, part_value in parts.items():
+            nonfinite.record(name, part_value, step)
+            losses[f"{name}_{part}" if part else name] = factor * part_value
+    return losses

@@ -4,6 +4,7 @@ from kd_lightning.losses.terms.ab import AB
 from kd_lightning.losses.terms.at import AT
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
 from kd_lightning.losses.terms.cc import CC
+from kd_lightning.losses.terms.consistency import Consistency
 from kd_lightning.losses.terms.crd import CRD
 from kd_lightning.losses.terms.dist import DIST
 from kd_lightning.losses.terms.dkd import DKD
@@ -17,7 +18,8 @@ from kd_lightning.losses.terms.pkt import PKT
 from kd_lightning.losses.terms.reviewkd import ReviewKD
 from kd_lightning.losses.terms.rkd import RKD
 from kd_lightning.losses.terms.sp import SP
+from kd_lightning.losses.terms.tf_kd import TfKD
 from kd_lightning.losses.terms.vid import VID
 
-__all__ = ["AB", "AT", "BuildContext", "CC", "CRD", "DIST", "DKD", "DistillInputs", "DistillTerm", "FSP", "FT",
-           "FitNet", "KD", "NST", "OFD", "PKT", "RKD", "ReviewKD", "SP", "VID"]
+__all__ = ["AB", "AT", "BuildContext", "CC", "CRD", "Consistency", "DIST", "DKD", "DistillInputs", "DistillTerm", "FSP", "FT",
+           "FitNet", "KD", "NST", "OFD", "PKT", "RKD", "ReviewKD", "SP", "TfKD", "VID"]
