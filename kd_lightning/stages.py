@@ -10,6 +10,7 @@ keys are the function's options).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -110,11 +111,13 @@ def teacher_stage(cfg: DictConfig, name: str = "teacher", label: str = "teacher"
                  pretrained=bool(teacher.model.get("weights")))
 
 
-def baseline_stage(cfg: DictConfig) -> Stage:
-    """The student trained alone with the run's seed and recipe. Cached: every method of a sweep over the
-    same student and seed compares with one baseline."""
-    return Stage(name="baseline", label="student baseline", scheme={"_target_": SUPERVISED},
-                 networks={"student": _plain(cfg.student)}, seed=int(cfg.seed), cache=True)
+def baseline_stage(cfg: DictConfig, model: Mapping[str, Any] | None = None, name: str = "baseline",
+                   label: str = "student baseline") -> Stage:
+    """The student (or `model`) trained alone with the run's seed and recipe. Cached: every method of a
+    sweep over the same network and seed compares with one baseline."""
+    return Stage(name=name, label=label, scheme={"_target_": SUPERVISED},
+                 networks={"student": dict(model) if model is not None else _plain(cfg.student)},
+                 seed=int(cfg.seed), cache=True)
 
 
 def offline_plan(cfg: DictConfig) -> list[Stage]:
@@ -133,3 +136,39 @@ def supervised_plan(cfg: DictConfig) -> list[Stage]:
     """One network trained with cross-entropy: no teacher, no baseline."""
     return [Stage(name="student", label="supervised", scheme=_plain(cfg.scheme), networks={"student": _plain(cfg.student)},
                   distill=_plain(cfg.get("distill")) or None, seed=int(cfg.seed))]
+
+
+MODEL_FACTORY = "kd_lightning.models.build_model"
+
+
+def _peer_model(peer: Any) -> dict[str, Any]:
+    peer = _plain(peer)
+    if isinstance(peer, str):
+        return {"_target_": MODEL_FACTORY, "name": peer}
+    if isinstance(peer, Mapping) and peer.get("name"):
+        return {"_target_": MODEL_FACTORY, **peer}
+    raise ConfigError(f"scheme.peers holds {peer!r}; each peer is a model name (convnet_tiny, resnet32, "
+                      f"torchvision:resnet18) or a model config with a `name`, e.g. scheme.peers=[resnet32,resnet32].")
+
+
+def online_plan(cfg: DictConfig) -> list[Stage]:
+    """(baselines: each distinct peer trained alone) → the peers trained together by `cfg.scheme`.
+
+    `scheme.peers` lists model names or configs; null means two copies of `student`. The baselines share
+    the stage cache with every other run of the same network, seed and recipe.
+    """
+    scheme = dict(_plain(cfg.scheme))
+    peers_cfg = scheme.pop("peers", None)
+    if peers_cfg is not None and not isinstance(peers_cfg, (list, tuple)):
+        peers_cfg = [peers_cfg]
+    peers = [_peer_model(peer) for peer in peers_cfg] if peers_cfg is not None else [_plain(cfg.student)] * 2
+    stages: list[Stage] = []
+    if cfg.get("baseline"):
+        distinct = list({json.dumps(peer, sort_keys=True): peer for peer in peers}.values())
+        for index, peer in enumerate(distinct):
+            name = "baseline" if len(distinct) == 1 else f"baseline_{index + 1}_{peer['name']}".replace(":", "_")
+            stages.append(baseline_stage(cfg, peer, name=name, label=f"{peer['name']} alone"))
+    method = scheme["_target_"].rsplit(".", 1)[-1]
+    stages.append(Stage(name="peers", label=f"{method} peers", scheme=scheme, networks={"peers": peers},
+                        distill=_plain(cfg.get("distill")) or {}, seed=int(cfg.seed)))
+    return stages

@@ -2,6 +2,7 @@
 
 from kd_lightning.schemes.base import DistillationModule
 from kd_lightning.schemes.offline import Offline
+from kd_lightning.schemes.online import DML, KDCL
 from kd_lightning.schemes.supervised import Supervised
 
-__all__ = ["DistillationModule", "Offline", "Supervised"]
+__all__ = ["DML", "KDCL", "DistillationModule", "Offline", "Supervised"]
