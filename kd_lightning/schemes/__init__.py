@@ -3,7 +3,9 @@
 from kd_lightning.schemes.base import DistillationModule
 from kd_lightning.schemes.multi_teacher import MultiTeacher
 from kd_lightning.schemes.offline import Offline
+from kd_lightning.schemes.online import DML, KDCL
 from kd_lightning.schemes.self_distill import BYOT, CSKD, MeanTeacher, TfKDReg
 from kd_lightning.schemes.supervised import Supervised
 
-__all__ = ["BYOT", "CSKD", "DistillationModule", "MeanTeacher", "MultiTeacher", "Offline", "Supervised", "TfKDReg"]
+__all__ = ["BYOT", "CSKD", "DML", "DistillationModule", "KDCL", "MeanTeacher", "MultiTeacher", "Offline", "Supervised",
+           "TfKDReg"]

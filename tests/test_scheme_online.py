@@ -1,0 +1,244 @@
+"""Online distillation (DML, KDCL): loss arithmetic against float64 references, no gradient between peers,
+one step equal to separate per-peer updates, the pipeline's per-peer metrics and exports, resume, DDP, bf16."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.terms import KD
+from kd_lightning.models import build_model
+from kd_lightning.pipeline import construct, evaluate, run
+from kd_lightning.schemes import DML, KDCL
+from kd_lightning.teachers import load_weights, read_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+# Schemes of this file for the generic resume test: name → overrides that select them.
+SCHEMES_FOR_RESUME = [
+    ("dml", ["scheme=dml", "scheme.peers=[convnet_small,convnet_tiny]"]),
+    ("kdcl", ["scheme=kdcl", "scheme.rampup_epochs=2"]),
+]
+SGD = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def make_peers(*names: str) -> list[torch.nn.Module]:
+    torch.manual_seed(0)
+    return [build_model(name, num_classes=10, in_channels=1) for name in names]
+
+
+def batch(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(size, 1, 8, 8, generator=generator), torch.randint(0, 10, (size,), generator=generator)
+
+
+def reference_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·Σ_c p_t (log p_t − log p_s), batch mean, in float64."""
+    p_teacher = torch.softmax(teacher.double() / temperature, dim=1)
+    log_student = torch.log_softmax(student.double() / temperature, dim=1)
+    return temperature**2 * (p_teacher * (p_teacher.log() - log_student)).sum(1).mean()
+
+
+def peer_logits_float64(peers, images):
+    return [copy.deepcopy(peer).double()(images.double()).detach() for peer in peers]
+
+
+def test_dml_loss_matches_float64_reference_for_three_peers_with_a_kd_term():
+    peers = make_peers("convnet_tiny", "convnet_small", "convnet_tiny")
+    images, targets = batch()
+    reference_logits = peer_logits_float64(peers, images)  # BN in train mode in both: same batch statistics
+    module = DML(peers, num_classes=10, optimizer=SGD, terms={"kd": KD(weight=0.5, temperature=4.0)})
+    losses = module.training_losses(images, targets, None)
+    assert len(losses) == 9
+    for index, role in enumerate(module.roles):
+        own = reference_logits[index]
+        others = [logits for other, logits in enumerate(reference_logits) if other != index]
+        expected_ce = F.cross_entropy(own, targets)
+        # Paper Eq. 10: the mean of KL(p_l ‖ p_k) over the K−1 other peers, T=1.
+        expected_dml = sum(reference_kl(own, other, 1.0) for other in others) / len(others)
+        expected_kd = 0.5 * sum(reference_kl(own, other, 4.0) for other in others) / len(others)
+        torch.testing.assert_close(losses[f"{role}_ce"].double(), expected_ce, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(losses[f"{role}_dml"].double(), expected_dml, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(losses[f"{role}_kd"].double(), expected_kd, rtol=1e-4, atol=1e-6)
+
+
+def test_dml_mimicry_of_one_peer_sends_no_gradient_into_another():
+    # KD_Lib's DML leaks here: peer logits not detached, so peer i's KL moves peer j.
+    peers = make_peers("convnet_tiny", "convnet_small")
+    images, targets = batch()
+    module = DML(peers, num_classes=10, optimizer=SGD)
+    losses = module.training_losses(images, targets, None)
+    other = list(peers[1].parameters())
+    gradients = torch.autograd.grad(losses["peer1_dml"], [*peers[0].parameters(), *other], allow_unused=True)
+    own_gradients, other_gradients = gradients[:len(list(peers[0].parameters()))], gradients[-len(other):]
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in other_gradients)
+    assert any(g is not None and torch.count_nonzero(g) > 0 for g in own_gradients)
+
+
+@pytest.mark.parametrize("scheme", ["dml", "kdcl"])
+def test_one_joint_step_equals_separate_per_peer_updates(scheme):
+    peers = make_peers("convnet_tiny", "convnet_small")
+    reference_peers = copy.deepcopy(peers)
+    options = {"rampup_epochs": 0} if scheme == "kdcl" else {}
+    module = (DML if scheme == "dml" else KDCL)(peers, num_classes=10, optimizer=SGD, **options)
+    optimizer = module.configure_optimizers()
+    reference_optimizers = [SGD(peer.parameters()) for peer in reference_peers]
+    temperature = module.temperature
+    for step in range(3):  # several steps, so momentum and weight decay take part
+        images, targets = batch()
+        images = images + step
+        optimizer.zero_grad()
+        sum(module.training_losses(images, targets, None).values()).backward()
+        optimizer.step()
+        # The reference (Knowledge-Distillation-Zoo train_dml.py): one forward per net, then one optimizer
+        # per net on CE + KL to the others' detached logits.
+        logits = [peer(images) for peer in reference_peers]
+        for index, (peer_optimizer, own) in enumerate(zip(reference_optimizers, logits)):
+            others = [value.detach() for other, value in enumerate(logits) if other != index]
+            if scheme == "kdcl":
+                stacked = torch.stack([value.detach() for value in logits])
+                shifted = stacked - stacked[:, torch.arange(len(targets)), targets].unsqueeze(2)
+                others = [shifted.min(dim=0).values]
+            mimicry = sum(temperature**2 * F.kl_div(F.log_softmax(own / temperature, 1),
+                                                    F.softmax(other / temperature, 1), reduction="batchmean")
+                          for other in others) / len(others)
+            peer_optimizer.zero_grad()
+            (F.cross_entropy(own, targets) + mimicry).backward(retain_graph=True)
+        for peer_optimizer in reference_optimizers:
+            peer_optimizer.step()
+    for peer, reference in zip(peers, reference_peers):
+        for (name, value), expected in zip(peer.state_dict().items(), reference.state_dict().values()):
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=lambda text: f"{name}: {text}")
+
+
+def test_kdcl_min_logit_ensemble_and_ramped_loss_match_float64_reference():
+    peers = make_peers("convnet_tiny", "convnet_small", "convnet_tiny")
+    images, targets = batch()
+    reference_logits = peer_logits_float64(peers, images)
+    module = KDCL(peers, num_classes=10, optimizer=SGD, rampup_epochs=4, max_epochs=10, weight=2.0)
+    module.trainer = None
+    for ensemble in ("min_logit", "mean"):
+        module.ensemble = ensemble
+        teacher = torch.empty(len(targets), 10, dtype=torch.float64)
+        for sample in range(len(targets)):  # written out per sample and class, independently of the scheme
+            for label in range(10):
+                values = [logits[sample, label] - logits[sample, targets[sample]] for logits in reference_logits]
+                teacher[sample, label] = min(values) if ensemble == "min_logit" else \
+                    sum(logits[sample, label] for logits in reference_logits) / 3
+        epoch = 1
+        ramp = torch.exp(torch.tensor(-5.0 * (1 - epoch / 4) ** 2, dtype=torch.float64))
+        with _at_epoch(module, epoch):
+            losses = module.training_losses(images, targets, None)
+        for index, role in enumerate(module.roles):
+            expected = 2.0 * ramp * reference_kl(reference_logits[index], teacher, 3.0)
+            torch.testing.assert_close(losses[f"{role}_kdcl"].double(), expected, rtol=1e-4, atol=1e-7)
+
+
+class _at_epoch:
+    """Lets a module outside a Trainer report `current_epoch`."""
+
+    def __init__(self, module, epoch: int) -> None:
+        self.module, self.epoch = module, epoch
+
+    def __enter__(self):
+        self.original = type(self.module).current_epoch
+        type(self.module).current_epoch = property(lambda _: self.epoch)
+
+    def __exit__(self, *exc):
+        type(self.module).current_epoch = self.original
+
+
+def test_peers_are_trained_parameters_stored_once_and_never_a_frozen_teacher():
+    peers = make_peers("convnet_tiny", "convnet_small")
+    module = DML(peers, num_classes=10, optimizer=SGD)
+    optimized = {id(p) for group in module.configure_optimizers().param_groups for p in group["params"]}
+    assert optimized == {id(p) for peer in peers for p in peer.parameters()}
+    keys = list(module.state_dict())
+    assert sum(key.startswith("student.") for key in keys) == len(peers[0].state_dict())
+    assert sum(key.startswith("other_peers.0.") for key in keys) == len(peers[1].state_dict())
+    module.train()
+    assert all(peer.training for peer in peers)
+
+
+def test_dml_through_the_pipeline_logs_tables_and_exports_every_peer(make_cfg, tmp_path, capsys):
+    cfg = make_cfg("scheme=dml", "scheme.peers=[convnet_small,convnet_tiny]", "trainer.max_epochs=3",
+                   "trainer.limit_train_batches=null", "trainer.limit_test_batches=null")
+    results = run(cfg)
+    table = capsys.readouterr().out
+    metrics = results["stages"]["peers"]["metrics"]
+    for row in ("DML peers (peer1)", "DML peers (peer2)", "convnet_small alone", "convnet_tiny alone"):
+        assert row in table
+    assert metrics["test/acc"] == metrics["test/peer1/acc"]
+    assert sorted(results["stages"]) == ["baseline_1_convnet_small", "baseline_2_convnet_tiny", "peers"]
+    datamodule = construct(cfg.data)
+    datamodule.setup("test")
+    for role, name in (("peer1", "convnet_small"), ("peer2", "convnet_tiny")):
+        state_dict, spec = read_weights(tmp_path / "out" / f"{role}.pt")
+        assert spec["name"] == name
+        peer = load_weights(build_model(**spec), tmp_path / "out" / f"{role}.pt", role=role)
+        # The exported file is the network whose accuracy the run reported under its role.
+        assert evaluate(cfg, peer, datamodule)["test/acc"] == metrics[f"test/{role}/acc"]
+        assert metrics[f"test/{role}/acc"] >= 0.3  # three epochs on digits (convnet_tiny ~0.4); chance is 0.1
+
+
+@pytest.mark.xfail(strict=True, reason="exact resume needs issue #6's RNG state and resumable train loader "
+                   "(scheme=supervised fails the same check on this branch); remove once that branch is merged")
+@pytest.mark.parametrize("name, overrides", SCHEMES_FOR_RESUME)
+def test_resume_mid_training_repeats_the_uninterrupted_losses(make_cfg, tmp_path, recorded_losses, name, overrides):
+    common = [*overrides, "baseline=false", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
+              "callbacks=default", "callbacks.progress_bar=null", "+callbacks.model_checkpoint.save_top_k=-1"]
+    run(make_cfg(*common))
+    uninterrupted = list(recorded_losses["peers"])
+    assert len(uninterrupted) == 6
+    first_epoch = next((tmp_path / "out" / "peers").rglob("epoch000-*.ckpt"))
+    recorded_losses.clear()
+    run(make_cfg(*common, f"ckpt_path={first_epoch}"))
+    assert recorded_losses["peers"] == uninterrupted[3:]
+
+
+def test_bf16_mixed_on_cpu_tracks_fp32(make_cfg, recorded_losses):
+    first = {}
+    for precision in ("32-true", "bf16-mixed"):
+        recorded_losses.clear()
+        run(make_cfg("scheme=kdcl", "scheme.rampup_epochs=0", "baseline=false", f"trainer.precision={precision}"))
+        first[precision] = recorded_losses["peers"][0]
+    assert first["bf16-mixed"] != first["32-true"]
+    assert abs(first["bf16-mixed"] - first["32-true"]) <= 0.02 * abs(first["32-true"])
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_end_identical_and_equal_to_one_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    for mode in ("ddp", "single"):
+        result = subprocess.run([sys.executable, str(ROOT / "tests" / "_ddp_online.py"), mode, str(tmp_path)],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1, single = (torch.load(tmp_path / f"{name}.pt", weights_only=True)
+                            for name in ("ddp-rank0", "ddp-rank1", "single-rank0"))
+    trained = [key for key in rank0["state_dict"] if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert any(key.startswith("other_peers.0.") for key in trained)
+    for key in trained:
+        assert torch.equal(rank0["state_dict"][key], rank1["state_dict"][key]), f"ranks disagree on {key}"
+        torch.testing.assert_close(rank0["state_dict"][key], single["state_dict"][key], rtol=1e-5, atol=1e-6,
+                                   msg=lambda text: f"{key}: DDP and one process disagree. {text}")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["scheme=dml", "scheme.peers=[convnet_tiny]"], "at least two"),
+    (["scheme=dml", "scheme.peers=[42,convnet_tiny]"], "model name"),
+    (["scheme=dml", "distill=[at]"], "logit term"),
+    (["scheme=kdcl", "scheme.ensemble=median"], "min_logit"),
+    (["scheme=kdcl"], "rampup_epochs=80"),  # the reference's 80-epoch ramp in a 1-epoch run
+])
+def test_bad_online_configs_fail_before_training_with_the_fix(make_cfg, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run(make_cfg(*overrides))
+    assert not (tmp_path / "out" / "peers").exists()
