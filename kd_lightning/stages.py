@@ -141,6 +141,168 @@ def supervised_plan(cfg: DictConfig) -> list[Stage]:
 
 
 MODEL_FACTORY = "kd_lightning.models.build_model"
+TEACHER_KEYS = {"model", "name", "checkpoint", "max_epochs", "lr", "seed"}
+
+
+def model_config(entry: Any, where: str) -> dict[str, Any]:
+    """A model config from a zoo name or a model config mapping (`name` plus the factory's options)."""
+    from kd_lightning.models import MODELS, TORCHVISION_PREFIX
+
+    model = {"_target_": MODEL_FACTORY, "name": entry} if isinstance(entry, str) else dict(_plain(entry) or {})
+    model.setdefault("_target_", MODEL_FACTORY)
+    name = model.get("name")
+    if model["_target_"] == MODEL_FACTORY and not (isinstance(name, str) and (
+            name in MODELS or name.startswith(TORCHVISION_PREFIX))):
+        raise ConfigError(f"{where}={entry!r} is not a model: {MODELS.unknown_message(str(name))} Write each entry as "
+                          f"a model name (e.g. resnet20) or a model config with a `name`.")
+    return model
+
+
+def teacher_config(cfg: DictConfig, entry: Any, position: int, where: str) -> DictConfig:
+    """A teacher node for `teacher_stage` from a list entry: a model name, or a mapping with `model` (or
+    `name`) and any of checkpoint, max_epochs, lr, seed. What an entry leaves out comes from `cfg.teacher`,
+    except the checkpoint (it belongs to cfg.teacher's own model) and the seed, which is teacher.seed +
+    position, so that three entries of one architecture are three differently initialised teachers."""
+    options = {"name": entry} if isinstance(entry, str) else dict(_plain(entry) or {})
+    unknown = sorted(set(options) - TEACHER_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}={entry!r} has keys {unknown} that a teacher does not take; a teacher entry is a "
+                          f"model name or a mapping of {sorted(TEACHER_KEYS)}.")
+    model = options.pop("model", None) or options.pop("name", None)
+    options.pop("name", None)
+    node = {"model": model_config(model, where), "checkpoint": None, "max_epochs": cfg.teacher.get("max_epochs"),
+            "lr": cfg.teacher.get("lr"), "seed": int(cfg.teacher.seed) + position, **options}
+    return OmegaConf.create(node)
+
+
+def _entries(value: Any, where: str, minimum: int, meaning: str) -> list[Any]:
+    entries = _plain(value)
+    if isinstance(entries, (str, Mapping)) or entries is None:
+        entries = [] if entries is None else [entries]
+    if len(entries) < minimum:
+        raise ConfigError(f"{where} has {len(entries)} entries ({entries}); {meaning}")
+    return list(entries)
+
+
+def multi_teacher_plan(cfg: DictConfig, teachers: Any = None) -> list[Stage]:
+    """One cached (or loaded) teacher stage per entry of `teachers` → (baseline) → the student distilled from
+    all of them at once (scheme MultiTeacher, which aggregates every term over the teachers)."""
+    entries = _entries(teachers, "teachers", 2, "scheme=multi_teacher needs at least two, e.g. "
+                       "teachers=[resnet32x4,wrn_40_2] (scheme=offline distils from one).")
+    stages = [teacher_stage(cfg, name=f"teacher{k}", label=f"teacher {k}",
+                            teacher=teacher_config(cfg, entry, k - 1, f"teachers[{k - 1}]"))
+              for k, entry in enumerate(entries, start=1)]
+    if cfg.get("baseline"):
+        stages.append(baseline_stage(cfg))
+    terms = _plain(cfg.get("distill")) or {}
+    stages.append(Stage(name="student", label=f"student + {'+'.join(terms) or 'teachers'} ({len(entries)} teachers)",
+                        scheme=_plain(cfg.scheme), networks={"student": _plain(cfg.student)},
+                        teachers={"teachers": [stage.name for stage in stages if stage.name.startswith("teacher")]},
+                        distill=terms, seed=int(cfg.seed)))
+    return stages
+
+
+def teacher_chain_plan(cfg: DictConfig, chain: Any = None) -> list[Stage]:
+    """TAKD's chain, teacher → assistant(s) → student, as consecutive stages: each hop distils the next network
+    from the previous stage's product with the run's scheme and terms. The first entry is a teacher entry
+    (see `teacher_config`), the others models; assistants are cached like teachers, keyed by their recipe and
+    their teacher's key; the last entry is the run's student.
+
+    Mirzadeh et al., "Improved Knowledge Distillation via Teacher Assistant" (AAAI 2020). The reference
+    (imirzadeh/Teacher-Assistant-Knowledge-Distillation, train.py) trains each hop with (1−λ)·CE + λ·T²·KL
+    where nn.KLDivLoss's default 'mean' also divides by the class count, and searched λ and T per pair
+    (search_space.json); here a hop is the run's `distill` terms (default KD: CE 0.1 + 0.9·T²·KL, T=4,
+    per-sample sum over classes), so its published weights apply and no class-count factor hides in λ.
+    """
+    entries = _entries(chain, "plan.chain", 2, "a chain is a teacher, any assistants and the student, e.g. "
+                       "plan.chain=[resnet110,resnet20,resnet8].")
+    stages = [teacher_stage(cfg, teacher=teacher_config(cfg, entries[0], 0, "plan.chain[0]"))]
+    terms = _plain(cfg.get("distill")) or {}
+    method = "+".join(terms) or "teacher"
+    for k, entry in enumerate(entries[1:-1], start=1):
+        stages.append(Stage(name=f"assistant{k}", label=f"assistant {k} + {method}", scheme=_plain(cfg.scheme),
+                            networks={"student": model_config(entry, f"plan.chain[{k}]")},
+                            teachers={"teacher": stages[-1].name}, distill=terms, seed=int(cfg.seed), cache=True))
+    student = model_config(entries[-1], f"plan.chain[{len(entries) - 1}]")
+    taught_by = stages[-1].name
+    if cfg.get("baseline"):
+        stages.append(baseline_stage(cfg, model=student))
+    stages.append(Stage(name="student", label=f"student + {method} via {len(entries) - 2} assistant(s)",
+                        scheme=_plain(cfg.scheme), networks={"student": student}, teachers={"teacher": taught_by},
+                        distill=terms, seed=int(cfg.seed)))
+    return stages
+
+
+def born_again_plan(cfg: DictConfig, generations: int = 3) -> list[Stage]:
+    """Born-Again Networks: generation 0 is `cfg.student` trained on labels alone (the baseline stage), and
+    each generation k = 1..`generations` is the same architecture, freshly initialised (seed + k), distilled
+    from generation k − 1 with the run's terms. Every generation but the last is cached; the last is the
+    run's student.
+
+    Furlanello et al., "Born Again Neural Networks" (ICML 2018). No official code; the unofficial ones
+    (nocotan/born_again_neuralnet, KD_Lib BANN) use KD with α=0.9 and nn.KLDivLoss's default 'mean', which
+    divides the KD term by the class count as well; here each generation uses the run's `distill` terms
+    (default KD, batch-mean KL summed over classes).
+    """
+    if int(generations) < 1:
+        raise ConfigError(f"plan.generations={generations}: Born-Again training needs at least one generation "
+                          f"after the label-trained generation 0, e.g. plan.generations=3.")
+    terms = _plain(cfg.get("distill")) or {}
+    stages = [baseline_stage(cfg, label="generation 0 (labels)")]
+    for k in range(1, int(generations) + 1):
+        last = k == int(generations)
+        stages.append(Stage(name="student" if last else f"generation{k}",
+                            label=f"generation {k} + {'+'.join(terms) or 'teacher'}", scheme=_plain(cfg.scheme),
+                            networks={"student": _plain(cfg.student)}, teachers={"teacher": stages[-1].name},
+                            distill=terms, seed=int(cfg.seed) + k, cache=not last))
+    return stages
+
+
+def label_smoothing_stage(cfg: DictConfig, smoothing: float) -> Stage:
+    """The student trained with label-smoothed cross-entropy: the baseline every self-distillation table needs
+    (a neutral re-run puts it above BYOT, CS-KD and Tf-KD, winycg/Self-KD-Lib). Cached like the baseline."""
+    return Stage(name="label_smoothing", label=f"student + label smoothing {smoothing:g}",
+                 scheme={"_target_": SUPERVISED, "label_smoothing": float(smoothing)},
+                 networks={"student": _plain(cfg.student)}, seed=int(cfg.seed), cache=True)
+
+
+def _comparison_stages(cfg: DictConfig, label_smoothing: float | None) -> list[Stage]:
+    stages = [baseline_stage(cfg)] if cfg.get("baseline") else []
+    if label_smoothing:
+        if not 0.0 < float(label_smoothing) < 1.0:
+            raise ConfigError(f"plan.label_smoothing={label_smoothing} must be in (0, 1) (Tf-KD and Self-KD-Lib "
+                              f"compare with 0.1), or null to leave the label-smoothing baseline out.")
+        stages.append(label_smoothing_stage(cfg, float(label_smoothing)))
+    return stages
+
+
+def self_distillation_plan(cfg: DictConfig, label_smoothing: float | None = 0.1) -> list[Stage]:
+    """(baseline) → (label-smoothing baseline) → the student trained by a scheme that is its own teacher."""
+    terms = _plain(cfg.get("distill")) or {}
+    name = str(cfg.scheme["_target_"]).rsplit(".", 1)[-1]
+    return [*_comparison_stages(cfg, label_smoothing),
+            Stage(name="student", label=f"student + {'+'.join([name, *terms])}", scheme=_plain(cfg.scheme),
+                  networks={"student": _plain(cfg.student)}, distill=terms, seed=int(cfg.seed))]
+
+
+def cs_kd_plan(cfg: DictConfig, label_smoothing: float | None = 0.1) -> list[Stage]:
+    """`self_distillation_plan`, refusing before anything trains a batch size that cannot hold class pairs."""
+    from kd_lightning.data.pairs import check_pair_batch_size
+
+    check_pair_batch_size(cfg.data.batch_size)
+    return self_distillation_plan(cfg, label_smoothing)
+
+
+def tf_kd_self_plan(cfg: DictConfig, label_smoothing: float | None = 0.1) -> list[Stage]:
+    """Tf-KD_self: a teacher of the student's own architecture trained first (seed `teacher.seed`, cached, or
+    `teacher.checkpoint`), then (baseline), (label smoothing), and the student distilled from it offline."""
+    own_architecture = OmegaConf.create({**_plain(cfg.teacher), "model": _plain(cfg.student)})
+    self_teacher = teacher_stage(cfg, label="self-teacher", teacher=own_architecture)
+    terms = _plain(cfg.get("distill")) or {}
+    return [self_teacher, *_comparison_stages(cfg, label_smoothing),
+            Stage(name="student", label=f"student + self-teacher {'+'.join(terms)}", scheme=_plain(cfg.scheme),
+                  networks={"student": _plain(cfg.student)}, teachers={"teacher": "teacher"}, distill=terms,
+                  seed=int(cfg.seed))]
 
 
 def online_plan(cfg: DictConfig) -> list[Stage]:

@@ -8,7 +8,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from kd_lightning.data import SyntheticDataModule
 from kd_lightning.models import MODELS, build_model

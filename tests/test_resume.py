@@ -23,6 +23,7 @@ import kd_lightning.pipeline as pipeline
 from kd_lightning.data import SyntheticDataModule
 from kd_lightning.data.resumable import EpochPermutationSampler, ResumableLoader
 from kd_lightning.pipeline import run
+from kd_lightning.stages import plan_stages
 from kd_lightning.teachers import read_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +42,19 @@ TERM_OVERRIDES = {
 SCHEME_CASES: dict[str, list[list[str]]] = {
     "supervised": [["distill=[]"]],
     "offline": [[f"distill=[{term}]", *TERM_OVERRIDES.get(term, [])] for term in TERMS],
+    "multi_teacher": [["distill=[kd,fitnet]", "scheme.ce_weight=0.1", f"scheme.aggregation={aggregation}"]
+                      for aggregation in ("average", "confidence", "random")],
+    "takd": [["distill=[kd]"]],
+    "born_again": [["distill=[kd]", "plan.generations=2"]],
+    "dml": [["scheme.peers=[convnet_small,convnet_tiny]"]],
+    "kdcl": [["scheme.rampup_epochs=2"]],
+    "byot": [[]], "cs_kd": [[]], "tf_kd_reg": [[]], "tf_kd_self": [[]], "mean_teacher": [[]],
 }
 
 
 def case_id(scheme: str, overrides: list[str]) -> str:
-    terms = overrides[0].removeprefix("distill=[").removesuffix("]")
-    return f"{scheme}-{terms}" if terms else scheme
+    shown = [o.removeprefix("distill=[").removesuffix("]").rsplit(".", 1)[-1] for o in overrides[:1] + overrides[2:]]
+    return "-".join([scheme, *shown]) if any(shown) else scheme
 
 
 CASES = [pytest.param(scheme, overrides, id=case_id(scheme, overrides))
@@ -65,19 +73,20 @@ def compose_cfg(cache_dir: Path, output_dir: Path, *overrides: str):
                                            f"paths.data_dir={cache_dir / 'data'}", *QUICK, *overrides])
 
 
-class StudentLosses(Callback):
-    """The total loss of every student-phase training step, by global step."""
+class StageLosses(Callback):
+    """The total loss of every training step of one stage (the run's last), by global step."""
 
-    def __init__(self) -> None:
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
         self.by_step: dict[int, float] = {}
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if Path(trainer.default_root_dir).name == "student":
+        if Path(trainer.default_root_dir).name == self.stage:
             self.by_step[trainer.global_step] = outputs["loss"].item()
 
 
 def run_recording(cfg, monkeypatch) -> dict[int, float]:
-    recorder = StudentLosses()
+    recorder = StageLosses(plan_stages(cfg)[-1].name)
     original = pipeline.build_callbacks
     monkeypatch.setattr(pipeline, "build_callbacks", lambda cfg, has_logger: [*original(cfg, has_logger), recorder])
     run(cfg)
@@ -94,7 +103,8 @@ def cache_dir(tmp_path_factory) -> Path:
 def test_mid_epoch_resume_continues_with_the_uninterrupted_losses(scheme, overrides, cache_dir, tmp_path, monkeypatch):
     whole = run_recording(compose_cfg(cache_dir, tmp_path / "whole", f"scheme={scheme}", *overrides), monkeypatch)
     assert sorted(whole) == list(range(1, EPOCHS * BATCHES_PER_EPOCH + 1))
-    checkpoint = tmp_path / "whole" / "student" / "checkpoints" / f"epoch=0-step={RESUME_STEP}.ckpt"
+    last_stage = plan_stages(compose_cfg(cache_dir, tmp_path, f"scheme={scheme}", *overrides))[-1].name
+    checkpoint = tmp_path / "whole" / last_stage / "checkpoints" / f"epoch=0-step={RESUME_STEP}.ckpt"
     assert checkpoint.is_file(), sorted(p.name for p in checkpoint.parent.iterdir())
 
     resumed = run_recording(compose_cfg(cache_dir, tmp_path / "resumed", f"scheme={scheme}", *overrides,
@@ -102,9 +112,12 @@ def test_mid_epoch_resume_continues_with_the_uninterrupted_losses(scheme, overri
 
     after = {step: loss for step, loss in whole.items() if step > RESUME_STEP}
     assert resumed == after
-    final_whole, _ = read_weights(tmp_path / "whole" / "student.pt")
-    final_resumed, _ = read_weights(tmp_path / "resumed" / "student.pt")
-    assert all(torch.equal(final_whole[name], final_resumed[name]) for name in final_whole)
+    exports = sorted(path.name for path in (tmp_path / "whole").glob("*.pt"))  # one per trained network
+    assert exports and exports == sorted(path.name for path in (tmp_path / "resumed").glob("*.pt"))
+    for export in exports:
+        final_whole, _ = read_weights(tmp_path / "whole" / export)
+        final_resumed, _ = read_weights(tmp_path / "resumed" / export)
+        assert all(torch.equal(final_whole[name], final_resumed[name]) for name in final_whole), export
 
 
 def kd_train_command(tmp_path: Path, run_dir: str, *args: str) -> tuple[list[str], dict[str, str]]:

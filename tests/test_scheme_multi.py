@@ -12,10 +12,8 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 
 import kd_lightning.pipeline as pipeline
-from kd_lightning.data import DigitsDataModule
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms import FT, KD, RKD, DistillInputs, FitNet
 from kd_lightning.models import build_model
@@ -26,12 +24,6 @@ from kd_lightning.teachers import read_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 # (scheme, overrides) for the generic resume test: each selects one of this file's schemes.
-SCHEMES_FOR_RESUME = [
-    ("multi_teacher", ["distill=[kd,fitnet]", "scheme.aggregation=random"]),
-    ("multi_teacher", ["distill=[kd,fitnet]", "scheme.aggregation=confidence"]),
-    ("takd", ["distill=[kd]"]),
-    ("born_again", ["distill=[kd]", "plan.generations=2"]),
-]
 T = 4.0
 WIDTHS = ("convnet_large", "convnet_small", "convnet_tiny")
 
@@ -290,44 +282,6 @@ def test_bf16_mixed_multi_teacher_first_loss_within_two_percent_of_fp32(make_cfg
 
 
 # --- resume and DDP ------------------------------------------------------------------------------------------
-
-class StepLosses(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
-def _fit(module, loader, max_epochs: int, root: Path, ckpt_path: str | None = None) -> tuple[list[float], L.Trainer]:
-    recorder = StepLosses()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=str(root), callbacks=[recorder])
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
-    return recorder.losses, trainer
-
-
-@pytest.mark.parametrize("aggregation", ["random", "confidence"])
-def test_resume_from_a_checkpoint_continues_with_the_uninterrupted_losses(aggregation, tmp_path):
-    datamodule = DigitsDataModule(batch_size=16)
-    datamodule.setup("fit")
-    steps_per_epoch = 4
-    # The same order every epoch, so the comparison isolates the module's own state (adapters, momentum,
-    # the per-step teacher draw) from the data loader's.
-    order = [list(range(i * 16, (i + 1) * 16)) for i in range(steps_per_epoch)]
-    loader = DataLoader(datamodule.train_set, batch_sampler=order)
-    torch.manual_seed(3)
-    teachers = teachers_of_three_widths()
-    terms = lambda: {"kd": KD(weight=0.9, temperature=T), "fitnet": FitNet(weight=100.0)}  # noqa: E731
-    whole, _ = _fit(make_module(aggregation, terms(), teachers, seed=7), loader, 2, tmp_path / "whole")
-    _, interrupted = _fit(make_module(aggregation, terms(), teachers, seed=7), loader, 1, tmp_path / "part")
-    interrupted.save_checkpoint(tmp_path / "epoch0.ckpt")
-    resumed, _ = _fit(make_module(aggregation, terms(), teachers, seed=11), loader, 2, tmp_path / "resumed",
-                      ckpt_path=str(tmp_path / "epoch0.ckpt"))
-    assert len(resumed) == steps_per_epoch >= 3
-    assert resumed == whole[steps_per_epoch:]
-
 
 @pytest.mark.slow
 def test_two_ddp_ranks_match_one_process_with_random_teachers_and_per_teacher_adapters(tmp_path):

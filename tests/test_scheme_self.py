@@ -17,7 +17,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kd_lightning.data import DigitsDataModule
-from kd_lightning.data.base import KDDataModule
 from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
@@ -28,7 +27,7 @@ from kd_lightning.schemes import BYOT, CSKD, MeanTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 # Overrides that select each scheme, for the generic every-scheme resume test.
-SCHEMES_FOR_RESUME = {
+SCHEMES = {
     "byot": ["scheme=byot"],
     "cs_kd": ["scheme=cs_kd"],
     "tf_kd_reg": ["scheme=tf_kd_reg"],
@@ -220,9 +219,9 @@ def _digits_train():
 
 # --- real steps through the pipeline: the table holds baseline, label smoothing and the method ------------------
 
-@pytest.mark.parametrize("scheme", list(SCHEMES_FOR_RESUME))
+@pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_scheme_trains_through_the_pipeline_next_to_both_baselines(make_cfg, recorded_losses, scheme):
-    results = run(make_cfg(*SCHEMES_FOR_RESUME[scheme]))
+    results = run(make_cfg(*SCHEMES[scheme]))
     stages = list(results["stages"])
     assert stages[-3:] == ["baseline", "label_smoothing", "student"]
     assert (scheme == "tf_kd_self") == ("teacher" in stages)
@@ -239,47 +238,16 @@ def test_label_smoothing_baseline_is_cached_like_the_baseline(make_cfg):
     assert again["stages"]["baseline"]["source"].startswith("cache")
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES_FOR_RESUME))
+@pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_bf16_mixed_first_loss_is_within_two_percent_of_fp32(make_cfg, recorded_losses, scheme):
     first = {}
     for precision in ("32-true", "bf16-mixed"):
         recorded_losses.clear()
-        run(make_cfg(*SCHEMES_FOR_RESUME[scheme], "baseline=false", "plan.label_smoothing=null",
+        run(make_cfg(*SCHEMES[scheme], "baseline=false", "plan.label_smoothing=null",
                      f"trainer.precision={precision}"))
         first[precision] = recorded_losses["student"][0]
     assert first["bf16-mixed"] != first["32-true"]
     assert abs(first["bf16-mixed"] - first["32-true"]) <= 0.02 * abs(first["32-true"])
-
-
-# --- resume: bit-identical losses after a checkpoint -----------------------------------------------------------
-
-@pytest.fixture
-def epoch_seeded_shuffle(monkeypatch):
-    """Shuffle each epoch from (seed, epoch) so the comparison isolates the scheme's own state; exact resume
-    of the ordinary loader's RNG is the data module's business (issue #6)."""
-    def train_dataloader(self):
-        if getattr(getattr(self.trainer, "lightning_module", None), "train_batches", None):
-            return self.class_pair_loader()
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=EpochPermutation(len(self.train_set)))
-
-    monkeypatch.setattr(KDDataModule, "train_dataloader", train_dataloader)
-
-
-@pytest.mark.parametrize("scheme", list(SCHEMES_FOR_RESUME))
-def test_resume_gives_bit_identical_subsequent_losses(make_cfg, tmp_path, recorded_losses, epoch_seeded_shuffle,
-                                                      scheme):
-    common = [*SCHEMES_FOR_RESUME[scheme], "baseline=false", "plan.label_smoothing=null", "trainer.max_epochs=2",
-              "trainer.limit_train_batches=3", "scheduler.T_max=2", "teacher.max_epochs=1"]
-    run(make_cfg(*common, "+trainer.max_steps=3", "callbacks=default", "callbacks.progress_bar=null",
-                 "callbacks.lr_monitor=null"))
-    checkpoint = next((tmp_path / "out" / "student").rglob("last.ckpt"))
-    recorded_losses.clear()
-    run(make_cfg(*common))
-    uninterrupted = recorded_losses.pop("student")
-    run(make_cfg(*common, f"ckpt_path={checkpoint}"))
-    resumed = recorded_losses["student"]
-    assert len(uninterrupted) == 6 and len(resumed) == 3
-    assert resumed == uninterrupted[3:]
 
 
 # --- DDP: two gloo ranks end on identical weights -----------------------------------------------------------

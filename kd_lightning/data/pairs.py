@@ -56,6 +56,7 @@ class ClassPairBatchSampler(BatchSampler):
         self.pair_batch_size = int(batch_size)
         self.targets = torch.as_tensor(targets, dtype=torch.long)
         self.seed, self.epoch = int(seed), 0
+        self.skip, self.skip_epoch = 0, 0  # batches of epoch `skip_epoch` a resumed run has already trained on
         order = torch.argsort(self.targets, stable=True)
         counts = torch.bincount(self.targets)
         self._class_start = torch.cumsum(counts, 0) - counts  # members of class c: order[start_c : start_c + n_c]
@@ -69,11 +70,18 @@ class ClassPairBatchSampler(BatchSampler):
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
-    def partners(self) -> Tensor:
-        """This epoch's partner of every sample: uniform over the other members of its class."""
+    def current_epoch(self) -> int:
         # Lightning calls set_epoch on the anchor sampler only (EpochPermutation, DistributedSampler), so its
         # epoch is the one that counts.
-        epoch = int(getattr(self.sampler, "epoch", self.epoch))
+        return int(getattr(self.sampler, "epoch", self.epoch))
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Leave out the first `batches` batches of `epoch` (a mid-epoch checkpoint's); other epochs start whole."""
+        self.skip, self.skip_epoch = int(batches), int(epoch)
+
+    def partners(self) -> Tensor:
+        """This epoch's partner of every sample: uniform over the other members of its class."""
+        epoch = self.current_epoch()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 7_919)
         size = self._class_size[self.targets]
         others = (size - 1).clamp(min=1)
@@ -84,5 +92,8 @@ class ClassPairBatchSampler(BatchSampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         partners = self.partners().tolist()
-        for anchors in super().__iter__():
-            yield anchors + [partners[index] for index in anchors]
+        skip = self.skip if self.current_epoch() == self.skip_epoch else 0
+        self.skip = 0
+        for position, anchors in enumerate(super().__iter__()):
+            if position >= skip:
+                yield anchors + [partners[index] for index in anchors]

@@ -72,3 +72,27 @@ class ResumableLoader(DataLoader):
         if isinstance(self.sampler, EpochPermutationSampler):
             self.sampler.set_epoch(state["epoch"])
             self.sampler.skip = state["batches_delivered"] * self.batch_size
+
+
+class ResumableBatchLoader(DataLoader):
+    """A DataLoader over a batch sampler that can `resume_at(epoch, batches)` and tells its `current_epoch()`
+    (CS-KD's class pairs), with the same (epoch, batches delivered) state as `ResumableLoader`."""
+
+    def __init__(self, dataset: Dataset, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("generator", torch.Generator())
+        super().__init__(dataset, *args, **kwargs)
+        self.batches_delivered = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        batches = self.batch_sampler
+        self.generator.manual_seed(global_seed() + batches.current_epoch())
+        self.batches_delivered = batches.skip if batches.current_epoch() == batches.skip_epoch else 0
+        for batch in super().__iter__():
+            self.batches_delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.batch_sampler.current_epoch(), "batches_delivered": self.batches_delivered}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.resume_at(state["epoch"], state["batches_delivered"])
