@@ -148,7 +148,11 @@ def model_config(entry: Any, where: str) -> dict[str, Any]:
     """A model config from a zoo name or a model config mapping (`name` plus the factory's options)."""
     from kd_lightning.models import MODELS, TORCHVISION_PREFIX
 
-    model = {"_target_": MODEL_FACTORY, "name": entry} if isinstance(entry, str) else dict(_plain(entry) or {})
+    entry = _plain(entry)
+    if not isinstance(entry, (str, Mapping)):
+        raise ConfigError(f"{where}={entry!r} is not a model. Write each entry as a model name (e.g. resnet20) or a "
+                          f"model config with a `name`.")
+    model = {"_target_": MODEL_FACTORY, "name": entry} if isinstance(entry, str) else dict(entry)
     model.setdefault("_target_", MODEL_FACTORY)
     name = model.get("name")
     if model["_target_"] == MODEL_FACTORY and not (isinstance(name, str) and (

@@ -226,7 +226,7 @@ def test_multi_teacher_run_distils_from_each_trained_cached_teacher(make_cfg, tm
     monkeypatch.setattr(pipeline, "build_callbacks",
                         lambda cfg, has_logger: [*original(cfg, has_logger), CaptureStudentModule(modules)])
     results = run(make_cfg("scheme=multi_teacher", "teachers=[convnet_large,convnet_large,convnet_small]",
-                           "distill=[kd,fitnet]"))
+                           "distill=[kd,fitnet]", "scheme.ce_weight=0.1"))
     table = capsys.readouterr().out
     for label in ("teacher 1", "teacher 2", "teacher 3", "student baseline", "student + kd+fitnet (3 teachers)"):
         assert label in table
@@ -239,7 +239,7 @@ def test_multi_teacher_run_distils_from_each_trained_cached_teacher(make_cfg, tm
     first, second = (read_weights(file)[0] for file in files[:2])
     assert not torch.equal(first["fc.weight"], second["fc.weight"])
     again = run(make_cfg("scheme=multi_teacher", "teachers=[convnet_large,convnet_large,convnet_small]",
-                         "distill=[kd,fitnet]", "baseline=false"))
+                         "distill=[kd,fitnet]", "scheme.ce_weight=0.1", "baseline=false"))
     assert all(again["stages"][f"teacher{k}"]["source"].startswith("cache") for k in (1, 2, 3))
 
 
@@ -274,7 +274,7 @@ def test_bf16_mixed_multi_teacher_first_loss_within_two_percent_of_fp32(make_cfg
     first = {}
     for precision in ("32-true", "bf16-mixed"):
         recorded_losses.clear()
-        run(make_cfg("scheme=multi_teacher", "baseline=false", "distill=[kd,fitnet]", "scheme.aggregation=confidence",
+        run(make_cfg("scheme=multi_teacher", "baseline=false", "distill=[kd,fitnet]", "scheme.ce_weight=0.1", "scheme.aggregation=confidence",
                      f"trainer.precision={precision}"))
         first[precision] = recorded_losses["student"][0]
     assert first["bf16-mixed"] != first["32-true"]

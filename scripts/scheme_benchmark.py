@@ -1,0 +1,140 @@
+"""Every scheme × seeds on one teacher/student pair, each stage of every run in one table.
+
+    python scripts/scheme_benchmark.py --seeds 0,1,2,3,4 --out bench/schemes --markdown BENCHMARKS.md -- \\
+        callbacks=none logger=none trainer.enable_progress_bar=false
+
+One `kd-train -m seed=...` multirun per scheme (CASES), `--jobs` of them at a time, all sharing one stage
+cache in `--out`: the teacher and the baselines are trained by the first job that needs them and loaded by
+every other. A run's `results.json` lists all its stages (teachers, baselines, label smoothing, assistants,
+generations, peers), so the table compares each scheme with the baseline and label smoothing of the same
+seeds. Rows: mean ± sample std of test top-1 over seeds, Δ to the student baseline's mean. The section goes
+between `<!-- benchmark:schemes:start/end -->` in `--markdown`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+MARK = "schemes"
+# (label, kd-train overrides). The offline KD row is the reference every scheme is read against.
+CASES: list[tuple[str, list[str]]] = [
+    ("kd", ["distill=[kd]"]),
+    ("multi_teacher", ["scheme=multi_teacher", "distill=[kd]",
+                       "teachers=[convnet_large,convnet_large,convnet_large]"]),
+    ("takd", ["scheme=takd", "distill=[kd]", "plan.chain=[convnet_large,convnet_small,convnet_tiny]"]),
+    ("born_again", ["scheme=born_again", "distill=[kd]", "plan.generations=3"]),
+    ("dml", ["scheme=dml", "scheme.peers=[convnet_tiny,convnet_tiny]"]),
+    ("kdcl", ["scheme=kdcl", "scheme.peers=[convnet_tiny,convnet_tiny]", "scheme.rampup_epochs=10"]),
+    ("byot", ["scheme=byot"]),
+    ("cs_kd", ["scheme=cs_kd"]),
+    ("tf_kd_self", ["scheme=tf_kd_self"]),
+    ("tf_kd_reg", ["scheme=tf_kd_reg"]),
+    ("mean_teacher", ["scheme=mean_teacher"]),
+]
+BASELINE = "student baseline"
+
+
+def run_case(label: str, overrides: list[str], args: argparse.Namespace, out: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    command = [sys.executable, "-m", "kd_lightning.train", "-m", f"seed={args.seeds}", *overrides,
+               f"paths.cache_dir={out / 'cache'}", f"hydra.sweep.dir={out / 'sweeps' / label}", *args.overrides]
+    start = time.monotonic()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    with open(out / "logs" / f"{label}.log", "w") as log:
+        rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    wall = round(time.monotonic() - start, 1)
+    print(f"[schemes] {label}: exit {rc}, {wall} s", flush=True)
+    return {"label": label, "rc": rc, "wall_s": wall, "command": shlex.join(command[1:])}
+
+
+def stage_rows(results: dict) -> list[tuple[str, float]]:
+    """(row name, test top-1 %) for every stage of one run; a stage of several networks gives one per network."""
+    rows = []
+    for record in results["stages"].values():
+        metrics, label = record["metrics"], record["label"]
+        roles = sorted({key.split("/")[1] for key in metrics if key.count("/") == 2 and key.endswith("/acc")})
+        if roles:
+            rows += [(f"{label} ({role})", 100 * metrics[f"test/{role}/acc"]) for role in roles]
+        elif "test/acc" in metrics:
+            rows.append((label, 100 * metrics["test/acc"]))
+    return rows
+
+
+def collect(out: Path) -> dict[str, dict[str, list[float]]]:
+    table: dict[str, dict[str, list[float]]] = {}
+    for label, _ in CASES:
+        for results_file in sorted((out / "sweeps" / label).glob("*/results.json")):
+            for row, accuracy in stage_rows(json.loads(results_file.read_text())):
+                table.setdefault(label, {}).setdefault(row, []).append(accuracy)
+    return table
+
+
+def render(table: dict[str, dict[str, list[float]]], meta: dict) -> str:
+    # Every case's baseline stage is the same cached network per seed; read it from the first case.
+    baseline = next((rows[BASELINE] for rows in table.values() if BASELINE in rows), None)
+    base = statistics.mean(baseline) if baseline else None
+    lines = [f"## {MARK}", "", "```bash", meta["command"], "```", "",
+             f"{meta['date']}; {os.cpu_count()} CPUs, no GPU; total wall time {meta['wall_s'] / 60:.1f} min "
+             f"({meta['jobs']} schemes at a time). Per scheme (s): "
+             + ", ".join(f"{run['label']} {run['wall_s']:.0f}" + ("" if run["rc"] == 0 else f" (exit {run['rc']})")
+                         for run in meta["runs"]) + ".", "",
+             "| scheme | stage | test top-1 (%) | Δ vs baseline (pp) | seeds |", "| --- | --- | --- | --- | --- |"]
+    for label, rows in table.items():
+        for row, accs in rows.items():
+            mean = statistics.mean(accs)
+            spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+            delta = f"{mean - base:+.2f}" if base is not None and row != BASELINE else "–"
+            lines.append(f"| `{label}` | {row} | {mean:.2f}{spread} | {delta} | {len(accs)} |")
+    return "\n".join(lines)
+
+
+def write_section(markdown: Path, section: str) -> None:
+    start, end = f"<!-- benchmark:{MARK}:start -->", f"<!-- benchmark:{MARK}:end -->"
+    text = markdown.read_text() if markdown.exists() else "# Benchmarks\n"
+    block = f"{start}\n{section}\n{end}"
+    if start in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    markdown.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", type=Path, default=Path("bench/schemes"))
+    parser.add_argument("--jobs", type=int, default=2, help="schemes run at the same time")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per job")
+    parser.add_argument("--only", default="", help="comma-separated scheme labels (default: all)")
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("overrides", nargs="*", help="kd-train overrides for every run, after --")
+    args = parser.parse_args()
+    cases = [case for case in CASES if not args.only or case[0] in args.only.split(",")]
+    # The teacher and the baseline first, alone, so the parallel jobs all load them from the cache.
+    first = run_case(*cases[0], args, args.out)
+    start = time.monotonic()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = [first, *pool.map(lambda case: run_case(*case, args, args.out), cases[1:])]
+    meta = {"command": "python scripts/scheme_benchmark.py " + shlex.join(sys.argv[1:]), "runs": runs,
+            "date": datetime.date.today().isoformat(), "jobs": args.jobs,
+            "wall_s": round(time.monotonic() - start + first["wall_s"], 1)}
+    (args.out / "benchmark.json").write_text(json.dumps(meta, indent=2))
+    section = render(collect(args.out), meta)
+    print(section)
+    if args.markdown:
+        write_section(args.markdown, section)
+    sys.exit(0 if all(run["rc"] == 0 for run in runs) else 1)
+
+
+if __name__ == "__main__":
+    main()
