@@ -32,7 +32,7 @@ def check_command_line(argv: list[str], config_dir: str, config_name: str = "tra
     except OverrideParseException:
         return  # a syntax error: Hydra's own message points at the offending character
     primary = Path(args.config_dir or config_dir) / f"{args.config_name or config_name}.yaml"
-    primary_keys = set(OmegaConf.load(primary)) if primary.is_file() else None
+    primary_keys = set(OmegaConf.load(primary)) | global_keys(Path(config_dir)) if primary.is_file() else None
     for override in overrides:
         group = override.key_or_group
         if loader.repository.group_exists(group):
@@ -48,6 +48,17 @@ def check_command_line(argv: list[str], config_dir: str, config_name: str = "tra
                 f"{closest_phrase(group, [*groups, *primary_keys])}Config groups: {', '.join(groups)}. To add a "
                 f"new top-level key on purpose, write +{override.input_line}."
             )
+
+
+def global_keys(config_dir: Path) -> set[str]:
+    """Top-level keys that `# @package _global_` group options add (e.g. scheme=multi_teacher's `teachers`):
+    valid on the command line once that option is chosen, so not a misspelling to refuse here."""
+    keys: set[str] = set()
+    for path in config_dir.rglob("*.yaml"):
+        text = path.read_text()
+        if text.startswith("# @package _global_"):
+            keys |= set(OmegaConf.create(text) or {}) - {"defaults"}
+    return keys
 
 
 def group_options(loader: ConfigLoaderImpl, group: str) -> list[str]:

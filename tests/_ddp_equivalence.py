@@ -1,21 +1,23 @@
-"""Train KD + FitNet for a few steps either as 2 DDP (gloo) processes or as one process on the same global
-batches, and save what each rank ended with; tests/test_ddp.py compares the two.
+"""Train a scheme for a few steps either as 2 DDP (gloo) processes or as one process on the same global
+batches, and save what each rank ended with; `train_both` runs both and the tests compare them.
 
-    python tests/_ddp_equivalence.py ddp OUT       # 2 ranks × batch 16
-    python tests/_ddp_equivalence.py single OUT    # 1 process, micro-batches of 16, 2 per optimizer step
+    python tests/_ddp_equivalence.py SCHEME ddp OUT       # 2 ranks × batch 16
+    python tests/_ddp_equivalence.py SCHEME single OUT    # 1 process, micro-batches of 16, 2 per optimizer step
 
-Lightning's DDP launcher re-runs this script once per extra rank, so it builds everything from scratch and
-reads its rank from LOCAL_RANK. One DDP step averages the two ranks' gradients, each computed with its own
-BatchNorm batch statistics; gradient accumulation over the same two micro-batches does exactly that in one
-process, so the two runs must agree up to float summation order.
+SCHEME is a key of MODULES. Lightning's DDP launcher re-runs this script once per extra rank, so it builds
+everything from scratch and reads its rank from LOCAL_RANK. One DDP step averages the two ranks' gradients,
+each computed with its own BatchNorm batch statistics; gradient accumulation over the same two micro-batches
+does exactly that in one process, so the two runs must agree up to float summation order.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -24,9 +26,32 @@ from torch.utils.data import DataLoader, DistributedSampler
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.losses.terms import KD, FitNet
 from kd_lightning.models import build_model
-from kd_lightning.schemes import Offline
+from kd_lightning.schemes import DML, MultiTeacher, Offline
 
 BATCH, STEPS, RANKS, SEED = 16, 4, 2, 0
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # per-rank BN statistics, by design
+SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def model(name: str) -> torch.nn.Module:
+    return build_model(name, num_classes=10, in_channels=1)
+
+
+def kd_fitnet() -> dict:
+    return {"kd": KD(weight=0.9, temperature=4.0), "fitnet": FitNet(weight=100.0)}
+
+
+# Each builds the module from (the data module's example input); adapters and peers must be synchronised too.
+MODULES: dict[str, Callable[[torch.Tensor], L.LightningModule]] = {
+    "offline": lambda example: Offline(student=model("convnet_tiny"), teacher=model("convnet_large"), num_classes=10,
+                                       example_input=example, terms=kd_fitnet(), ce_weight=0.1, optimizer=SGD),
+    # Three teachers drawn at random per step, one FitNet adapter each.
+    "multi_teacher": lambda example: MultiTeacher(
+        student=model("convnet_tiny"), teachers=[model(n) for n in ("convnet_large", "convnet_small", "convnet_tiny")],
+        num_classes=10, example_input=example, aggregation="random", selection_seed=SEED, terms=kd_fitnet(),
+        ce_weight=0.1, optimizer=SGD),
+    "dml": lambda example: DML([model("convnet_small"), model("convnet_tiny")], num_classes=10, optimizer=SGD),
+}
 
 
 def rank_batches(dataset, rank: int) -> list[list[int]]:
@@ -48,17 +73,12 @@ class RecordRank(L.Callback):
         torch.save({"state_dict": state, "losses": self.losses}, self.out / f"{self.mode}-rank{trainer.global_rank}.pt")
 
 
-def main(mode: str, out: Path) -> None:
+def main(scheme: str, mode: str, out: Path) -> None:
     torch.set_num_threads(1)
     L.seed_everything(SEED)
     datamodule = DigitsDataModule(batch_size=BATCH)
     datamodule.setup("fit")
-    teacher = build_model("convnet_large", num_classes=10, in_channels=1)
-    student = build_model("convnet_tiny", num_classes=10, in_channels=1)
-    module = Offline(student=student, teacher=teacher, num_classes=10, example_input=datamodule.example_input(),
-                     terms={"kd": KD(weight=0.9, temperature=4.0), "fitnet": FitNet(weight=100.0)},
-                     ce_weight=0.1, train_size=datamodule.train_size,
-                     optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4))
+    module = MODULES[scheme](datamodule.example_input())
     if mode == "ddp":
         batches = rank_batches(datamodule.train_set, int(os.environ.get("LOCAL_RANK", 0)))
         options = {"strategy": "ddp", "devices": RANKS}
@@ -73,5 +93,23 @@ def main(mode: str, out: Path) -> None:
     trainer.fit(module, train_dataloaders=loader)
 
 
+def train_both(scheme: str, out: Path) -> tuple[dict, dict, dict, list[str]]:
+    """(rank 0, rank 1, one process, the trained keys) after running this script in both modes."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    for mode in ("ddp", "single"):
+        result = subprocess.run([sys.executable, __file__, scheme, mode, str(out)], cwd=out, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1, single = (torch.load(out / f"{name}.pt", weights_only=True)
+                            for name in ("ddp-rank0", "ddp-rank1", "single-rank0"))
+    trained = [key for key in rank0["state_dict"] if not key.endswith(BUFFERS)]
+    for key in trained:
+        assert torch.equal(rank0["state_dict"][key], rank1["state_dict"][key]), f"ranks disagree on {key}"
+        torch.testing.assert_close(rank0["state_dict"][key], single["state_dict"][key], rtol=1e-5, atol=1e-6,
+                                   msg=lambda text: f"{key}: DDP and one process disagree. {text}")
+    return rank0, rank1, single, trained
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))

@@ -169,6 +169,7 @@ def test_unknown_group_option_lists_valid_ones_and_closest(argv, message):
     ["experiment=cifar100/resnet32x4_resnet8x4"], ["-m", "seed=0,1", "distill=kd,at"], ["distill=glob(k*)"],
     ["~debug"], ["experiment=null", "debug=fdr"], ["student.name=resnet9"], ["+anything=1"], ["distill=[]"],
     ["hydra/launcher=basic", "hydra.run.dir=x"], ["--cfg", "job"], ["--help"], [],
+    ["scheme=multi_teacher", "teachers=[convnet_large,convnet_small]"],  # a key a _global_ scheme config adds
 ])
 def test_valid_command_lines_pass_the_group_check(argv):
     from kd_lightning.cli_checks import check_command_line

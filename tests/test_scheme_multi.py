@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import pytest
+from _ddp_equivalence import train_both
 import torch
 from omegaconf import OmegaConf
 
@@ -22,7 +20,6 @@ from kd_lightning.schemes import MultiTeacher
 from kd_lightning.stages import plan_stages
 from kd_lightning.teachers import read_weights
 
-ROOT = Path(__file__).resolve().parents[1]
 # (scheme, overrides) for the generic resume test: each selects one of this file's schemes.
 T = 4.0
 WIDTHS = ("convnet_large", "convnet_small", "convnet_tiny")
@@ -281,23 +278,12 @@ def test_bf16_mixed_multi_teacher_first_loss_within_two_percent_of_fp32(make_cfg
     assert abs(first["bf16-mixed"] - first["32-true"]) <= 0.02 * abs(first["32-true"])
 
 
-# --- resume and DDP ------------------------------------------------------------------------------------------
+# --- DDP ------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_two_ddp_ranks_match_one_process_with_random_teachers_and_per_teacher_adapters(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    for mode in ("ddp", "single"):
-        result = subprocess.run([sys.executable, str(ROOT / "tests" / "_ddp_multi_teacher.py"), mode, str(tmp_path)],
-                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1, single = (torch.load(tmp_path / f"{name}.pt", weights_only=True)
-                            for name in ("ddp-rank0", "ddp-rank1", "single-rank0"))
-    buffers = ("running_mean", "running_var", "num_batches_tracked")  # per-rank BN statistics, by design
-    trained = [key for key in rank0["state_dict"] if not key.endswith(buffers)]
+    rank0, rank1, single, trained = train_both("multi_teacher", tmp_path)
     assert any(key.startswith("terms.fitnet_teacher2.regressor") for key in trained)
-    for key in trained:
-        assert torch.equal(rank0["state_dict"][key], rank1["state_dict"][key]), f"ranks disagree on {key}"
-        torch.testing.assert_close(rank0["state_dict"][key], single["state_dict"][key], rtol=1e-5, atol=1e-6)
     micro = [2 * loss for loss in single["losses"]]
     torch.testing.assert_close(torch.tensor(rank0["losses"]), torch.tensor(micro[0::2]), rtol=1e-4, atol=0)
     torch.testing.assert_close(torch.tensor(rank1["losses"]), torch.tensor(micro[1::2]), rtol=1e-4, atol=0)

