@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.losses.terms import KD, FitNet
 from kd_lightning.models import build_model
-from kd_lightning.schemes import DML, MultiTeacher, Offline
+from kd_lightning.schemes import BYOT, DML, KDCL, MultiTeacher, Offline, TfKDReg
 
 BATCH, STEPS, RANKS, SEED = 16, 4, 2, 0
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # per-rank BN statistics, by design
@@ -51,6 +51,11 @@ MODULES: dict[str, Callable[[torch.Tensor], L.LightningModule]] = {
         num_classes=10, example_input=example, aggregation="random", selection_seed=SEED, terms=kd_fitnet(),
         ce_weight=0.1, optimizer=SGD),
     "dml": lambda example: DML([model("convnet_small"), model("convnet_tiny")], num_classes=10, optimizer=SGD),
+    "kdcl": lambda example: KDCL([model("convnet_small"), model("convnet_tiny")], num_classes=10, rampup_epochs=0,
+                                 optimizer=SGD),
+    # Heads on every stage but the deepest: more parameters DDP must reduce.
+    "byot": lambda example: BYOT(model("convnet_small"), num_classes=10, example_input=example, optimizer=SGD),
+    "tf_kd_reg": lambda example: TfKDReg(model("convnet_tiny"), num_classes=10, optimizer=SGD),
 }
 
 

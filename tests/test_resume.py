@@ -25,31 +25,10 @@ from kd_lightning.data.resumable import EpochPermutationSampler, ResumableLoader
 from kd_lightning.pipeline import run
 from kd_lightning.stages import plan_stages
 from kd_lightning.teachers import read_weights
+from scheme_cases import SCHEME_CASES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
-TERMS = sorted(path.stem for path in (CONF_DIR / "distill").glob("*.yaml"))
-# Recipes cut to the test's size: init stages of one epoch (the main stage is what is checkpointed and
-# resumed), warm-ups that end within the two epochs (so the weight changes across the resume), CRD with
-# 64 negatives instead of 16384, FSP between networks of equal widths.
-TERM_OVERRIDES = {
-    "ab": ["distill.ab.init_epochs=1"], "ft": ["distill.ft.init_epochs=1"],
-    "fsp": ["distill.fsp.init_epochs=1", "student=convnet_large"],
-    "dkd": ["distill.dkd.warmup_epochs=2"], "dkd_ls": ["distill.dkd_ls.warmup_epochs=2"],
-    "reviewkd": ["distill.reviewkd.warmup_epochs=2"], "crd": ["distill.crd.nce_k=64"],
-}
-# One entry per scheme: the override lists that scheme is resumed under. A new scheme is one more line.
-SCHEME_CASES: dict[str, list[list[str]]] = {
-    "supervised": [["distill=[]"]],
-    "offline": [[f"distill=[{term}]", *TERM_OVERRIDES.get(term, [])] for term in TERMS],
-    "multi_teacher": [["distill=[kd,fitnet]", "scheme.ce_weight=0.1", f"scheme.aggregation={aggregation}"]
-                      for aggregation in ("average", "confidence", "random")],
-    "takd": [["distill=[kd]"]],
-    "born_again": [["distill=[kd]", "plan.generations=2"]],
-    "dml": [["scheme.peers=[convnet_small,convnet_tiny]"]],
-    "kdcl": [["scheme.rampup_epochs=2"]],
-    "byot": [[]], "cs_kd": [[]], "tf_kd_reg": [[]], "tf_kd_self": [[]], "mean_teacher": [[]],
-}
 
 
 def case_id(scheme: str, overrides: list[str]) -> str:

@@ -214,7 +214,7 @@ class MeanTeacher(Offline):
                               f"is the student itself, at 1 it never leaves its initialisation (mean teacher uses "
                               f"0.97 on CIFAR-10, 0.999 on ImageNet).")
         ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(float(ema_decay)), use_buffers=True)
-        ema.requires_grad_(False)
+        ema.requires_grad_(False).eval()
         super().__init__(student, ema.module, terms, num_classes, example_input, **offline)
         object.__setattr__(self, "ema", ema)  # outside the module tree, like the teacher it holds
         self.ema_decay = float(ema_decay)

@@ -1,0 +1,30 @@
+"""The overrides every scheme is exercised under by the tests that walk all schemes (resume, precision,
+the frozen-teacher contract). A new `conf/scheme/<name>.yaml` needs an entry here, which
+tests/test_schemes.py checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+TERMS = sorted(path.stem for path in (CONF_DIR / "distill").glob("*.yaml"))
+# Recipes cut to the tests' size: init stages of one epoch, warm-ups that end within two epochs, CRD with
+# 64 negatives instead of 16384, FSP between networks of equal widths.
+TERM_OVERRIDES = {
+    "ab": ["distill.ab.init_epochs=1"], "ft": ["distill.ft.init_epochs=1"],
+    "fsp": ["distill.fsp.init_epochs=1", "student=convnet_large"],
+    "dkd": ["distill.dkd.warmup_epochs=2"], "dkd_ls": ["distill.dkd_ls.warmup_epochs=2"],
+    "reviewkd": ["distill.reviewkd.warmup_epochs=2"], "crd": ["distill.crd.nce_k=64"],
+}
+# scheme → the override lists it is run under (the first is the one the cheaper walks use).
+SCHEME_CASES: dict[str, list[list[str]]] = {
+    "supervised": [["distill=[]"]],
+    "offline": [[f"distill=[{term}]", *TERM_OVERRIDES.get(term, [])] for term in TERMS],
+    "multi_teacher": [["distill=[kd,fitnet]", "scheme.ce_weight=0.1", f"scheme.aggregation={aggregation}"]
+                      for aggregation in ("average", "confidence", "random")],
+    "takd": [["distill=[kd]"]],
+    "born_again": [["distill=[kd]", "plan.generations=2"]],
+    "dml": [["scheme.peers=[convnet_small,convnet_tiny]"]],
+    "kdcl": [["scheme.rampup_epochs=1"]],
+    "byot": [[]], "cs_kd": [[]], "tf_kd_reg": [[]], "tf_kd_self": [[]], "mean_teacher": [[]],
+}
