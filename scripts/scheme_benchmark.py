@@ -29,6 +29,9 @@ MARK = "schemes"
 # (label, kd-train overrides). The offline KD row is the reference every scheme is read against.
 CASES: list[tuple[str, list[str]]] = [
     ("kd", ["distill=[kd]"]),
+    # KD from the other two teachers of the multi-teacher row (same recipe, teacher seeds 1 and 2).
+    ("kd_teacher2", ["distill=[kd]", "teacher.seed=1"]),
+    ("kd_teacher3", ["distill=[kd]", "teacher.seed=2"]),
     ("multi_teacher", ["scheme=multi_teacher", "distill=[kd]",
                        "teachers=[convnet_large,convnet_large,convnet_large]"]),
     ("takd", ["scheme=takd", "distill=[kd]", "plan.chain=[convnet_large,convnet_small,convnet_tiny]"]),
@@ -128,6 +131,13 @@ def main() -> None:
     meta = {"command": "python scripts/scheme_benchmark.py " + shlex.join(sys.argv[1:]), "runs": runs,
             "date": datetime.date.today().isoformat(), "jobs": args.jobs,
             "wall_s": round(time.monotonic() - start + first["wall_s"], 1)}
+    previous = args.out / "benchmark.json"
+    if args.only and previous.is_file():  # a partial re-run: keep the other schemes' runs and time
+        before = json.loads(previous.read_text())
+        rerun = {run["label"] for run in runs}
+        meta["runs"] = [run for run in before["runs"] if run["label"] not in rerun] + runs
+        meta["wall_s"] += sum(run["wall_s"] for run in before["runs"] if run["label"] not in rerun)
+        meta["command"] = before["command"] + "  # then: " + meta["command"]
     (args.out / "benchmark.json").write_text(json.dumps(meta, indent=2))
     section = render(collect(args.out), meta)
     print(section)
