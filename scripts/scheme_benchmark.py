@@ -87,7 +87,8 @@ def render(table: dict[str, dict[str, list[float]]], meta: dict) -> str:
     baseline = next((rows[BASELINE] for rows in table.values() if BASELINE in rows), None)
     base = statistics.mean(baseline) if baseline else None
     lines = [f"## {MARK}", "", "```bash", meta["command"], "```", "",
-             f"{meta['date']}; {os.cpu_count()} CPUs, no GPU; total wall time {meta['wall_s'] / 60:.1f} min "
+             f"{meta['date']}; {os.cpu_count()} CPUs, no GPU; wall time "
+             f"{' + '.join(f'{wall / 60:.1f}' for wall in meta.get('invocations_s', [meta['wall_s']]))} min "
              f"({meta['jobs']} schemes at a time). Per scheme (s): "
              + ", ".join(f"{run['label']} {run['wall_s']:.0f}" + ("" if run["rc"] == 0 else f" (exit {run['rc']})")
                          for run in meta["runs"]) + ".", "",
@@ -136,7 +137,7 @@ def main() -> None:
         before = json.loads(previous.read_text())
         rerun = {run["label"] for run in runs}
         meta["runs"] = [run for run in before["runs"] if run["label"] not in rerun] + runs
-        meta["wall_s"] += sum(run["wall_s"] for run in before["runs"] if run["label"] not in rerun)
+        meta["invocations_s"] = [*before.get("invocations_s", [before["wall_s"]]), meta["wall_s"]]
         meta["command"] = before["command"] + "  # then: " + meta["command"]
     (args.out / "benchmark.json").write_text(json.dumps(meta, indent=2))
     section = render(collect(args.out), meta)
