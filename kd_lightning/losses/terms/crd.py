@@ -358,14 +358,18 @@ def _all_ranks(*tensors: Tensor) -> tuple[Tensor, ...]:
 def _host_all_gather(value: int) -> list[int]:
     """Every rank's `value`, exchanged between hosts (CPU tensors over gloo): no rank waits for its device."""
     values = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(values, torch.tensor([value]), group=_host_group(dist.group.WORLD))
+    # A backend that already carries CPU tensors (gloo, or "cpu:gloo,cuda:nccl") needs no second group.
+    group = None if "gloo" in str(dist.get_backend()) else _gloo_group()
+    dist.all_gather(values, torch.tensor([value]), group=group)
     return [int(v) for v in values]
 
 
 @functools.lru_cache(maxsize=None)
-def _host_group(world: Any) -> Any:
-    # A backend that already carries CPU tensors (gloo, or "cpu:gloo,cuda:nccl") needs no second group.
-    return None if "gloo" in str(dist.get_backend(world)) else dist.new_group(backend="gloo")
+def _gloo_group() -> Any:
+    # Created once beside an NCCL default group. Not keyed by the default group: a cache holding that
+    # object keeps it alive past destroy_process_group, and its destructor then runs at interpreter exit,
+    # where gloo aborts the process ("terminate called without an active exception").
+    return dist.new_group(backend="gloo")
 
 
 def _last_occurrence(indices: Tensor, rows: int) -> Tensor:
