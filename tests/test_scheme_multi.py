@@ -166,6 +166,19 @@ def test_a_teacher_file_of_another_class_count_in_the_teacher_list_is_refused(ma
         run(cfg)
 
 
+def test_a_takd_chain_whose_teacher_has_another_class_count_or_input_channels_is_refused(make_cfg, tmp_path):
+    # Chain members are built for the data (its classes and channels); a teacher file must fit them too.
+    torch.save(build_model("convnet_large", 7, 1).state_dict(), tmp_path / "seven.pt")
+    torch.save(build_model("convnet_large", 10, 3).state_dict(), tmp_path / "rgb.pt")
+    for teacher_file in ("seven.pt", "rgb.pt"):
+        cfg = make_cfg("scheme=takd", "baseline=false")
+        OmegaConf.update(cfg, "plan.chain", [{"name": "convnet_large", "checkpoint": str(tmp_path / teacher_file)},
+                                             "convnet_small", "convnet_tiny"], merge=False)
+        with pytest.raises(ConfigError, match="does not fit model 'convnet_large'"):
+            run(cfg)
+    assert not (tmp_path / "cache").exists(), "refused before any stage trained"
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["scheme=multi_teacher", "teachers=[convnet_large]"], "at least two"),
     (["scheme=multi_teacher", "teachers=[convnet_large,convnet_huge]"], r"teachers\[1\]='convnet_huge' is not a model"),
