@@ -20,7 +20,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.report import format_table
+from kd_lightning.report import format_table, network_size
 from kd_lightning.schemes import Supervised
 from kd_lightning.schemes.base import DistillationModule
 from kd_lightning.stages import Stage, plan_stages
@@ -290,12 +290,14 @@ def run_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, products: di
 
 def table_rows(stage: Stage, record: dict[str, Any], networks: dict[str, torch.nn.Module]) -> list[tuple]:
     """One row per stage, or one per product when the scheme logs each product's `test/<role>/…` metrics."""
-    metrics = record["metrics"]
+    metrics, sizes = record["metrics"], record["size"]
     if len(networks) > 1 and all(f"test/{role}/acc" in metrics for role in networks):
         return [(f"{record['label']} ({role})", network.kd_spec.get("name", role),
-                 {key.replace(f"/{role}/", "/"): value for key, value in metrics.items() if f"/{role}/" in key})
+                 {key.replace(f"/{role}/", "/"): value for key, value in metrics.items() if f"/{role}/" in key},
+                 sizes[role])
                 for role, network in networks.items()]
-    return [(record["label"], stage.model_names(), metrics)]
+    first = next(iter(networks))  # a single network, or the one whose metrics the stage logs as its own
+    return [(record["label"], stage.model_names(), metrics, sizes[first])]
 
 
 def resumed_stage(cfg: DictConfig, stages: list[Stage]) -> str | None:
@@ -335,7 +337,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         keys[stage.name] = recipe_key(stage_recipe(stage_cfg, stage, keys))
         products[stage.name], records[stage.name], trainer = run_stage(
             stage_cfg, stage, datamodule, products, keys[stage.name], cfg.ckpt_path if stage.name == resume else None)
-        records[stage.name].update(label=stage.label, models=dict(stage.networks), key=keys[stage.name])
+        records[stage.name].update(label=stage.label, models=dict(stage.networks), key=keys[stage.name],
+                                   size={role: network_size(net, datamodule.example_input())
+                                         for role, net in products[stage.name].items()})
     last = stages[-1]
     results: dict[str, Any] = {"student": OmegaConf.to_container(cfg.student, resolve=True), "stages": records,
                                "student_metrics": records[last.name]["metrics"], "loss": records[last.name].get("loss"),
@@ -350,5 +354,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             export_student(network, output_dir / f"{role}.pt", records[last.name]["metrics"])
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         rows = [row for stage in stages for row in table_rows(stage, records[stage.name], products[stage.name])]
-        print(format_table(rows, cfg.get("task_name", "train")))
+        teacher = records.get("teacher", {}).get("size", {}).get("student", {}).get("params")
+        print(format_table(rows, cfg.get("task_name", "train"), reference_params=teacher))
     return results

@@ -1,19 +1,42 @@
-"""The closing table of a run: teacher, student baseline and distilled student test accuracy."""
+"""The closing table of a run: every stage's test accuracy, with the size that KD trades it for."""
 
 from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-def format_table(rows: Iterable[tuple[str, str, Mapping[str, float]]], title: str = "results") -> str:
+Row = tuple[str, str, Mapping[str, float], Mapping[str, int]]
+
+
+def network_size(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """Parameters and FLOPs of one forward pass per image (torch's FlopCounterMode: 2 FLOPs per
+    multiply-accumulate of matmuls and convolutions), measured in eval mode on one example image."""
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(example_input[:1])
+    model.train(was_training)
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": int(counter.get_total_flops())}
+
+
+def format_table(rows: Iterable[Row], title: str = "results", reference_params: int | None = None) -> str:
+    """One line per row; `reference_params` (the teacher's) adds each network's parameter ratio to it."""
     rows = list(rows)
-    top5 = any("test/acc_top5" in metrics for _, _, metrics in rows)
-    header = ["role", "model", "test acc (%)"] + (["top-5 (%)"] if top5 else [])
+    top5 = any("test/acc_top5" in metrics for _, _, metrics, _ in rows)
+    header = (["role", "model", "test acc (%)"] + (["top-5 (%)"] if top5 else [])
+              + ["params", "MFLOPs/img"] + (["params / teacher"] if reference_params else []))
     lines = [header]
-    for role, model, metrics in rows:
+    for role, model, metrics, size in rows:
         line = [role, model, _percent(metrics.get("test/acc"))]
         if top5:
             line.append(_percent(metrics.get("test/acc_top5")))
+        line += [_count(size.get("params")), "-" if size.get("flops") is None else f"{size['flops'] / 1e6:.3g}"]
+        if reference_params:
+            line.append("-" if size.get("params") is None else f"{size['params'] / reference_params:.3f}")
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     rule = "+".join("-" * (width + 2) for width in widths)
@@ -27,3 +50,9 @@ def format_table(rows: Iterable[tuple[str, str, Mapping[str, float]]], title: st
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1e6:.3g}M" if value >= 1e6 else f"{value / 1e3:.3g}k" if value >= 1e3 else str(value)

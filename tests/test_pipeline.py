@@ -26,6 +26,8 @@ def test_default_job_distils_a_student_that_beats_its_baseline_and_reuses_the_ca
     assert results["teacher"]["source"].startswith("trained")
     for role in ("teacher", "student baseline", "student + kd"):
         assert role in table
+    assert "params / teacher" in table and "| 590 " in table and "| 0.008 " in table  # 590 / 75.1k parameters
+    assert results["stages"]["student"]["size"]["student"] == {"params": 590, "flops": 32416}
     teacher, baseline, distilled = (results["teacher"]["metrics"]["test/acc"], results["baseline"]["test/acc"],
                                     results["student_metrics"]["test/acc"])
     assert teacher >= 0.95 and baseline >= 0.85
@@ -155,3 +157,14 @@ def test_teacher_max_epochs_also_sets_its_schedule_length(make_cfg, tmp_path):
     finally:
         pipeline.scheme_kwargs = original
     assert 2 in seen and 1 in seen  # the teacher's cosine spans its own 2 epochs, the student's its 1
+
+
+def test_network_size_counts_parameters_and_flops_as_by_hand():
+    from kd_lightning.report import network_size
+
+    # convnet_tiny on one 8x8 grey image: 3x3 convs 1->4 (8x8), 4->4 (8x8), 4->8 (stride 2, 4x4), fc 8->10.
+    macs = 8 * 8 * 4 * 1 * 9 + 8 * 8 * 4 * 4 * 9 + 4 * 4 * 8 * 4 * 9 + 8 * 10
+    params = (4 * 1 * 9 + 4 * 4 * 9 + 8 * 4 * 9) + 2 * (4 + 4 + 8) + (8 * 10 + 10)  # convs, BN, fc
+    model = build_model("convnet_tiny", num_classes=10, in_channels=1).train()
+    assert network_size(model, torch.zeros(5, 1, 8, 8)) == {"params": params, "flops": 2 * macs}
+    assert model.training  # measured in eval mode, then given back as it was
