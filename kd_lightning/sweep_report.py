@@ -1,0 +1,216 @@
+"""`kd-report <sweep dir>`: one table and one plot across the jobs of a `kd-train -m` sweep.
+
+Jobs are grouped by their overrides minus `seed=...`, so each row is one configuration's last stage (the
+student, or each peer) with the mean ± sample std of test top-1 over its seeds. Δ is taken against the
+`baseline` stage of the same jobs, so a row is only compared with students trained on its own seeds.
+Failed jobs (their `error.json`, see kd_lightning/sweep.py) close the table with their error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.report import _count
+from kd_lightning.sweep import ERROR_FILE
+
+REPORT_FILE = "report.md"
+PLOT_FILE = "report.png"
+
+
+@dataclass
+class Row:
+    configuration: tuple[str, ...]
+    stage: str
+    accs: list[float] = field(default_factory=list)  # percent, one per seed
+    baselines: list[float] = field(default_factory=list)  # percent, from the same jobs as `accs`
+    params: int | None = None
+    teacher_params: int | None = None
+
+    def delta(self) -> float | None:
+        # Only when every job of the row trained its baseline: a partial one would compare different seeds.
+        if not self.baselines or len(self.baselines) != len(self.accs):
+            return None
+        return statistics.fmean(self.accs) - statistics.fmean(self.baselines)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def job_overrides(job_dir: Path) -> list[str]:
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    return [str(item) for item in yaml.safe_load(overrides_file.read_text()) or []] if overrides_file.is_file() else []
+
+
+def without_seed(overrides: list[str]) -> tuple[str, ...]:
+    return tuple(item for item in overrides if not item.lstrip("+~").startswith("seed="))
+
+
+def seed_of(overrides: list[str]) -> str:
+    return next((item.split("=", 1)[1] for item in overrides if item.lstrip("+~").startswith("seed=")), "default")
+
+
+def last_stage_rows(results: dict[str, Any]) -> list[tuple[str, float, int | None]]:
+    """(stage label, test top-1 %, params) for the last stage: one per peer when the stage logs each peer's
+    `test/<role>/acc` (as the closing table of kd_lightning.pipeline does), else one for the stage."""
+    record = list(results["stages"].values())[-1]
+    metrics, sizes = record.get("metrics") or results["student_metrics"], record.get("size", {})
+    if len(sizes) > 1 and all(f"test/{role}/acc" in metrics for role in sizes):
+        return [(f"{record['label']} ({role})", 100 * metrics[f"test/{role}/acc"], size.get("params"))
+                for role, size in sizes.items()]
+    first = next(iter(sizes.values()), {})
+    return [(record.get("label", "student"), 100 * results["student_metrics"]["test/acc"], first.get("params"))]
+
+
+def collect(sweep_dir: Path) -> list[Row]:
+    """Rows in the order their configurations first appear; a seed run twice counts once (the newest job)."""
+    newest: dict[tuple[tuple[str, ...], str], dict[str, Any]] = {}
+    for results_file in sorted(sweep_dir.rglob("results.json"), key=lambda path: path.stat().st_mtime):
+        overrides = job_overrides(results_file.parent)
+        newest[without_seed(overrides), seed_of(overrides)] = json.loads(results_file.read_text())
+    rows: dict[tuple[tuple[str, ...], str], Row] = {}
+    for (configuration, _), results in sorted(newest.items(), key=lambda item: item[0][1]):
+        teacher_params = results.get("teacher", {}).get("size", {}).get("student", {}).get("params")
+        for stage, acc, params in last_stage_rows(results):
+            row = rows.setdefault((configuration, stage), Row(configuration, stage, params=params,
+                                                              teacher_params=teacher_params))
+            row.accs.append(acc)
+            if "baseline" in results:
+                row.baselines.append(100 * results["baseline"]["test/acc"])
+    order = list(dict.fromkeys(configuration for configuration, _ in newest))
+    return sorted(rows.values(), key=lambda row: order.index(row.configuration))
+
+
+def failures(sweep_dir: Path) -> list[dict[str, Any]]:
+    records = [json.loads(path.read_text()) for path in sorted(sweep_dir.rglob(ERROR_FILE))]
+    return [record for record in records if not (Path(record.get("dir", "")) / "results.json").is_file()]
+
+
+def shared_overrides(rows: list[Row]) -> list[str]:
+    every = [set(row.configuration) for row in rows]
+    shared = set.intersection(*every) if len(every) > 1 else set()
+    return [item for item in rows[0].configuration if item in shared]
+
+
+def configuration_names(rows: list[Row]) -> dict[tuple[str, ...], str]:
+    """What each configuration sets that not every row sets: the shared overrides say nothing about a row."""
+    shared = set(shared_overrides(rows))
+    return {row.configuration: " ".join(item for item in row.configuration if item not in shared)
+            or "(shared overrides only)" for row in rows}
+
+
+def job_dir_name(sweep_dir: Path, record: dict[str, Any]) -> str:
+    job_dir = Path(record.get("dir", "?"))
+    return str(job_dir.relative_to(sweep_dir)) if job_dir.is_relative_to(sweep_dir) else str(job_dir)
+
+
+def render_markdown(sweep_dir: Path, rows: list[Row], failed: list[dict[str, Any]]) -> str:
+    names = configuration_names(rows)
+    lines = [f"# Sweep report: {sweep_dir.name}", "",
+             f"{sum(len(row.accs) for row in rows)} results ({len(rows)} rows), {len(failed)} failed jobs. "
+             "Test top-1 is the mean ± sample std over seeds; Δ is against the mean of the `baseline` stage "
+             "of the same jobs." + (f" Every row also sets `{' '.join(shared_overrides(rows))}`."
+                                    if shared_overrides(rows) else ""), "",
+             "| configuration | stage | seeds | test top-1 (%) | Δ vs baseline (pp) | params | params / teacher |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        mean, std = mean_std(row.accs)
+        delta = row.delta()
+        ratio = (f"{row.params / row.teacher_params:.3g}" if row.params is not None and row.teacher_params
+                 else "–")
+        lines.append(f"| `{names[row.configuration]}` | {row.stage} | {len(row.accs)} | "
+                     f"{mean:.2f}{'' if std is None else f' ± {std:.2f}'} | "
+                     f"{'–' if delta is None else f'{delta:+.2f}'} | "
+                     f"{'–' if row.params is None else _count(row.params)} | {ratio} |")
+    if failed:
+        lines += ["", "## Failed jobs", "", "| job dir | overrides | error |", "| --- | --- | --- |"]
+        for record in failed:
+            message = f"{record.get('error_type', 'error')}: {record.get('message', '')}"
+            lines.append(f"| {job_dir_name(sweep_dir, record)} | `{' '.join(record.get('overrides', []))}` | "
+                         f"{message.replace('|', '/').replace(chr(10), ' ')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(bars: list[tuple[str, float, float, float | None]], lines: dict[str, float], path: Path,
+         title: str) -> None:
+    """Horizontal bars (name, mean, std, own baseline or None) with the baseline of each bar as a black tick,
+    and `lines` (name → value) as vertical reference lines across all bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(bars) + 1.5))
+    ax.barh([b[0] for b in bars], [b[1] for b in bars], xerr=[b[2] for b in bars], color="#4c72b0", capsize=2)
+    own = [(index, b[3]) for index, b in enumerate(bars) if b[3] is not None]
+    if own:
+        ax.scatter([value for _, value in own], [index for index, _ in own], marker="|", s=300, color="black",
+                   zorder=3, label="its baseline")
+    for (name, value), style in zip(lines.items(), ("--", ":", "-.")):
+        ax.axvline(value, color="black", linestyle=style, label=f"{name} {value:.2f}")
+    values = [b[1] - b[2] for b in bars] + [b[1] + b[2] for b in bars] + [v for _, v in own] + list(lines.values())
+    low, high = min(values), max(values)
+    ax.set_xlim(low - 0.1 * (high - low + 1), high + 0.1 * (high - low + 1))
+    ax.set_xlabel("test top-1 (%), mean ± std over seeds")
+    ax.set_title(title)
+    if own or lines:
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(sweep_dir: Path) -> str:
+    """Write `<sweep>/report.md` and `<sweep>/report.png`; the markdown."""
+    sweep_dir = sweep_dir.resolve()  # job records hold absolute dirs
+    if not sweep_dir.is_dir():
+        raise ConfigError(f"{sweep_dir} is not a directory. Pass the sweep directory of a `kd-train -m` run "
+                          f"(its hydra.sweep.dir, e.g. multirun/<date>/<time>).")
+    rows, failed = collect(sweep_dir), failures(sweep_dir)
+    if not rows:
+        why = (f": all {len(failed)} of its recorded jobs failed (see {sweep_dir / 'failures.json'})" if failed
+               else " and no failed job either")
+        raise ConfigError(f"{sweep_dir} holds no results.json in any job directory{why}. Pass the "
+                          f"hydra.sweep.dir of a `kd-train -m` sweep whose jobs have finished, e.g. "
+                          f"`kd-report multirun/<date>/<time>`.")
+    markdown = render_markdown(sweep_dir, rows, failed)
+    names = configuration_names(rows)
+    single_stage = len({row.stage for row in rows}) == 1
+    bars = []
+    for row in rows:
+        mean, std = mean_std(row.accs)
+        baseline = mean - row.delta() if row.delta() is not None else None
+        name = names[row.configuration] + ("" if single_stage else f" / {row.stage}")
+        bars.append((name if len(name) <= 60 else name[:57] + "...", mean, std or 0.0,
+                     baseline))
+    plot(bars, {}, sweep_dir / PLOT_FILE, sweep_dir.name)
+    (sweep_dir / REPORT_FILE).write_text(markdown + f"\n![{sweep_dir.name}]({PLOT_FILE})\n")
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kd-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path, help="the hydra.sweep.dir of a `kd-train -m` run")
+    args = parser.parse_args(argv)
+    try:
+        print(write_report(args.sweep_dir))
+    except ConfigError as error:
+        print(f"kd-report: error: {error}", file=sys.stderr)
+        return 2
+    print(f"[kd-report] wrote {args.sweep_dir / REPORT_FILE} and {args.sweep_dir / PLOT_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""`kd-report` on a real `kd-train -m` sweep: every number checked against the jobs' results.json."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["data=digits", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+         "trainer.enable_progress_bar=false", "callbacks=none", "logger=none"]
+
+
+def kd_report_entry_point():
+    """The function `[project.scripts]` installs as `kd-report`, resolved as the console script would."""
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["kd-report"]
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def kd_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "KD_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
+    return subprocess.run([str(Path(sys.executable).with_name("kd-train")), "-m", *args, *QUICK], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def cells(markdown: str, first_cell: str) -> list[str]:
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {first_cell} |"))
+    return [cell.strip() for cell in row.strip("|").split("|")]
+
+
+@pytest.mark.slow
+def test_report_of_a_real_sweep_matches_the_jobs(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    result = kd_train(tmp_path, "distill=kd,at", "seed=0,1", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # A failing job recorded in the same sweep directory (a second multirun, its own subdirectory).
+    failing = kd_train(tmp_path, "student.name=resnet9", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=failed")
+    assert failing.returncode == 1, failing.stderr[-3000:]
+
+    accs: dict[str, list[float]] = {}
+    baselines: dict[str, list[float]] = {}
+    teacher_params, student_params = set(), set()
+    for results_file in sweep.glob("[0-9]*/results.json"):
+        overrides = dict(o.split("=", 1) for o in yaml.safe_load((results_file.parent / ".hydra" /
+                                                                  "overrides.yaml").read_text()))
+        results = json.loads(results_file.read_text())
+        accs.setdefault(overrides["distill"], []).append(100 * results["student_metrics"]["test/acc"])
+        baselines.setdefault(overrides["distill"], []).append(100 * results["baseline"]["test/acc"])
+        teacher_params.add(results["teacher"]["size"]["student"]["params"])
+        student_params.add(results["stages"]["student"]["size"]["student"]["params"])
+    assert sorted(accs) == ["at", "kd"] and all(len(values) == 2 for values in accs.values())
+    assert len(teacher_params) == 1 and len(student_params) == 1
+
+    assert kd_report_entry_point()([str(sweep)]) == 0
+    printed = capsys.readouterr().out
+    report = (sweep / "report.md").read_text()
+    assert printed.strip().startswith(report.split("\n![")[0].strip())
+    for method in ("kd", "at"):
+        configuration, stage, seeds, accuracy, delta, params, ratio = cells(report, f"`distill={method}`")
+        assert stage == f"student + {method}" and seeds == "2"
+        mean, std = (float(x) for x in re.fullmatch(r"([\d.]+) ± ([\d.]+)", accuracy).groups())
+        assert mean == pytest.approx(statistics.fmean(accs[method]), abs=0.006)
+        assert std == pytest.approx(statistics.stdev(accs[method]), abs=0.006)
+        expected_delta = statistics.fmean(accs[method]) - statistics.fmean(baselines[method])
+        assert float(delta) == pytest.approx(expected_delta, abs=0.011)
+        assert params == str(student_params.copy().pop())
+        assert float(ratio) == pytest.approx(student_params.copy().pop() / teacher_params.copy().pop(), rel=0.006)
+    failed_rows = [line for line in report.splitlines() if line.startswith("| failed |")]
+    assert len(failed_rows) == 1 and "ConfigError: Unknown model 'resnet9'" in failed_rows[0]
+    assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_directory_without_results_is_refused_in_one_paragraph(tmp_path):
+    (tmp_path / "sweep" / "0").mkdir(parents=True)
+    result = subprocess.run([sys.executable, "-m", "kd_lightning.sweep_report", str(tmp_path / "sweep")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("kd-report: error: ") and "\n" not in message, message
+    assert "holds no results.json" in message and "hydra.sweep.dir" in message
+    assert not (tmp_path / "sweep" / "report.md").exists()
+
+
+def write_job(job_dir: Path, overrides: list[str], peer_accs: dict[str, float], baseline: float | None) -> None:
+    """A results.json shaped as kd-train writes it for a scheme whose last stage trains peers."""
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    metrics = {f"test/{role}/acc": acc for role, acc in peer_accs.items()}
+    results = {"stages": {"student": {"label": "online dml", "metrics": metrics,
+                                      "size": {role: {"params": 1000, "flops": 1} for role in peer_accs}}},
+               "student_metrics": {**metrics, "test/acc": max(peer_accs.values())}}
+    if baseline is not None:
+        results["baseline"] = {"test/acc": baseline}
+    (job_dir / "results.json").write_text(json.dumps(results))
+
+
+def test_peers_get_a_row_each_and_a_missing_baseline_gives_no_delta(tmp_path):
+    write_job(tmp_path / "0", ["scheme=dml", "seed=0"], {"peer1": 0.5, "peer2": 0.7}, baseline=0.4)
+    write_job(tmp_path / "1", ["scheme=dml", "seed=1"], {"peer1": 0.6, "peer2": 0.9}, baseline=0.6)
+    write_job(tmp_path / "2", ["scheme=dml", "lr=1", "seed=0"], {"peer1": 0.5, "peer2": 0.5}, baseline=0.4)
+    write_job(tmp_path / "3", ["scheme=dml", "lr=1", "seed=1"], {"peer1": 0.5, "peer2": 0.5}, baseline=None)
+    report = kd_report_entry_point()([str(tmp_path)]) == 0 and (tmp_path / "report.md").read_text()
+    assert "Every row also sets `scheme=dml`." in report
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in report.splitlines()
+            if line.startswith("| `")]
+    # Names keep only what differs between configurations; each peer's own accuracy, not the best one's.
+    assert [row[:5] for row in rows] == [
+        ["`(shared overrides only)`", "online dml (peer1)", "2", f"55.00 ± {statistics.stdev([50, 60]):.2f}", "+5.00"],
+        ["`(shared overrides only)`", "online dml (peer2)", "2", f"80.00 ± {statistics.stdev([70, 90]):.2f}", "+30.00"],
+        ["`lr=1`", "online dml (peer1)", "2", "50.00 ± 0.00", "–"],
+        ["`lr=1`", "online dml (peer2)", "2", "50.00 ± 0.00", "–"]]
