@@ -153,17 +153,18 @@ def plot(bars: list[tuple[str, float, float, float | None]], lines: dict[str, fl
     ax.barh([b[0] for b in bars], [b[1] for b in bars], xerr=[b[2] for b in bars], color="#4c72b0", capsize=2)
     own = [(index, b[3]) for index, b in enumerate(bars) if b[3] is not None]
     if own:
-        ax.scatter([value for _, value in own], [index for index, _ in own], marker="|", s=300, color="black",
+        ax.scatter([value for _, value in own], [index for index, _ in own], marker="|", s=300, color="#c44e52",
                    zorder=3, label="its baseline")
     for (name, value), style in zip(lines.items(), ("--", ":", "-.")):
         ax.axvline(value, color="black", linestyle=style, label=f"{name} {value:.2f}")
     values = [b[1] - b[2] for b in bars] + [b[1] + b[2] for b in bars] + [v for _, v in own] + list(lines.values())
     low, high = min(values), max(values)
     ax.set_xlim(low - 0.1 * (high - low + 1), high + 0.1 * (high - low + 1))
+    ax.invert_yaxis()  # top to bottom in the table's order
     ax.set_xlabel("test top-1 (%), mean ± std over seeds")
     ax.set_title(title)
     if own or lines:
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -185,12 +186,13 @@ def write_report(sweep_dir: Path) -> str:
                           f"`kd-report multirun/<date>/<time>`.")
     markdown = render_markdown(sweep_dir, rows, failed)
     names = configuration_names(rows)
-    single_stage = len({row.stage for row in rows}) == 1
+    rows_per_configuration = {configuration: sum(row.configuration == configuration for row in rows)
+                              for configuration in names}
     bars = []
     for row in rows:
         mean, std = mean_std(row.accs)
         baseline = mean - row.delta() if row.delta() is not None else None
-        name = names[row.configuration] + ("" if single_stage else f" / {row.stage}")
+        name = names[row.configuration] + (f" / {row.stage}" if rows_per_configuration[row.configuration] > 1 else "")
         bars.append((name if len(name) <= 60 else name[:57] + "...", mean, std or 0.0,
                      baseline))
     plot(bars, {}, sweep_dir / PLOT_FILE, sweep_dir.name)

@@ -25,7 +25,6 @@ import os
 import platform
 import re
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kd_lightning.sweep_report import mean_std, plot as plot_bars
 
 BASELINE = "baseline"
 
@@ -154,10 +155,6 @@ def collect(out: Path) -> tuple[dict[str, list[float]], list[float]]:
     return accs, teacher
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def failure(out: Path, run: dict[str, Any]) -> str:
     """The line of a run's log that says why it failed: kd-train's own error, else the exception, else Hydra's."""
     lines = [line.strip() for line in (out / run["log"]).read_text(errors="replace").splitlines() if line.strip()]
@@ -196,27 +193,10 @@ def render_table(out: Path, meta: dict[str, Any]) -> tuple[str, list[tuple[str, 
 
 def plot(bars: list[tuple[str, float, float]], base: float | None, teacher: float | None, path: Path,
          title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bars = sorted(bars, key=lambda bar: bar[1])
-    fig, ax = plt.subplots(figsize=(7, 0.3 * len(bars) + 1.5))
-    ax.barh([b[0] for b in bars], [b[1] for b in bars], xerr=[b[2] for b in bars], color="#4c72b0", capsize=2)
-    for value, name, style in ((base, "baseline", "--"), (teacher, "teacher", ":")):
-        if value is not None:
-            ax.axvline(value, color="black", linestyle=style, label=f"{name} {value:.2f}")
-    low = min([b[1] - b[2] for b in bars] + [v for v in (base, teacher) if v is not None])
-    high = max([b[1] + b[2] for b in bars] + [v for v in (base, teacher) if v is not None])
-    ax.set_xlim(low - 0.1 * (high - low + 1), high + 0.1 * (high - low + 1))
-    ax.set_xlabel("test top-1 (%), mean ± std over seeds")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """kd-report's bar chart, best method on top, with the shared baseline and the teacher as lines."""
+    lines = {name: value for name, value in (("baseline", base), ("teacher", teacher)) if value is not None}
+    plot_bars([(label, mean, std, None) for label, mean, std in sorted(bars, key=lambda bar: -bar[1])], lines,
+              path, title)
 
 
 def render(out: Path, markdown: Path, plot_dir: Path) -> str:
