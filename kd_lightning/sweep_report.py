@@ -62,7 +62,7 @@ def seed_of(overrides: list[str]) -> str:
 def last_stage_rows(results: dict[str, Any]) -> list[tuple[str, float, int | None]]:
     """(stage label, test top-1 %, params) for the last stage: one per peer when the stage logs each peer's
     `test/<role>/acc` (as the closing table of kd_lightning.pipeline does), else one for the stage."""
-    record = list(results["stages"].values())[-1]
+    record = list(results.get("stages", {}).values() or [{}])[-1]  # results written before stages were kept
     metrics, sizes = record.get("metrics") or results["student_metrics"], record.get("size", {})
     if len(sizes) > 1 and all(f"test/{role}/acc" in metrics for role in sizes):
         return [(f"{record['label']} ({role})", 100 * metrics[f"test/{role}/acc"], size.get("params"))

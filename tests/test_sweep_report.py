@@ -121,3 +121,12 @@ def test_peers_get_a_row_each_and_a_missing_baseline_gives_no_delta(tmp_path):
         ["`(shared overrides only)`", "online dml (peer2)", "2", f"80.00 ± {statistics.stdev([70, 90]):.2f}", "+30.00"],
         ["`lr=1`", "online dml (peer1)", "2", "50.00 ± 0.00", "–"],
         ["`lr=1`", "online dml (peer2)", "2", "50.00 ± 0.00", "–"]]
+
+
+def test_a_seed_run_twice_counts_once_with_the_newest_result(tmp_path):
+    write_job(tmp_path / "first" / "0", ["seed=0"], {"peer1": 0.1, "peer2": 0.1}, baseline=0.1)
+    write_job(tmp_path / "rerun" / "0", ["seed=0"], {"peer1": 0.3, "peer2": 0.3}, baseline=0.1)
+    os.utime(tmp_path / "first" / "0" / "results.json", (1, 1))
+    assert kd_report_entry_point()([str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert cells(report, "`(shared overrides only)`")[2:5] == ["1", "30.00", "+20.00"]
