@@ -110,10 +110,12 @@ def fit_and_test(cfg: DictConfig, module: L.LightningModule, datamodule: Any, ph
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # Read before testing: `trainer.test` replaces the callback metrics, and `val/acc` is the search objective.
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/acc")}
     if test:
         trainer.test(module, datamodule=datamodule, verbose=False)
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
-               if key.startswith(("test/", "val/acc"))}
+        metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()
+                        if key.startswith("test/")})
     _finish_wandb(loggers)
     return metrics, trainer
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from kd_lightning.cli_checks import check_command_line
 from kd_lightning.errors import ConfigError
+from kd_lightning.objective import DEFAULT_METRIC, check_search_objective, is_search
 from kd_lightning.sweep import JobFailed, finish_sweep
 
 
@@ -38,13 +39,17 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def train_job(cfg: DictConfig) -> float | None:
-    from kd_lightning.pipeline import run  # after Hydra parsed the arguments, so --help stays fast
+    from kd_lightning.pipeline import construct, run  # after Hydra parsed the arguments, so --help stays fast
 
     quiet_lightning_console()
+    hydra_cfg = HydraConfig.get()
+    sweeper = hydra_cfg.sweeper.get("_target_") if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
+        if is_search(sweeper):
+            check_search_objective(sweeper, cfg, construct(cfg.data))
         results = run(cfg)
     except Exception as error:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
             # Raised, not exited: Hydra records the job as failed and runs the rest of the sweep.
             cause = error.__cause__ if isinstance(error.__cause__, ConfigError) else error
             raise JobFailed(f"{type(cause).__name__}: {cause}") from cause
@@ -55,7 +60,7 @@ def train_job(cfg: DictConfig) -> float | None:
         error = error.__cause__ if isinstance(error.__cause__, ConfigError) else error
         print(f"\nkd-train: error: {error}", file=sys.stderr)
         sys.exit(2)
-    return results["student_metrics"].get(cfg.get("optimized_metric", "test/acc"))
+    return results["student_metrics"].get(cfg.get("optimized_metric", DEFAULT_METRIC))
 
 
 class _DropAdverts(logging.Filter):

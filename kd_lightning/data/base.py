@@ -7,7 +7,9 @@ Validation split convention (`val_fraction`):
   * `val_fraction == 0`: no hold-out; "validation" runs on the test split. This is the convention of the CIFAR
     distillation benchmarks (CRD, RepDistiller, ...), whose reported numbers are best/last test accuracy, so
     the default for the benchmark datasets is 0. Validation metrics are then test metrics: do not use them
-    for model selection in work that claims a clean held-out evaluation.
+    for model selection in work that claims a clean held-out evaluation (`validates_on_test` is then true,
+    and searches refuse to run: `kd_lightning.objective`).
+  * Modules with a dedicated validation set (synthetic data, `load_val`) take no `val_fraction`.
 """
 
 from __future__ import annotations
@@ -173,6 +175,14 @@ class KDDataModule(L.LightningDataModule):
         self.setup("fit")
         assert self.train_set is not None
         return len(self.train_set)
+
+    @property
+    def validates_on_test(self) -> bool:
+        """Whether "validation" is the test split, so that selecting on val metrics fits the test set.
+        Answered before `setup` from the options alone: a search refuses such a module without loading it."""
+        if self.val_set is not None:
+            return self.val_set is self.test_set
+        return self.val_fraction == 0 and type(self).load_val is KDDataModule.load_val
 
     @property
     def train_targets(self) -> Tensor:

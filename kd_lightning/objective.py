@@ -1,0 +1,42 @@
+"""What a hyperparameter search may optimise: a validation metric on data held out of the training set.
+
+Choosing hyperparameters by a test metric, or by a "validation" metric computed on the test split (the
+data modules' `val_fraction=0` convention), fits them to the test set, and the test accuracy then reported
+for the winner is biased upwards. A plain `-m` grid (Hydra's basic sweeper) picks nothing, so it may report
+test metrics for every job; any other sweeper (Optuna, Nevergrad, ...) optimises what the job returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kd_lightning.errors import ConfigError
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+DEFAULT_METRIC = "val/acc"
+HELD_OUT = ("data.val_fraction=0.1 (a seeded part of the training data held out for validation; keep data.seed "
+            "fixed so every trial shares one split)")
+
+
+def is_search(sweeper_target: str | None) -> bool:
+    return sweeper_target not in (None, BASIC_SWEEPER)
+
+
+def check_search_objective(sweeper_target: str | None, cfg: Any, datamodule: Any) -> None:
+    """Refuse a search whose objective is a test metric or whose validation set is the test split."""
+    if not is_search(sweeper_target):
+        return
+    sweeper = str(sweeper_target).rsplit(".", 1)[-1]
+    metric = str(cfg.get("optimized_metric") or "")
+    if metric.startswith("test/"):
+        raise ConfigError(f"optimized_metric={metric} is the objective of a {sweeper} search: choosing "
+                          f"hyperparameters by a test metric fits them to the test set. Set "
+                          f"optimized_metric={DEFAULT_METRIC} and validate on held-out training data with "
+                          f"{HELD_OUT}; each trial still records its test metrics in results.json, to read for the chosen one only.")
+    if datamodule.validates_on_test:
+        raise ConfigError(f"{type(datamodule).__name__} validates on the test split (data.val_fraction=0), so "
+                          f"the {sweeper} search's objective optimized_metric={metric} is a test metric. Set "
+                          f"{HELD_OUT}.")
+
+
+__all__ = ["BASIC_SWEEPER", "DEFAULT_METRIC", "check_search_objective", "is_search"]
