@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from kd_lightning.data.resumable import EpochPermutationSampler, ResumableBatchLoader, ResumableLoader, global_seed
+from kd_lightning.data.resumable import EpochPermutationSampler, ResumableLoader, global_seed
 from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
 from kd_lightning.errors import ConfigError
 
@@ -264,8 +264,8 @@ class KDDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
         sampler = ClassPairBatchSampler(EpochPermutation(len(self.train_set), self.seed), self.batch_size, False,
                                         view_targets(self.train_set), self.seed)
-        return ResumableBatchLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
-                                    pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        return ResumableLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
+                               pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

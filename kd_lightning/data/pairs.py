@@ -75,6 +75,9 @@ class ClassPairBatchSampler(BatchSampler):
         # epoch is the one that counts.
         return int(getattr(self.sampler, "epoch", self.epoch))
 
+    def pending_skip(self) -> int:
+        return self.skip if self.current_epoch() == self.skip_epoch else 0
+
     def resume_at(self, epoch: int, batches: int) -> None:
         """Leave out the first `batches` batches of `epoch` (a mid-epoch checkpoint's); other epochs start whole."""
         self.skip, self.skip_epoch = int(batches), int(epoch)
@@ -92,7 +95,7 @@ class ClassPairBatchSampler(BatchSampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         partners = self.partners().tolist()
-        skip = self.skip if self.current_epoch() == self.skip_epoch else 0
+        skip = self.pending_skip()
         self.skip = 0
         for position, anchors in enumerate(super().__iter__()):
             if position >= skip:

@@ -40,9 +40,22 @@ class EpochPermutationSampler(DistributedSampler):
         self.skip = 0
         return iter(order)
 
+    # The position interface `ResumableLoader` reads (CS-KD's ClassPairBatchSampler has the same, in batches).
+    def current_epoch(self) -> int:
+        return int(self.epoch)
+
+    def pending_skip(self) -> int:
+        return self.skip
+
+    def resume_at(self, epoch: int, samples: int) -> None:
+        self.set_epoch(epoch)
+        self.skip = int(samples)
+
 
 class ResumableLoader(DataLoader):
-    """A DataLoader over an `EpochPermutationSampler` whose state is (epoch, batches delivered this epoch).
+    """A DataLoader whose state is (epoch, batches delivered this epoch), over an `EpochPermutationSampler`
+    or a batch sampler with the same position interface (`current_epoch`, `pending_skip`, `resume_at`; CS-KD's
+    class pairs), which counts what it skips in batches rather than samples.
 
     Iteration starts lazily, at the first batch, so the epoch Lightning sets just before it is the one used.
     Worker seeds come from the loader's own generator, seeded per epoch, so creating the iterator draws
@@ -54,45 +67,31 @@ class ResumableLoader(DataLoader):
         super().__init__(dataset, *args, **kwargs)
         self.batches_delivered = 0
 
-    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        sampler = self.sampler
-        if isinstance(sampler, EpochPermutationSampler):
-            self.generator.manual_seed(sampler.seed + sampler.epoch)
-            self.batches_delivered = sampler.skip // self.batch_size
-        else:  # Lightning swapped the sampler (overfit_batches): a plain loader then
-            self.batches_delivered = 0
-        for batch in super().__iter__():
-            self.batches_delivered += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches_delivered": self.batches_delivered}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def _position(self) -> tuple[Any, int]:
+        """(what knows the epoch and can skip, samples per skipped unit); (None, 1) when Lightning swapped the
+        sampler for its own (overfit_batches): a plain loader then."""
+        if hasattr(self.batch_sampler, "resume_at"):
+            return self.batch_sampler, 1
         if isinstance(self.sampler, EpochPermutationSampler):
-            self.sampler.set_epoch(state["epoch"])
-            self.sampler.skip = state["batches_delivered"] * self.batch_size
-
-
-class ResumableBatchLoader(DataLoader):
-    """A DataLoader over a batch sampler that can `resume_at(epoch, batches)` and tells its `current_epoch()`
-    (CS-KD's class pairs), with the same (epoch, batches delivered) state as `ResumableLoader`."""
-
-    def __init__(self, dataset: Dataset, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("generator", torch.Generator())
-        super().__init__(dataset, *args, **kwargs)
-        self.batches_delivered = 0
+            return self.sampler, self.batch_size
+        return None, 1
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        batches = self.batch_sampler
-        self.generator.manual_seed(global_seed() + batches.current_epoch())
-        self.batches_delivered = batches.skip if batches.current_epoch() == batches.skip_epoch else 0
+        position, unit = self._position()
+        self.batches_delivered = 0
+        if position is not None:
+            self.generator.manual_seed(global_seed() + position.current_epoch())
+            self.batches_delivered = position.pending_skip() // unit
         for batch in super().__iter__():
             self.batches_delivered += 1
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.batch_sampler.current_epoch(), "batches_delivered": self.batches_delivered}
+        position, _ = self._position()
+        return {"epoch": position.current_epoch() if position is not None else 0,
+                "batches_delivered": self.batches_delivered}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.resume_at(state["epoch"], state["batches_delivered"])
+        position, unit = self._position()
+        if position is not None:
+            position.resume_at(state["epoch"], state["batches_delivered"] * unit)
