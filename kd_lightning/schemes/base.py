@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.rng import collect_rng_states, restore_rng_states
+from kd_lightning.schemes.watch import NonFiniteWatch
 from kd_lightning.teachers import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class DistillationModule(L.LightningModule):
         self.val_acc_best = MaxMetric()
         # Set by the pipeline: the stage this module trains, recorded in checkpoints for `ckpt_path=`.
         self.stage_name: str | None = None
+        # Schemes that watch their losses for NaN/inf set this; the base reads it where reading is free.
+        self.nonfinite: NonFiniteWatch | None = None
         self._resumed_rng_states: dict[str, Any] | None = None
 
     def forward(self, images: Tensor) -> Tensor:
@@ -98,6 +101,13 @@ class DistillationModule(L.LightningModule):
             # device; a host copy taken only when the loggers write anyway keeps the other steps asynchronous.
             self.log("loss", total.detach().cpu(), prog_bar=True, logger=False, batch_size=batch_size)
         return total
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Reading the flags waits for the device, so it happens only where the loggers wait anyway, and before
+        # the epoch's validation and checkpoint; the error still names the first step that went wrong.
+        if self.nonfinite is not None and (self.is_logging_step()
+                                           or batch_idx + 1 >= self.trainer.num_training_batches):
+            self.nonfinite.raise_if_any()
 
     def is_logging_step(self) -> bool:
         """Whether Lightning writes the loggers after this training batch (every `log_every_n_steps`):

@@ -165,9 +165,6 @@ class MultiTeacher(Offline):
                    if self.aggregation == "confidence" else None)
         for name in self.term_names:
             term = self.terms[name]
-            if term.needs_indices and indices is None:
-                raise ConfigError(f"Term {name!r} needs sample indices, but the data module yields (images, "
-                                  f"targets) pairs. Use a kd_lightning data module, which yields indices.")
             for part, value in self._aggregate(name, inputs, weights).items():
                 self.nonfinite.record(name, value, self.global_step)
                 losses[f"{name}_{part}" if part else name] = term.weight_at(self.current_epoch) * value

@@ -180,21 +180,12 @@ class Offline(DistillationModule):
     def on_before_backward(self, loss: Tensor) -> None:
         self.release_features()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Reading the flags waits for the device, so it happens only where the loggers wait anyway, and before
-        # the epoch's validation and checkpoint; the error still names the first step that went wrong.
-        if self.is_logging_step() or batch_idx + 1 >= self.trainer.num_training_batches:
-            self.nonfinite.raise_if_any()
-
 
 def weighted_term_losses(terms: Mapping[str, DistillTerm], inputs: DistillInputs, nonfinite: NonFiniteWatch,
                          step: int) -> dict[str, Tensor]:
     """Each term's weighted loss (or named parts) for one batch; shared by every scheme that composes terms."""
     losses: dict[str, Tensor] = {}
     for name, term in terms.items():
-        if term.needs_indices and inputs.indices is None:
-            raise ConfigError(f"Term {name!r} needs sample indices, but the data module yields (images, "
-                              f"targets) pairs. Use a kd_lightning data module, which yields indices.")
         factor = term.weight_at(inputs.epoch)
         value = term(inputs)
         parts = value if isinstance(value, Mapping) else {"": value}

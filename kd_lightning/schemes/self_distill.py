@@ -113,10 +113,6 @@ class BYOT(DistillationModule):
             self.nonfinite.record(name, value, self.global_step)
         return losses
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.device.type == "cpu" or self.global_step % self.trainer.log_every_n_steps == 0:
-            self.nonfinite.raise_if_any()
-
 
 class CSKD(DistillationModule):
     """Yun et al., "Regularizing Class-wise Predictions via Self-knowledge Distillation" (CVPR 2020).
@@ -162,10 +158,6 @@ class CSKD(DistillationModule):
                                indices=None if indices is None else indices[:half], epoch=self.current_epoch)
         return {"ce": self.ce_weight * ce, "cs_kd": self.lambda_cls * class_kd,
                 **weighted_term_losses(self.terms, inputs, self.nonfinite, self.global_step)}
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.device.type == "cpu" or self.global_step % self.trainer.log_every_n_steps == 0:
-            self.nonfinite.raise_if_any()
 
 
 class TfKDReg(DistillationModule):

@@ -107,6 +107,9 @@ class DistillTerm(nn.Module):
     def check_batch(self, name: str, indices: Tensor | None) -> None:
         """Refuse a training batch this term cannot use. Called by the scheme while the batch is still in
         host memory, so a check here never waits for the device (one in `loss` would, every step)."""
+        if self.needs_indices and indices is None:
+            raise ConfigError(f"Term {name!r} needs sample indices, but the data module yields (images, targets) "
+                              f"pairs. Use a kd_lightning data module, which yields indices.")
 
     def loss(self, inputs: DistillInputs) -> Tensor | dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement loss()")

@@ -175,7 +175,8 @@ class CRD(DistillTerm):
         return labels, torch.argsort(labels, stable=True), counts.cumsum(0) - counts, counts
 
     def check_batch(self, name: str, indices: Tensor | None) -> None:
-        if self.memory_kind != "bank" or indices is None:  # a missing index is the scheme's error to report
+        super().check_batch(name, indices)
+        if self.memory_kind != "bank":
             return
         if bool(((indices < 0) | (indices >= self.noise_size)).any()):
             raise ConfigError(
