@@ -27,4 +27,6 @@ SCHEME_CASES: dict[str, list[list[str]]] = {
     "dml": [["scheme.peers=[convnet_small,convnet_tiny]"]],
     "kdcl": [["scheme.rampup_epochs=1"]],
     "byot": [[]], "cs_kd": [[]], "tf_kd_reg": [[]], "tf_kd_self": [[]], "mean_teacher": [[]],
+    # Two discriminator steps per student step, a step-interval schedule: both must resume exactly.
+    "adversarial": [["distill=[kd]", "scheme.discriminator_steps=2", "+scheme.scheduler_interval=step"]],
 }

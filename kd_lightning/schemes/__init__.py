@@ -1,5 +1,6 @@
 """Schemes: LightningModules that decide how the networks train together (DESIGN.md)."""
 
+from kd_lightning.schemes.adversarial import Adversarial
 from kd_lightning.schemes.base import DistillationModule
 from kd_lightning.schemes.multi_teacher import MultiTeacher
 from kd_lightning.schemes.offline import Offline
@@ -7,5 +8,5 @@ from kd_lightning.schemes.online import DML, KDCL
 from kd_lightning.schemes.self_distill import BYOT, CSKD, MeanTeacher, TfKDReg
 from kd_lightning.schemes.supervised import Supervised
 
-__all__ = ["BYOT", "CSKD", "DML", "DistillationModule", "KDCL", "MeanTeacher", "MultiTeacher", "Offline", "Supervised",
-           "TfKDReg"]
+__all__ = ["Adversarial", "BYOT", "CSKD", "DML", "DistillationModule", "KDCL", "MeanTeacher", "MultiTeacher", "Offline",
+           "Supervised", "TfKDReg"]

@@ -90,9 +90,12 @@ class DistillationModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement training_losses()")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        losses = self.training_losses(*unpack_batch(batch))
+        return self.log_training_losses(self.training_losses(*unpack_batch(batch)), len(batch[0]))
+
+    def log_training_losses(self, losses: dict[str, Tensor], batch_size: int) -> Tensor:
+        """Logs `train/loss` (returned: the sum of `losses`) and each named loss; shared by manual-optimisation
+        schemes, whose training_step steps the optimizers itself."""
         total = torch.stack([loss.float() for loss in losses.values()]).sum()
-        batch_size = len(batch[0])
         self.log("train/loss", total, batch_size=batch_size)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=batch_size)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from typing import Mapping
+
 from torch import Tensor
 
 from kd_lightning.errors import ConfigError
@@ -17,8 +19,10 @@ class NonFiniteWatch:
     tells which loss broke first.
     """
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], remedies: Mapping[str, str] | None = None) -> None:
         self.names = list(names)
+        # What to lower for a loss whose setting is not `distill.<name>.weight` (a scheme's own losses).
+        self.remedies = dict(remedies or {})
         self.first_step: Tensor | None = None
 
     def record(self, name: str, value: Tensor, step: int) -> None:
@@ -39,7 +43,7 @@ class NonFiniteWatch:
             step, name = min(broken)
             raise ConfigError(
                 f"Loss {name!r} became NaN or infinite at training step {step}; the run was stopped there. Lower "
-                f"{remedy(name)}, check its inputs (taps, temperature), or train in trainer.precision=32-true if "
+                f"{self.remedies.get(name) or remedy(name)}, check its inputs (taps, temperature), or train in trainer.precision=32-true if "
                 f"it happened under 16-bit precision."
             )
 

@@ -1,0 +1,270 @@
+"""Adversarial distillation: a discriminator learns to tell the teacher's outputs from the student's, and the
+student learns to fool it, in a real alternation of two optimizers under Lightning's manual optimisation."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.terms.base import DistillTerm
+from kd_lightning.schemes.base import unpack_batch
+from kd_lightning.schemes.offline import Offline
+from kd_lightning.schemes.watch import NonFiniteWatch
+from kd_lightning.taps import FeatureTaps
+
+# Lightning suggests saving a pre-step copy for step checkpoints under manual optimisation; the state after the
+# step is what automatic optimisation saves too, and what an exact resume needs.
+warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
+
+LOGITS = "logits"
+STRATEGIES_WITHOUT_UNUSED = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+def discriminator_loss(teacher_scores: Tensor, student_scores: Tensor) -> Tensor:
+    """½·[BCE(D(teacher), 1) + BCE(D(student), 0)], each averaged over the batch: MEAL's BCE over the
+    concatenated student and teacher batch, with one "teacher" logit instead of two complementary ones."""
+    teacher_scores, student_scores = teacher_scores.float(), student_scores.float()
+    return 0.5 * (F.binary_cross_entropy_with_logits(teacher_scores, torch.ones_like(teacher_scores))
+                  + F.binary_cross_entropy_with_logits(student_scores, torch.zeros_like(student_scores)))
+
+
+def fooling_loss(student_scores: Tensor) -> Tensor:
+    """−log σ(D(student)), the batch mean: the non-saturating generator loss (the student is rewarded for
+    being taken for the teacher), whose gradient does not vanish while the discriminator is winning."""
+    student_scores = student_scores.float()
+    return F.binary_cross_entropy_with_logits(student_scores, torch.ones_like(student_scores))
+
+
+class Discriminator(nn.Module):
+    """MEAL's discriminator on one output: widths d → d/K → d/K² with ReLU, then one teacher-vs-student logit.
+
+    MEAL's three 1×1 convolutions on an N×d×1×1 view are these linear layers; its last layer has two outputs
+    behind a ReLU, which clamps the logits at 0 (a probability of at least ½); here the last layer is linear.
+    A feature map is global-average pooled first (MEAL pools its intermediate outputs too).
+    """
+
+    def __init__(self, in_features: int, reduction: int = 2) -> None:
+        super().__init__()
+        widths = [in_features, max(1, in_features // reduction), max(1, in_features // reduction ** 2)]
+        layers: list[nn.Module] = []
+        for width_in, width_out in zip(widths, widths[1:]):
+            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+        self.layers = nn.Sequential(*layers, nn.Linear(widths[-1], 1))
+
+    def forward(self, output: Tensor) -> Tensor:
+        return self.layers(flat(output)).squeeze(1)
+
+
+def flat(output: Tensor) -> Tensor:
+    return (F.adaptive_avg_pool2d(output, 1) if output.dim() == 4 else output).flatten(1)
+
+
+class Adversarial(Offline):
+    """Adversarial KD: `Offline` (frozen teacher, any catalogue terms, CE) plus a discriminator per discriminated
+    output and the term `adversarial_weight·fooling_loss`, trained in alternation.
+
+    Each batch: one forward of both networks; `discriminator_steps` steps of the discriminators' own optimizer
+    on `discriminator_loss` (student outputs detached, student parameters toggled off); then one student step
+    on CE + terms + adversarial term with the discriminators toggled off (no gradient reaches them). Outputs
+    are `logits` and, optionally, tap names whose student and teacher widths agree (`discriminate`).
+
+    Follows MEAL (AaronHeee/MEAL, Shen et al. AAAI 2019) and MEAL-V2 (szq0214/MEAL-V2): discriminator on the
+    raw logits, three layers narrowing by K (MEAL's default 2 on CIFAR, MEAL-V2's 8 on ImageNet), BCE with
+    teacher and student labelled apart, adversarial weight 1. Differs: both reference codes put the student
+    and the discriminator in one optimizer whose loss adds the D loss, so both *minimise* it and there is no
+    min-max (schemes-notes.md §3); here the discriminator has its own optimizer (`discriminator_optimizer`,
+    a Hydra partial; constant rate, as MEAL-V2's `d_lr` was meant to be) and the student minimises the
+    non-saturating −log D(student). MEAL-V2's student also drops the hard labels; set `scheme.ce_weight=0`.
+
+    Lightning counts every LightningOptimizer.step as a global step (Lightning #17958), which would make
+    `max_steps`, step-interval schedules, checkpoint cadence and EMA averaging run (1 + discriminator_steps)×
+    fast; the discriminator is therefore stepped through the strategy (precision plugin and gradient scaler
+    included) without the step counter, so `global_step` counts student steps. The student's scheduler is
+    stepped by hand at its interval. Trainer gradient clipping and accumulation are refused (Lightning does
+    not apply them under manual optimisation), as are terms with an init stage.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, terms: Mapping[str, DistillTerm], num_classes: int,
+                 example_input: Tensor, discriminator_optimizer: Any = None, adversarial_weight: float = 1.0,
+                 discriminator_steps: int = 1, discriminate: Sequence[str] = (LOGITS,), reduction: int = 2,
+                 **offline: Any) -> None:
+        discriminator_optimizer = optimizer_factory(discriminator_optimizer)
+        if int(discriminator_steps) != discriminator_steps or discriminator_steps < 1:
+            raise ConfigError(f"scheme.discriminator_steps={discriminator_steps} must be a whole number ≥ 1: the "
+                              f"discriminator's optimizer steps per student step (GAN practice: 1 to 5).")
+        if adversarial_weight < 0 or reduction < 1:
+            raise ConfigError(f"scheme.adversarial_weight={adversarial_weight} must be ≥ 0 and scheme.reduction="
+                              f"{reduction} ≥ 1 (MEAL: weight 1, reduction 2 on CIFAR, 8 on ImageNet).")
+        discriminate = [discriminate] if isinstance(discriminate, str) else list(discriminate)
+        if not discriminate or len(set(discriminate)) != len(discriminate):
+            raise ConfigError(f"scheme.discriminate={discriminate} must list distinct outputs to discriminate: "
+                              f"'logits' and/or tap names, e.g. scheme.discriminate=[logits,penultimate].")
+        super().__init__(student, teacher, terms, num_classes, example_input, **offline)
+        if self.init_epochs:
+            raise ConfigError(f"distill={list(self.init_terms)} has an init stage, which scheme=adversarial does not "
+                              f"run (its manual optimisation steps two optimizers). Train that term with "
+                              f"scheme=offline, or set distill.<term>.init_epochs=0.")
+        self.automatic_optimization = False
+        self.discriminator_optimizer_factory = discriminator_optimizer
+        self.adversarial_weight = float(adversarial_weight)
+        self.discriminator_steps = int(discriminator_steps)
+        self.discriminated = discriminate
+        taps = [name for name in discriminate if name != LOGITS]
+        self.adversary_taps = {role: FeatureTaps(network, taps, getattr(network, "kd_spec", {}).get("name", role))
+                               for role, network in (("student", student), ("teacher", self.teacher.model))}
+        self._outputs: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}}
+        for role, network in (("student", student), ("teacher", self.teacher.model)):
+            network.register_forward_hook(self._keep_logits(role))
+        widths = self._output_widths(example_input)
+        self.discriminators = nn.ModuleDict({key(name): Discriminator(widths[name], int(reduction))
+                                             for name in discriminate})
+        self._trainable |= {id(p) for p in self.discriminators.parameters()}
+        self.nonfinite = NonFiniteWatch(
+            [*self.nonfinite.names, "adversarial", "discriminator"],
+            remedies={"adversarial": "scheme.adversarial_weight or the learning rate (optimizer.lr)",
+                      "discriminator": "the discriminator's learning rate (scheme.discriminator_optimizer.lr)"})
+
+    def _keep_logits(self, role: str) -> Callable:
+        def keep(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            self._outputs[role][LOGITS] = output
+        return keep
+
+    def _output_widths(self, example_input: Tensor) -> dict[str, int]:
+        was_training = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            self.student(example_input)
+            self.teacher(example_input)
+        self.student.train(was_training)
+        outputs = {role: self.discriminated_outputs(role) for role in self._outputs}
+        self.release_features()
+        widths = {}
+        for name in self.discriminated:
+            student_width, teacher_width = (flat(outputs[role][name]).shape[1] for role in ("student", "teacher"))
+            if student_width != teacher_width:
+                raise ConfigError(
+                    f"scheme.discriminate lists {name!r}, whose student output has {student_width} values per sample "
+                    f"after pooling and the teacher's {teacher_width}; one discriminator cannot compare them. Choose "
+                    f"taps of equal channel counts (e.g. penultimate of equal-width networks), or discriminate "
+                    f"logits only: scheme.discriminate=[logits].")
+            widths[name] = int(student_width)
+        return widths
+
+    def discriminated_outputs(self, role: str) -> dict[str, Tensor]:
+        """The latest forward's discriminated outputs of `role` ("student" or "teacher"), by name."""
+        captured = {**self._outputs[role], **self.adversary_taps[role].features}
+        return {name: captured[name] for name in self.discriminated}
+
+    def release_features(self) -> None:
+        super().release_features()
+        for role in self._outputs:
+            self._outputs[role].clear()
+            self.adversary_taps[role].clear()
+
+    def discriminator_scores(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {name: self.discriminators[key(name)](outputs[name]) for name in self.discriminated}
+
+    def configure_optimizers(self) -> Any:
+        student = super().configure_optimizers()
+        discriminator = self.discriminator_optimizer_factory(self.discriminators.parameters())
+        return [student if isinstance(student, dict) else {"optimizer": student}, {"optimizer": discriminator}]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The student optimizer's parameters: every trainable one but the discriminators'."""
+        own = {id(p) for p in self.discriminators.parameters()}
+        return [p for p in super().trainable_parameters() if id(p) not in own]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, targets, indices = unpack_batch(batch)
+        student_optimizer, discriminator_optimizer = self.optimizers()
+        losses = self.training_losses(images, targets, indices)
+        teacher = self.discriminated_outputs("teacher")
+        student = self.discriminated_outputs("student")
+        detached = {name: value.detach() for name, value in student.items()}
+        with self.toggled_optimizer(discriminator_optimizer):
+            for _ in range(self.discriminator_steps):
+                real, fake = self.discriminator_scores(teacher), self.discriminator_scores(detached)
+                loss = torch.stack([discriminator_loss(real[name], fake[name]) for name in real]).sum()
+                self.nonfinite.record("discriminator", loss, self.global_step)
+                discriminator_optimizer.zero_grad()
+                self.manual_backward(loss)
+                # Not discriminator_optimizer.step(): that one counts as a global step.
+                self.trainer.strategy.optimizer_step(discriminator_optimizer.optimizer, closure=no_closure)
+        self.log("train/discriminator", loss.detach(), batch_size=len(images))
+        with self.toggled_optimizer(student_optimizer):
+            scores = self.discriminator_scores(student)
+            adversarial = torch.stack([fooling_loss(value) for value in scores.values()]).sum()
+            self.nonfinite.record("adversarial", adversarial, self.global_step)
+            losses["adversarial"] = self.adversarial_weight * adversarial
+            total = self.log_training_losses(losses, len(images))
+            student_optimizer.zero_grad()
+            self.manual_backward(total)
+            student_optimizer.step()
+        if self.scheduler_factory is not None and self.scheduler_interval == "step":
+            self.lr_schedulers().step()
+        return total
+
+    def on_train_epoch_end(self) -> None:
+        if self.scheduler_factory is not None and self.scheduler_interval == "epoch":
+            self.lr_schedulers().step()
+
+    def loss_summary(self) -> str:
+        steps = f", {self.discriminator_steps} discriminator steps per student step" if self.discriminator_steps > 1 else ""
+        return (f"{super().loss_summary()} + {self.adversarial_weight}·adversarial"
+                f"({'+'.join(self.discriminated)}{steps})")
+
+
+def no_closure() -> None:
+    """The discriminator's gradients are already computed when its optimizer steps."""
+
+
+def key(output: str) -> str:
+    return output.replace(".", "_").replace(":", "_")
+
+
+def optimizer_factory(config: Any) -> Callable:
+    """The discriminator's optimizer factory from its config (a Hydra partial) or a callable."""
+    if config is None:
+        raise ConfigError(
+            "scheme=adversarial trains a discriminator, which needs its own optimizer, but "
+            "scheme.discriminator_optimizer is not set. Give it as a Hydra partial, e.g. "
+            "'scheme.discriminator_optimizer={_target_:torch.optim.Adam,_partial_:true,lr:1e-4,betas:[0.5,0.999]}' "
+            "(conf/scheme/adversarial.yaml sets this default).")
+    if callable(config):
+        return config
+    if isinstance(config, (Mapping, DictConfig)) and "_target_" in config:
+        node = OmegaConf.create(dict(config) if isinstance(config, Mapping) else config)
+        node["_partial_"] = True
+        return instantiate(node)
+    raise ConfigError(f"scheme.discriminator_optimizer={config!r} is not an optimizer config; give a mapping with a "
+                      f"_target_, e.g. {{_target_:torch.optim.Adam,lr:1e-4}}.")
+
+
+def adversarial_plan(cfg: DictConfig) -> list:
+    """`offline_plan`, refusing before anything trains the trainer settings manual optimisation ignores, and
+    letting DDP find the parameters a step leaves without gradients (the student's in a discriminator step,
+    the discriminators' in a student step) for the adversarial stage."""
+    from kd_lightning.stages import offline_plan
+
+    trainer = cfg.trainer
+    if trainer.get("gradient_clip_val"):
+        raise ConfigError(f"trainer.gradient_clip_val={trainer.gradient_clip_val}: Lightning does not clip gradients "
+                          f"under manual optimisation, which scheme=adversarial uses to alternate its two "
+                          f"optimizers. Remove the setting (trainer.gradient_clip_val=null).")
+    if (trainer.get("accumulate_grad_batches") or 1) != 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: Lightning does not "
+                          f"accumulate gradients under manual optimisation, which scheme=adversarial uses. Use a "
+                          f"larger data.batch_size instead, and remove the setting.")
+    stages = offline_plan(cfg)
+    strategy = str(trainer.get("strategy", "auto"))
+    if strategy in STRATEGIES_WITHOUT_UNUSED or (strategy == "auto" and trainer.get("devices", 1) not in (1, "1")):
+        name = "ddp" if strategy == "auto" else strategy
+        stages[-1].overrides = {**stages[-1].overrides, "trainer.strategy": f"{name}_find_unused_parameters_true"}
+    return stages

@@ -1,0 +1,207 @@
+"""Adversarial distillation: the losses against hand arithmetic, the alternation (no gradient crosses from one
+player's step to the other), student-step counting (max_steps, step schedules, EMA), bad input, DDP.
+Resume, bf16 and the frozen-teacher walk run through tests/scheme_cases.py."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch.utils.data import DataLoader, TensorDataset
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.terms import KD
+from kd_lightning.models import build_model
+from kd_lightning.pipeline import run
+from kd_lightning.schemes import Adversarial
+from kd_lightning.schemes.adversarial import discriminator_loss, fooling_loss
+from kd_lightning.schemes.watch import NonFiniteWatch
+from kd_lightning.stages import plan_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-2}
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_discriminator_and_student_losses_match_hand_arithmetic():
+    generator = torch.Generator().manual_seed(0)
+    teacher_scores, student_scores = torch.randn(7, generator=generator) * 3, torch.randn(7, generator=generator) * 3
+    # D: teacher labelled 1, student 0; −[y log σ(s) + (1 − y) log(1 − σ(s))], each half averaged, then halved.
+    real = sum(-math.log(sigmoid(s)) for s in teacher_scores.tolist()) / 7
+    fake = sum(-math.log(1.0 - sigmoid(s)) for s in student_scores.tolist()) / 7
+    assert discriminator_loss(teacher_scores, student_scores).item() == pytest.approx(0.5 * (real + fake), rel=1e-6)
+    # Student: rewarded for being taken for the teacher, −log σ(D(student)).
+    fooled = sum(-math.log(sigmoid(s)) for s in student_scores.tolist()) / 7
+    assert fooling_loss(student_scores).item() == pytest.approx(fooled, rel=1e-6)
+
+
+def digits_module(teacher: str = "convnet_small", **options) -> Adversarial:
+    L.seed_everything(0)
+    return Adversarial(student=build_model("convnet_tiny", num_classes=10, in_channels=1),
+                       teacher=build_model(teacher, num_classes=10, in_channels=1), num_classes=10,
+                       example_input=torch.randn(2, 1, 8, 8), terms={"kd": KD(weight=0.9, temperature=4.0)},
+                       ce_weight=0.1, optimizer=SGD, discriminator_optimizer=ADAM, **options)
+
+
+def loader(batches: int = 4, batch_size: int = 16) -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(batches * batch_size, 1, 8, 8, generator=generator)
+    return DataLoader(TensorDataset(images, torch.randint(0, 10, (len(images),), generator=generator)),
+                      batch_size=batch_size)
+
+
+def fit(module: Adversarial, callbacks=(), **trainer) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=list(callbacks), **{"max_epochs": 1, **trainer})
+    trainer.fit(module, train_dataloaders=loader())
+    return trainer
+
+
+class WatchSteps(L.Callback):
+    """Hooks on both raw optimizers: counts their steps and checks, at each step, that the other player's
+    weights and gradients are what its own last step left (None before it first stepped)."""
+
+    def __init__(self) -> None:
+        self.steps = {"student": 0, "discriminator": 0}
+        self.leaks: list[str] = []
+
+    def on_train_start(self, trainer, module) -> None:
+        players = {"student": module.student, "discriminator": module.discriminators}
+        left: dict[str, list] = {role: [None] * len(list(net.parameters())) for role, net in players.items()}
+
+        def state(role: str) -> list:
+            return [None if p.grad is None else (p.detach().clone(), p.grad.clone()) for p in players[role].parameters()]
+
+        def same(a: list, b: list) -> bool:
+            return all((x is None and y is None) or (x is not None and y is not None and all(map(torch.equal, x, y)))
+                       for x, y in zip(a, b))
+
+        for role, optimizer in zip(("student", "discriminator"), trainer.optimizers):
+            other = "discriminator" if role == "student" else "student"
+
+            def before(optimizer, args, kwargs, role=role, other=other) -> None:
+                if not same(state(other), left[other]):
+                    self.leaks.append(f"{role} step {self.steps[role] + 1}: {other} changed since its own step")
+
+            def after(optimizer, args, kwargs, role=role) -> None:
+                self.steps[role] += 1
+                left[role] = state(role)
+
+            optimizer.register_step_pre_hook(before)
+            optimizer.register_step_post_hook(after)
+
+
+def test_each_players_step_leaves_the_other_untouched_and_both_move():
+    module = digits_module(discriminator_steps=2)
+    student_before = [p.detach().clone() for p in module.student.parameters()]
+    discriminator_before = [p.detach().clone() for p in module.discriminators.parameters()]
+    watch = WatchSteps()
+    fit(module, [watch], max_steps=3)
+    assert watch.leaks == []
+    assert watch.steps == {"student": 3, "discriminator": 6}
+    assert not any(torch.equal(a, b) for a, b in zip(student_before, module.student.parameters()))
+    assert not any(torch.equal(a, b) for a, b in zip(discriminator_before, module.discriminators.parameters()))
+
+
+def test_the_adversarial_term_moves_the_student_through_the_discriminator():
+    # Same seed, same batches: only the adversarial weight differs, so any change is that term's gradient.
+    weights = {}
+    for weight in (0.0, 1.0):
+        module = digits_module(adversarial_weight=weight)
+        fit(module, max_steps=1)
+        weights[weight] = [p.detach().clone() for p in module.student.parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0.0], weights[1.0]))
+
+
+def test_max_steps_a_step_schedule_and_ema_follow_student_steps_not_discriminator_steps():
+    # 3 discriminator steps per student step: counted by Lightning, 6 max_steps would end after 2 student steps,
+    # the schedule would decay 24 times and EMA's every-2nd-step cadence would never match an index.
+    module = digits_module(discriminator_steps=3, scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1,
+                                                                    gamma=0.5), scheduler_interval="step")
+    watch, ema = WatchSteps(), EMAWeightAveraging(decay=0.5, update_every_n_steps=2)
+    trainer = fit(module, [watch, ema], max_steps=6, max_epochs=5)
+    assert watch.steps == {"student": 6, "discriminator": 18}
+    assert trainer.global_step == 6
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.5 ** 6)
+    assert trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(1e-2)  # the discriminator's stays
+    assert int(ema._average_model.n_averaged) == 3  # student steps 1, 3, 5
+
+
+def test_an_epoch_schedule_steps_once_per_epoch():
+    module = digits_module(scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))
+    trainer = fit(module, max_epochs=2)
+    assert trainer.global_step == 8
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.25)
+
+
+def test_a_tapped_feature_gets_its_own_discriminator_and_unequal_widths_are_refused():
+    module = digits_module(teacher="convnet_tiny", discriminate=["logits", "penultimate"])
+    assert sorted(module.discriminators) == ["logits", "penultimate"]
+    watch = WatchSteps()
+    fit(module, [watch], max_steps=2)
+    assert watch.leaks == [] and watch.steps == {"student": 2, "discriminator": 2}
+    with pytest.raises(ConfigError, match="scheme.discriminate=\\[logits\\]"):
+        Adversarial(student=build_model("convnet_tiny", num_classes=10, in_channels=1),
+                    teacher=build_model("convnet_large", num_classes=10, in_channels=1), num_classes=10,
+                    example_input=torch.randn(2, 1, 8, 8), terms={}, optimizer=SGD, discriminator_optimizer=ADAM,
+                    discriminate=["penultimate"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["scheme.discriminator_optimizer=null"], "scheme.discriminator_optimizer is not set"),
+    (["+trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=null"),
+    (["+trainer.accumulate_grad_batches=2"], "larger data.batch_size"),
+    (["distill=[ft]"], "distill.<term>.init_epochs=0"),
+    (["scheme.discriminator_steps=0"], "whole number"),
+])
+def test_bad_settings_are_refused_before_anything_trains(make_cfg, overrides, message):
+    cfg = make_cfg("scheme=adversarial", *overrides)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert not (Path(cfg.paths.cache_dir) / "stages").exists()  # not even the teacher trained
+
+
+def test_ddp_lets_the_adversarial_stage_alone_find_unused_parameters(make_cfg):
+    stages = plan_stages(make_cfg("scheme=adversarial", "trainer=ddp", "trainer.accelerator=cpu"))
+    assert stages[-1].overrides["trainer.strategy"] == "ddp_find_unused_parameters_true"
+    assert all("trainer.strategy" not in stage.overrides for stage in stages[:-1])
+
+
+def test_a_non_finite_discriminator_loss_names_its_learning_rate():
+    watch = NonFiniteWatch(["ce", "discriminator"], remedies={"discriminator": "scheme.discriminator_optimizer.lr"})
+    watch.record("discriminator", torch.tensor(float("nan")), 4)
+    with pytest.raises(ConfigError, match="'discriminator'.*step 4.*scheme.discriminator_optimizer.lr"):
+        watch.raise_if_any()
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_on_different_shards_end_identical_discriminators_included(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "_ddp_adversarial.py"),
+                             "ddp_find_unused_parameters_true", str(tmp_path)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"ddp-rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert rank0["losses"] != rank1["losses"]  # the shards differ, so unsynchronised gradients would too
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _ddp_adversarial import build
+
+    initial = build(torch.randn(2, 1, 8, 8)).state_dict()
+    trained = [key for key in rank0["state_dict"] if not key.endswith(("running_mean", "running_var",
+                                                                       "num_batches_tracked"))]
+    discriminator = [key for key in trained if key.startswith("discriminators.")]
+    assert discriminator and all(not torch.equal(rank0["state_dict"][key], initial[key]) for key in discriminator)
+    for key in trained:
+        assert torch.equal(rank0["state_dict"][key], rank1["state_dict"][key]), f"ranks disagree on {key}"
