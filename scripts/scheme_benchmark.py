@@ -43,8 +43,12 @@ CASES: list[tuple[str, list[str]]] = [
     ("tf_kd_self", ["scheme=tf_kd_self"]),
     ("tf_kd_reg", ["scheme=tf_kd_reg"]),
     ("mean_teacher", ["scheme=mean_teacher"]),
+    # KD's recipe plus a logit discriminator (MEAL), read against the kd row seed by seed.
+    ("adversarial", ["scheme=adversarial", "distill=[kd]"]),
 ]
 BASELINE = "student baseline"
+# scheme → the case its last stage is compared with on the same seeds (the difference, seed by seed).
+PAIRED = {"adversarial": "kd"}
 
 
 def run_case(label: str, overrides: list[str], args: argparse.Namespace, out: Path) -> dict:
@@ -80,6 +84,30 @@ def collect(out: Path) -> dict[str, dict[str, list[float]]]:
             for row, accuracy in stage_rows(json.loads(results_file.read_text())):
                 table.setdefault(label, {}).setdefault(row, []).append(accuracy)
     return table
+
+
+def final_accuracy_by_seed(out: Path, label: str) -> dict[int, float]:
+    """Test top-1 (%) of each run's last stage, keyed by the seed its job was launched with."""
+    accuracies = {}
+    for results_file in (out / "sweeps" / label).glob("*/results.json"):
+        overrides = (results_file.parent / ".hydra" / "overrides.yaml").read_text().splitlines()
+        seed = next(int(line.split("=", 1)[1]) for line in overrides if line.startswith("- seed="))
+        accuracies[seed] = 100 * json.loads(results_file.read_text())["student_metrics"]["test/acc"]
+    return accuracies
+
+
+def paired_lines(out: Path) -> list[str]:
+    lines = []
+    for label, reference in PAIRED.items():
+        own, other = final_accuracy_by_seed(out, label), final_accuracy_by_seed(out, reference)
+        seeds = sorted(set(own) & set(other))
+        if not seeds:
+            continue
+        deltas = [own[seed] - other[seed] for seed in seeds]
+        spread = f" ± {statistics.stdev(deltas):.2f}" if len(deltas) > 1 else ""
+        lines.append(f"`{label}` − `{reference}` (last stage, same seeds): {statistics.mean(deltas):+.2f}{spread} pp; "
+                     f"per seed " + ", ".join(f"{seed}: {delta:+.2f}" for seed, delta in zip(seeds, deltas)) + ".")
+    return lines
 
 
 def render(table: dict[str, dict[str, list[float]]], meta: dict) -> str:
@@ -140,7 +168,7 @@ def main() -> None:
         meta["invocations_s"] = [*before.get("invocations_s", [before["wall_s"]]), meta["wall_s"]]
         meta["command"] = before["command"] + "  # then: " + meta["command"]
     (args.out / "benchmark.json").write_text(json.dumps(meta, indent=2))
-    section = render(collect(args.out), meta)
+    section = "\n\n".join([render(collect(args.out), meta), *paired_lines(args.out)])
     print(section)
     if args.markdown:
         write_section(args.markdown, section)

@@ -4,6 +4,7 @@ Resume, bf16 and the frozen-teacher walk run through tests/scheme_cases.py."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -144,6 +145,37 @@ def test_an_epoch_schedule_steps_once_per_epoch():
     trainer = fit(module, max_epochs=2)
     assert trainer.global_step == 8
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.25)
+
+
+def test_a_resume_from_the_epochs_last_step_continues_the_epoch_schedule(tmp_path, monkeypatch):
+    # Lightning resumes from a checkpoint of an epoch's last batch without re-running the epoch-end hooks, so an
+    # epoch schedule stepped there would be lost: the ×0.1 after epoch 0 must already be in that checkpoint.
+    from test_resume import BATCHES_PER_EPOCH, compose_cfg, run_recording
+
+    settings = ["scheme=adversarial", "distill=[kd]", "scheduler=multistep", "scheduler.milestones=[1]",
+                f"callbacks.last_checkpoint.every_n_train_steps={BATCHES_PER_EPOCH}"]
+    whole = run_recording(compose_cfg(tmp_path / "cache", tmp_path / "whole", *settings), monkeypatch)
+    checkpoint = tmp_path / "whole" / "student" / "checkpoints" / f"epoch=0-step={BATCHES_PER_EPOCH}.ckpt"
+    resumed = run_recording(compose_cfg(tmp_path / "cache", tmp_path / "resumed", *settings,
+                                        f"ckpt_path='{checkpoint}'"), monkeypatch)
+    assert resumed == {step: loss for step, loss in whole.items() if step > BATCHES_PER_EPOCH}
+
+
+def test_the_benchmark_pairs_each_adversarial_run_with_the_kd_run_of_its_seed(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scheme_benchmark", ROOT / "scripts" / "scheme_benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    # Job directories numbered in a different seed order per case: pairing must go by seed, not by position.
+    for label, jobs in {"kd": {0: (3, 0.90), 1: (5, 0.80)}, "adversarial": {0: (5, 0.85), 1: (3, 0.95)}}.items():
+        for job, (seed, accuracy) in jobs.items():
+            (tmp_path / "sweeps" / label / str(job) / ".hydra").mkdir(parents=True)
+            (tmp_path / "sweeps" / label / str(job) / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n")
+            (tmp_path / "sweeps" / label / str(job) / "results.json").write_text(
+                json.dumps({"student_metrics": {"test/acc": accuracy}}))
+    (line,) = benchmark.paired_lines(tmp_path)
+    assert line == "`adversarial` − `kd` (last stage, same seeds): +5.00 ± 0.00 pp; per seed 3: +5.00, 5: +5.00."
 
 
 def test_a_tapped_feature_gets_its_own_discriminator_and_unequal_widths_are_refused():

@@ -87,7 +87,7 @@ class Adversarial(Offline):
     `max_steps`, step-interval schedules, checkpoint cadence and EMA averaging run (1 + discriminator_steps)×
     fast; the discriminator is therefore stepped through the strategy (precision plugin and gradient scaler
     included) without the step counter, so `global_step` counts student steps. The student's scheduler is
-    stepped by hand at its interval. Trainer gradient clipping and accumulation are refused (Lightning does
+    stepped by hand where automatic optimisation would step it. Trainer gradient clipping and accumulation are refused (Lightning does
     not apply them under manual optimisation), as are terms with an init stage.
     """
 
@@ -207,13 +207,14 @@ class Adversarial(Offline):
             student_optimizer.zero_grad()
             self.manual_backward(total)
             student_optimizer.step()
-        if self.scheduler_factory is not None and self.scheduler_interval == "step":
+        # Where automatic optimisation steps them: after each batch, an epoch schedule after the epoch's last
+        # batch, both before on_train_batch_end, so a step checkpoint taken there already holds the stepped one
+        # (Lightning skips the epoch-end hooks when it resumes from such a checkpoint).
+        last_batch = (batch_idx + 1 >= self.trainer.num_training_batches
+                      or self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        if self.scheduler_factory is not None and (self.scheduler_interval == "step" or last_batch):
             self.lr_schedulers().step()
         return total
-
-    def on_train_epoch_end(self) -> None:
-        if self.scheduler_factory is not None and self.scheduler_interval == "epoch":
-            self.lr_schedulers().step()
 
     def loss_summary(self) -> str:
         steps = f", {self.discriminator_steps} discriminator steps per student step" if self.discriminator_steps > 1 else ""
@@ -263,6 +264,7 @@ def adversarial_plan(cfg: DictConfig) -> list:
                           f"accumulate gradients under manual optimisation, which scheme=adversarial uses. Use a "
                           f"larger data.batch_size instead, and remove the setting.")
     stages = offline_plan(cfg)
+    stages[-1].label = stages[-1].label.replace("student + ", "student + adversarial + ", 1)
     strategy = str(trainer.get("strategy", "auto"))
     if strategy in STRATEGIES_WITHOUT_UNUSED or (strategy == "auto" and trainer.get("devices", 1) not in (1, "1")):
         name = "ddp" if strategy == "auto" else strategy
