@@ -105,7 +105,8 @@ def paired_lines(out: Path) -> list[str]:
             continue
         deltas = [own[seed] - other[seed] for seed in seeds]
         spread = f" ± {statistics.stdev(deltas):.2f}" if len(deltas) > 1 else ""
-        lines.append(f"`{label}` − `{reference}` (last stage, same seeds): {statistics.mean(deltas):+.2f}{spread} pp; "
+        mean = statistics.mean(deltas)
+        lines.append(f"`{label}` − `{reference}` (last stage, same seeds): {mean:+.2f}{spread} pp; "
                      f"per seed " + ", ".join(f"{seed}: {delta:+.2f}" for seed, delta in zip(seeds, deltas)) + ".")
     return lines
 

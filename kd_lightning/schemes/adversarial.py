@@ -87,8 +87,9 @@ class Adversarial(Offline):
     `max_steps`, step-interval schedules, checkpoint cadence and EMA averaging run (1 + discriminator_steps)×
     fast; the discriminator is therefore stepped through the strategy (precision plugin and gradient scaler
     included) without the step counter, so `global_step` counts student steps. The student's scheduler is
-    stepped by hand where automatic optimisation would step it. Trainer gradient clipping and accumulation are refused (Lightning does
-    not apply them under manual optimisation), as are terms with an init stage.
+    stepped by hand where automatic optimisation would step it. Trainer gradient clipping and accumulation
+    are refused (Lightning does not apply them under manual optimisation). Terms with an init stage get it
+    first, as under `Offline` (one optimizer, the discriminators frozen).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, terms: Mapping[str, DistillTerm], num_classes: int,
@@ -107,10 +108,6 @@ class Adversarial(Offline):
             raise ConfigError(f"scheme.discriminate={discriminate} must list distinct outputs to discriminate: "
                               f"'logits' and/or tap names, e.g. scheme.discriminate=[logits,penultimate].")
         super().__init__(student, teacher, terms, num_classes, example_input, **offline)
-        if self.init_epochs:
-            raise ConfigError(f"distill={list(self.init_terms)} has an init stage, which scheme=adversarial does not "
-                              f"run (its manual optimisation steps two optimizers). Train that term with "
-                              f"scheme=offline, or set distill.<term>.init_epochs=0.")
         self.automatic_optimization = False
         self.discriminator_optimizer_factory = discriminator_optimizer
         self.adversarial_weight = float(adversarial_weight)
@@ -125,6 +122,7 @@ class Adversarial(Offline):
         widths = self._output_widths(example_input)
         self.discriminators = nn.ModuleDict({key(name): Discriminator(widths[name], int(reduction))
                                              for name in discriminate})
+        # Trained in the main stage only: an init stage (FT's paraphraser) freezes them like the student.
         self._trainable |= {id(p) for p in self.discriminators.parameters()}
         self.nonfinite = NonFiniteWatch(
             [*self.nonfinite.names, "adversarial", "discriminator"],
@@ -172,6 +170,8 @@ class Adversarial(Offline):
         return {name: self.discriminators[key(name)](outputs[name]) for name in self.discriminated}
 
     def configure_optimizers(self) -> Any:
+        if self.init_stage:  # one optimizer, over the init stage's parameters (Offline's)
+            return super().configure_optimizers()
         student = super().configure_optimizers()
         discriminator = self.discriminator_optimizer_factory(self.discriminators.parameters())
         return [student if isinstance(student, dict) else {"optimizer": student}, {"optimizer": discriminator}]
@@ -183,8 +183,15 @@ class Adversarial(Offline):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, targets, indices = unpack_batch(batch)
-        student_optimizer, discriminator_optimizer = self.optimizers()
         losses = self.training_losses(images, targets, indices)
+        if self.init_stage:  # the terms' initialisation: no discriminator yet, a constant rate, no schedule
+            optimizer = self.optimizers()
+            total = self.log_training_losses(losses, len(images))
+            optimizer.zero_grad()
+            self.manual_backward(total)
+            optimizer.step()
+            return total
+        student_optimizer, discriminator_optimizer = self.optimizers()
         teacher = self.discriminated_outputs("teacher")
         student = self.discriminated_outputs("student")
         detached = {name: value.detach() for name, value in student.items()}
@@ -217,7 +224,10 @@ class Adversarial(Offline):
         return total
 
     def loss_summary(self) -> str:
-        steps = f", {self.discriminator_steps} discriminator steps per student step" if self.discriminator_steps > 1 else ""
+        if self.init_stage:
+            return super().loss_summary()
+        steps = self.discriminator_steps
+        steps = f", {steps} discriminator steps per student step" if steps > 1 else ""
         return (f"{super().loss_summary()} + {self.adversarial_weight}·adversarial"
                 f"({'+'.join(self.discriminated)}{steps})")
 

@@ -41,9 +41,10 @@ class NonFiniteWatch:
         broken = [(step, name) for step, name in zip(steps, self.names) if step != NEVER]
         if broken:
             step, name = min(broken)
+            lower = self.remedies.get(name) or remedy(name)
             raise ConfigError(
                 f"Loss {name!r} became NaN or infinite at training step {step}; the run was stopped there. Lower "
-                f"{self.remedies.get(name) or remedy(name)}, check its inputs (taps, temperature), or train in trainer.precision=32-true if "
+                f"{lower}, check its inputs (taps, temperature), or train in trainer.precision=32-true if "
                 f"it happened under 16-bit precision."
             )
 
