@@ -8,6 +8,7 @@ gradients — the discriminator's as well as the student's — are averaged acro
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,8 +36,6 @@ def main(strategy: str, out: Path) -> None:
     datamodule = DigitsDataModule(batch_size=BATCH)
     datamodule.setup("fit")
     module = build(datamodule.example_input())
-    import os
-
     loader = DataLoader(datamodule.train_set,
                         batch_sampler=rank_batches(datamodule.train_set, int(os.environ.get("LOCAL_RANK", 0))))
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,

@@ -247,7 +247,6 @@ def test_two_ddp_ranks_on_different_shards_end_identical_discriminators_included
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"ddp-rank{rank}.pt", weights_only=True) for rank in (0, 1))
     assert rank0["losses"] != rank1["losses"]  # the shards differ, so unsynchronised gradients would too
-    sys.path.insert(0, str(ROOT / "tests"))
     from _ddp_adversarial import build
 
     initial = build(torch.randn(2, 1, 8, 8)).state_dict()

@@ -276,7 +276,6 @@ def adversarial_plan(cfg: DictConfig) -> list:
     stages = offline_plan(cfg)
     stages[-1].label = stages[-1].label.replace("student + ", "student + adversarial + ", 1)
     strategy = str(trainer.get("strategy", "auto"))
-    if strategy in STRATEGIES_WITHOUT_UNUSED or (strategy == "auto" and trainer.get("devices", 1) not in (1, "1")):
-        name = "ddp" if strategy == "auto" else strategy
-        stages[-1].overrides = {**stages[-1].overrides, "trainer.strategy": f"{name}_find_unused_parameters_true"}
+    if strategy in STRATEGIES_WITHOUT_UNUSED:
+        stages[-1].overrides = {**stages[-1].overrides, "trainer.strategy": f"{strategy}_find_unused_parameters_true"}
     return stages
