@@ -185,35 +185,17 @@ class Adversarial(Offline):
         images, targets, indices = unpack_batch(batch)
         losses = self.training_losses(images, targets, indices)
         if self.init_stage:  # the terms' initialisation: no discriminator yet, a constant rate, no schedule
-            optimizer = self.optimizers()
-            total = self.log_training_losses(losses, len(images))
-            optimizer.zero_grad()
-            self.manual_backward(total)
-            optimizer.step()
-            return total
+            return self._step(self.optimizers(), self.log_training_losses(losses, len(images)))
         student_optimizer, discriminator_optimizer = self.optimizers()
-        teacher = self.discriminated_outputs("teacher")
-        student = self.discriminated_outputs("student")
-        detached = {name: value.detach() for name, value in student.items()}
+        teacher, student = self.discriminated_outputs("teacher"), self.discriminated_outputs("student")
         with self.toggled_optimizer(discriminator_optimizer):
-            for _ in range(self.discriminator_steps):
-                real, fake = self.discriminator_scores(teacher), self.discriminator_scores(detached)
-                loss = torch.stack([discriminator_loss(real[name], fake[name]) for name in real]).sum()
-                self.nonfinite.record("discriminator", loss, self.global_step)
-                discriminator_optimizer.zero_grad()
-                self.manual_backward(loss)
-                # Not discriminator_optimizer.step(): that one counts as a global step.
-                self.trainer.strategy.optimizer_step(discriminator_optimizer.optimizer, closure=no_closure)
-        self.log("train/discriminator", loss.detach(), batch_size=len(images))
+            self._train_discriminators(discriminator_optimizer, teacher, student, len(images))
         with self.toggled_optimizer(student_optimizer):
             scores = self.discriminator_scores(student)
             adversarial = torch.stack([fooling_loss(value) for value in scores.values()]).sum()
             self.nonfinite.record("adversarial", adversarial, self.global_step)
             losses["adversarial"] = self.adversarial_weight * adversarial
-            total = self.log_training_losses(losses, len(images))
-            student_optimizer.zero_grad()
-            self.manual_backward(total)
-            student_optimizer.step()
+            total = self._step(student_optimizer, self.log_training_losses(losses, len(images)))
         # Where automatic optimisation steps them: after each batch, an epoch schedule after the epoch's last
         # batch, both before on_train_batch_end, so a step checkpoint taken there already holds the stepped one
         # (Lightning skips the epoch-end hooks when it resumes from such a checkpoint).
@@ -222,6 +204,25 @@ class Adversarial(Offline):
         if self.scheduler_factory is not None and (self.scheduler_interval == "step" or last_batch):
             self.lr_schedulers().step()
         return total
+
+    def _train_discriminators(self, optimizer: Any, teacher: Mapping[str, Tensor], student: Mapping[str, Tensor],
+                              batch_size: int) -> None:
+        student = {name: value.detach() for name, value in student.items()}
+        for _ in range(self.discriminator_steps):
+            real, fake = self.discriminator_scores(teacher), self.discriminator_scores(student)
+            loss = torch.stack([discriminator_loss(real[name], fake[name]) for name in real]).sum()
+            self.nonfinite.record("discriminator", loss, self.global_step)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            # Not optimizer.step(): a LightningOptimizer's step counts as a global step.
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=no_closure)
+        self.log("train/discriminator", loss.detach(), batch_size=batch_size)
+
+    def _step(self, optimizer: Any, loss: Tensor) -> Tensor:
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
 
     def loss_summary(self) -> str:
         if self.init_stage:
