@@ -16,6 +16,7 @@ from kd_lightning.cli_checks import check_command_line
 from kd_lightning.errors import ConfigError
 from kd_lightning.objective import DEFAULT_METRIC, check_search_objective, is_search
 from kd_lightning.sweep import JobFailed, finish_sweep
+from kd_lightning.sweep_resume import reuse_finished_job
 
 
 # An absolute path: relative ones are resolved as a Python package when run as the `kd-train` console script.
@@ -47,7 +48,12 @@ def train_job(cfg: DictConfig) -> float | None:
     try:
         if is_search(sweeper):
             check_search_objective(sweeper, cfg, construct(cfg.data))
-        results = run(cfg)
+        results = None
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # a re-run sweep: a config with a result does not train again
+            results = reuse_finished_job(cfg, Path(hydra_cfg.sweep.dir), Path(hydra_cfg.runtime.output_dir),
+                                         hydra_cfg.job.num)
+        if results is None:
+            results = run(cfg)
     except Exception as error:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             # Raised, not exited: Hydra records the job as failed and runs the rest of the sweep.
