@@ -177,3 +177,22 @@ def test_a_wandb_summary_that_cannot_start_is_refused_in_one_paragraph_after_the
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("kd-report: error: The W&B summary run of ") and "--no-wandb" in message, message
     assert (tmp_path / "sweep" / "report.md").is_file()
+
+
+def test_results_name_their_own_config_and_a_failure_fixed_elsewhere_is_not_listed(tmp_path):
+    # A re-run sweep renumbered job 0: Hydra rewrote 0/.hydra/overrides.yaml for seed 0, the result there is
+    # still seed 1's; seed 0 failed in job 1 once and succeeded in job 2 since.
+    write_job(tmp_path / "0", ["seed=0"], {"peer1": 0.2, "peer2": 0.2}, baseline=0.1)
+    write_job(tmp_path / "2", ["seed=0"], {"peer1": 0.4, "peer2": 0.4}, baseline=0.1)
+    for job, seed, digest in (("0", "seed=1", "hash-seed-1"), ("2", "seed=0", "hash-seed-0")):
+        results = json.loads((tmp_path / job / "results.json").read_text())
+        (tmp_path / job / "results.json").write_text(json.dumps({**results, "config_hash": digest,
+                                                                 "overrides": [seed]}))
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "error.json").write_text(json.dumps({"dir": str(tmp_path / "1"), "overrides": ["seed=0"],
+                                                          "config_hash": "hash-seed-0", "error_type": "OSError",
+                                                          "message": "disk full"}))
+    assert kd_report_entry_point()([str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert cells(report, "`(shared overrides only)`")[2:4] == ["2", f"30.00 ± {statistics.stdev([20, 40]):.2f}"]
+    assert "Failed jobs" not in report and "0 failed jobs" in report
