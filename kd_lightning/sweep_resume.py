@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from kd_lightning.job_identity import RESULTS_FILE, config_hash
 from kd_lightning.sweep import ERROR_FILE, read_record
@@ -32,7 +33,10 @@ DISPLACED_DIR = "displaced"
 
 def reuse_finished_job(cfg: DictConfig, sweep_dir: Path, job_dir: Path, job_num: int) -> dict[str, Any] | None:
     """The newest earlier result of this job's config in `sweep_dir`, or None when the job must train."""
-    digest = config_hash(cfg)
+    try:
+        digest = config_hash(cfg)
+    except OmegaConfBaseException:
+        return None  # a config that does not resolve: the job fails with its own error where it is used
     displace_other_config(sweep_dir, job_dir, digest, job_num)
     finished = [(path, record) for path in sweep_dir.rglob(RESULTS_FILE)
                 if (record := read_record(path)).get("config_hash") == digest]
