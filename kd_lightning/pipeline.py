@@ -20,6 +20,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.job_identity import job_record, sweep_name
 from kd_lightning.report import format_table, network_size
 from kd_lightning.schemes import Supervised
 from kd_lightning.schemes.base import DistillationModule
@@ -63,7 +64,9 @@ def build_loggers(cfg: DictConfig, phase: str, ckpt_path: str | None = None) -> 
         overrides: dict[str, Any] = {}
         if target.endswith("WandbLogger"):
             run_name = logger_cfg.get("name") or f"{cfg.get('task_name', 'train')}/{Path(cfg.paths.output_dir).name}"
-            overrides = {"name": f"{run_name}-{phase}", "group": logger_cfg.get("group") or run_name, "job_type": phase}
+            # A sweep's runs share one group (the sweep's), so W&B compares its jobs side by side.
+            group = logger_cfg.get("group") or sweep_name() or run_name
+            overrides = {"name": f"{run_name}-{phase}", "group": group, "job_type": phase}
             if ckpt_path and not logger_cfg.get("id") and (run_id := resumed_wandb_run_id(ckpt_path)):
                 overrides["id"] = run_id  # the resumed training continues its W&B run instead of starting one
         elif "name" in logger_cfg or target.endswith(("CSVLogger", "TensorBoardLogger")):
@@ -321,6 +324,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages and return their results (also written to `<output_dir>/results.json`)."""
     check_settings(cfg)
     check_accelerator(cfg.trainer)
+    job = job_record(cfg)  # before the stages: they must not change what identifies the job
     datamodule = construct(cfg.data)
     stages = plan_stages(cfg)
     resume = resumed_stage(cfg, stages)
@@ -343,7 +347,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                    size={role: network_size(net, datamodule.example_input())
                                          for role, net in products[stage.name].items()})
     last = stages[-1]
-    results: dict[str, Any] = {"student": OmegaConf.to_container(cfg.student, resolve=True), "stages": records,
+    results: dict[str, Any] = {**job, "student": OmegaConf.to_container(cfg.student, resolve=True), "stages": records,
                                "student_metrics": records[last.name]["metrics"], "loss": records[last.name].get("loss"),
                                "world_size": trainer.world_size if trainer is not None else 1}
     if "teacher" in records:

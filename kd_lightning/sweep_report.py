@@ -3,7 +3,9 @@
 Jobs are grouped by their overrides minus `seed=...`, so each row is one configuration's last stage (the
 student, or each peer) with the mean ± sample std of test top-1 over its seeds. Δ is taken against the
 `baseline` stage of the same jobs, so a row is only compared with students trained on its own seeds.
-Failed jobs (their `error.json`, see kd_lightning/sweep.py) close the table with their error.
+Failed jobs (their `error.json`, see kd_lightning/sweep.py) close the table with their error. A config
+run more than once (a re-run sweep, a retried seed) counts once. When the jobs logged to W&B, the table and
+plot also go to one W&B summary run in the sweep's group (kd_lightning/sweep_wandb.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import yaml
 from kd_lightning.errors import ConfigError
 from kd_lightning.report import _count
 from kd_lightning.sweep import ERROR_FILE
+from kd_lightning.sweep_wandb import log_summary_run
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "report.png"
@@ -71,12 +74,26 @@ def last_stage_rows(results: dict[str, Any]) -> list[tuple[str, float, int | Non
     return [(record.get("label", "student"), 100 * results["student_metrics"]["test/acc"], first.get("params"))]
 
 
+def job_results(sweep_dir: Path) -> list[tuple[list[str], dict[str, Any]]]:
+    """(overrides, results) per job in the order configs first appear; a config run twice (same config hash)
+    counts once, with its newest result.
+
+    A job's own results.json names its overrides; `.hydra/overrides.yaml` only for results written before
+    it did: a re-run sweep whose jobs were renumbered rewrites that file for another config.
+    """
+    newest: dict[str, tuple[list[str], dict[str, Any]]] = {}
+    for results_file in sorted(sweep_dir.rglob("results.json"), key=lambda path: path.stat().st_mtime):
+        results = json.loads(results_file.read_text())
+        overrides = results["overrides"] if "overrides" in results else job_overrides(results_file.parent)
+        newest[results.get("config_hash") or str(results_file)] = (overrides, results)
+    return list(newest.values())
+
+
 def collect(sweep_dir: Path) -> list[Row]:
     """Rows in the order their configurations first appear; a seed run twice counts once (the newest job)."""
     newest: dict[tuple[tuple[str, ...], str], dict[str, Any]] = {}
-    for results_file in sorted(sweep_dir.rglob("results.json"), key=lambda path: path.stat().st_mtime):
-        overrides = job_overrides(results_file.parent)
-        newest[without_seed(overrides), seed_of(overrides)] = json.loads(results_file.read_text())
+    for overrides, results in job_results(sweep_dir):
+        newest[without_seed(overrides), seed_of(overrides)] = results
     rows: dict[tuple[tuple[str, ...], str], Row] = {}
     for (configuration, _), results in sorted(newest.items(), key=lambda item: item[0][1]):
         teacher_params = results.get("teacher", {}).get("size", {}).get("student", {}).get("params")
@@ -91,8 +108,16 @@ def collect(sweep_dir: Path) -> list[Row]:
 
 
 def failures(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Failed jobs whose config has no result (a re-run of the sweep may have trained it since)."""
     records = [json.loads(path.read_text()) for path in sorted(sweep_dir.rglob(ERROR_FILE))]
-    return [record for record in records if not (Path(record.get("dir", "")) / "results.json").is_file()]
+    finished = {results.get("config_hash") for _, results in job_results(sweep_dir)} - {None}
+
+    def has_result(record: dict[str, Any]) -> bool:
+        if record.get("config_hash"):
+            return record["config_hash"] in finished
+        return (Path(record.get("dir", "")) / "results.json").is_file()  # recorded before jobs had hashes
+
+    return [record for record in records if not has_result(record)]
 
 
 def shared_overrides(rows: list[Row]) -> list[str]:
@@ -171,8 +196,9 @@ def plot(bars: list[tuple[str, float, float, float | None]], lines: dict[str, fl
     plt.close(fig)
 
 
-def write_report(sweep_dir: Path) -> str:
-    """Write `<sweep>/report.md` and `<sweep>/report.png`; the markdown."""
+def write_report(sweep_dir: Path, wandb_summary: bool = True) -> tuple[str, Path | None]:
+    """Write `<sweep>/report.md` and `<sweep>/report.png` (and the W&B summary run when the jobs logged to W&B);
+    the markdown and the summary run's directory."""
     sweep_dir = sweep_dir.resolve()  # job records hold absolute dirs
     if not sweep_dir.is_dir():
         raise ConfigError(f"{sweep_dir} is not a directory. Pass the sweep directory of a `kd-train -m` run "
@@ -197,20 +223,52 @@ def write_report(sweep_dir: Path) -> str:
                      baseline))
     plot(bars, {}, sweep_dir / PLOT_FILE, sweep_dir.name)
     (sweep_dir / REPORT_FILE).write_text(markdown + f"\n![{sweep_dir.name}]({PLOT_FILE})\n")
-    return markdown
+    settings = sweep_wandb_settings(sweep_dir) if wandb_summary else None
+    if settings is None:
+        return markdown, None
+    tables = {"report": (REPORT_COLUMNS, report_table_data(rows))}
+    if failed:
+        tables["failed_jobs"] = (["job dir", "overrides", "error"], [
+            [job_dir_name(sweep_dir, record), " ".join(record.get("overrides", [])),
+             f"{record.get('error_type', 'error')}: {record.get('message', '')}"] for record in failed])
+    config = {"sweep_dir": str(sweep_dir), "results": sum(len(row.accs) for row in rows), "failed_jobs": len(failed)}
+    return markdown, log_summary_run(settings, sweep_dir, tables, sweep_dir / PLOT_FILE, config)
+
+
+REPORT_COLUMNS = ["configuration", "stage", "seeds", "test top-1 mean (%)", "test top-1 std (%)",
+                  "delta vs baseline (pp)", "params", "params / teacher"]
+
+
+def report_table_data(rows: list[Row]) -> list[list[Any]]:
+    """The markdown table's rows as numbers (None where it shows –)."""
+    names = configuration_names(rows)
+    data = []
+    for row in rows:
+        mean, std = mean_std(row.accs)
+        ratio = row.params / row.teacher_params if row.params is not None and row.teacher_params else None
+        data.append([names[row.configuration], row.stage, len(row.accs), mean, std, row.delta(), row.params, ratio])
+    return data
+
+
+def sweep_wandb_settings(sweep_dir: Path) -> dict[str, Any] | None:
+    """The W&B settings of the sweep's jobs (the first job that logged to W&B), or None when none did."""
+    return next((results["wandb"] for _, results in job_results(sweep_dir) if results.get("wandb")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kd-report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path, help="the hydra.sweep.dir of a `kd-train -m` run")
+    parser.add_argument("--no-wandb", action="store_true", help="no W&B summary run, even if the jobs logged to W&B")
     args = parser.parse_args(argv)
     try:
-        print(write_report(args.sweep_dir))
+        markdown, summary_run = write_report(args.sweep_dir, wandb_summary=not args.no_wandb)
     except ConfigError as error:
         print(f"kd-report: error: {error}", file=sys.stderr)
         return 2
-    print(f"[kd-report] wrote {args.sweep_dir / REPORT_FILE} and {args.sweep_dir / PLOT_FILE}")
+    print(markdown)
+    print(f"[kd-report] wrote {args.sweep_dir / REPORT_FILE} and {args.sweep_dir / PLOT_FILE}"
+          + (f"; W&B summary run {summary_run}" if summary_run else ""))
     return 0
 
 

@@ -16,6 +16,7 @@ from kd_lightning.cli_checks import check_command_line
 from kd_lightning.errors import ConfigError
 from kd_lightning.objective import DEFAULT_METRIC, check_search_objective, is_search
 from kd_lightning.sweep import JobFailed, finish_sweep
+from kd_lightning.sweep_resume import reuse_finished_job
 
 
 # An absolute path: relative ones are resolved as a Python package when run as the `kd-train` console script.
@@ -39,10 +40,15 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def train_job(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # a re-run sweep: a config with a result does not train again
+        previous = reuse_finished_job(cfg, Path(hydra_cfg.sweep.dir), Path(hydra_cfg.runtime.output_dir),
+                                      hydra_cfg.job.num)
+        if previous is not None:  # checked before torch is imported, so a sweep of finished jobs takes seconds
+            return objective_value(cfg, previous)
     from kd_lightning.pipeline import construct, run  # after Hydra parsed the arguments, so --help stays fast
 
     quiet_lightning_console()
-    hydra_cfg = HydraConfig.get()
     sweeper = hydra_cfg.sweeper.get("_target_") if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
         if is_search(sweeper):
@@ -60,6 +66,11 @@ def train_job(cfg: DictConfig) -> float | None:
         error = error.__cause__ if isinstance(error.__cause__, ConfigError) else error
         print(f"\nkd-train: error: {error}", file=sys.stderr)
         sys.exit(2)
+    return objective_value(cfg, results)
+
+
+def objective_value(cfg: DictConfig, results: dict) -> float | None:
+    """What the sweeper optimises, from a job's results."""
     return results["student_metrics"].get(cfg.get("optimized_metric", DEFAULT_METRIC))
 
 

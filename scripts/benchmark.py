@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from kd_lightning.sweep_report import mean_std, plot as plot_bars
+from kd_lightning.sweep_report import job_results, mean_std, plot as plot_bars
 
 BASELINE = "baseline"
 
@@ -139,12 +138,10 @@ def method_of(overrides: list[str]) -> str:
 
 def collect(out: Path) -> tuple[dict[str, list[float]], list[float]]:
     """Test top-1 (%) per method label (the newest job per seed, should a retry have rerun one), and the
-    teacher's (one value per job that reports one)."""
+    teacher's (one value per job that reports one); jobs read as kd-report reads them."""
     latest: dict[tuple[str, str], float] = {}
     teacher: list[float] = []
-    for results_file in sorted(out.glob("sweeps/*/*/results.json"), key=lambda f: f.stat().st_mtime):
-        overrides = yaml.safe_load((results_file.parent / ".hydra" / "overrides.yaml").read_text())
-        results = json.loads(results_file.read_text())
+    for overrides, results in job_results(out / "sweeps"):
         seed = dict(item.split("=", 1) for item in overrides if "=" in item).get("seed", "0")
         latest[method_of(overrides), seed] = 100 * results["student_metrics"]["test/acc"]
         if "teacher" in results:

@@ -130,3 +130,69 @@ def test_a_seed_run_twice_counts_once_with_the_newest_result(tmp_path):
     assert kd_report_entry_point()([str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
     assert cells(report, "`(shared overrides only)`")[2:5] == ["1", "30.00", "+20.00"]
+
+
+def test_a_sweep_that_logged_to_wandb_gets_one_summary_run_with_the_table_and_the_plot(tmp_path, monkeypatch):
+    from wandb_offline import run_record
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sweep = tmp_path / "kd_sweep"
+    wandb = {"project": "kd_tests", "entity": None, "group": "kd_sweep", "offline": True}
+    for job, (seed, accs) in enumerate([("0", {"peer1": 0.5, "peer2": 0.7}), ("1", {"peer1": 0.6, "peer2": 0.9})]):
+        write_job(sweep / str(job), ["scheme=dml", f"seed={seed}"], accs, baseline=0.4)
+        results = json.loads((sweep / str(job) / "results.json").read_text())
+        (sweep / str(job) / "results.json").write_text(json.dumps({**results, "wandb": wandb}))
+    (sweep / "2").mkdir()
+    (sweep / "2" / "error.json").write_text(json.dumps({"dir": str(sweep / "2"), "overrides": ["seed=2"],
+                                                       "error_type": "ConfigError", "message": "no such model"}))
+    assert kd_report_entry_point()([str(sweep), "--no-wandb"]) == 0
+    assert not (sweep / "wandb").exists()
+
+    assert kd_report_entry_point()([str(sweep)]) == 0
+    (summary,) = (sweep / "wandb").glob("offline-run-*")
+    record = run_record(summary)
+    assert (record.project, record.run_group, record.job_type) == ("kd_tests", "kd_sweep", "report")
+    media = summary / "files" / "media"
+    report = json.loads(next((media / "table").glob("report_*.table.json")).read_text())
+    assert [row[:6] for row in report["data"]] == [
+        ["(shared overrides only)", "online dml (peer1)", 2, pytest.approx(55.0), pytest.approx(statistics.stdev([50, 60])),
+         pytest.approx(15.0)],
+        ["(shared overrides only)", "online dml (peer2)", 2, pytest.approx(80.0), pytest.approx(statistics.stdev([70, 90])),
+         pytest.approx(40.0)]]
+    failed = json.loads(next((media / "table").glob("failed_jobs_*.table.json")).read_text())
+    assert failed["data"] == [["2", "seed=2", "ConfigError: no such model"]]
+    assert next((media / "images").glob("plot_*.png")).read_bytes() == (sweep / "report.png").read_bytes()
+
+
+def test_a_wandb_summary_that_cannot_start_is_refused_in_one_paragraph_after_the_report(tmp_path):
+    write_job(tmp_path / "sweep" / "0", ["seed=0"], {"peer1": 0.5, "peer2": 0.7}, baseline=0.4)
+    results = json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())
+    wandb = {"project": "kd_tests", "entity": None, "group": "sweep", "offline": False}
+    (tmp_path / "sweep" / "0" / "results.json").write_text(json.dumps({**results, "wandb": wandb}))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_MODE="online", WANDB_SILENT="true")  # online, and never logged in
+    result = subprocess.run([sys.executable, "-m", "kd_lightning.sweep_report", str(tmp_path / "sweep")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("kd-report: error: The W&B summary run of ") and "--no-wandb" in message, message
+    assert (tmp_path / "sweep" / "report.md").is_file()
+
+
+def test_results_name_their_own_config_and_a_failure_fixed_elsewhere_is_not_listed(tmp_path):
+    # A re-run sweep renumbered job 0: Hydra rewrote 0/.hydra/overrides.yaml for seed 0, the result there is
+    # still seed 1's; seed 0 failed in job 1 once and succeeded in job 2 since.
+    write_job(tmp_path / "0", ["seed=0"], {"peer1": 0.2, "peer2": 0.2}, baseline=0.1)
+    write_job(tmp_path / "2", ["seed=0"], {"peer1": 0.4, "peer2": 0.4}, baseline=0.1)
+    for job, seed, digest in (("0", "seed=1", "hash-seed-1"), ("2", "seed=0", "hash-seed-0")):
+        results = json.loads((tmp_path / job / "results.json").read_text())
+        (tmp_path / job / "results.json").write_text(json.dumps({**results, "config_hash": digest,
+                                                                 "overrides": [seed]}))
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "error.json").write_text(json.dumps({"dir": str(tmp_path / "1"), "overrides": ["seed=0"],
+                                                          "config_hash": "hash-seed-0", "error_type": "OSError",
+                                                          "message": "disk full"}))
+    assert kd_report_entry_point()([str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert cells(report, "`(shared overrides only)`")[2:4] == ["2", f"30.00 ± {statistics.stdev([20, 40]):.2f}"]
+    assert "Failed jobs" not in report and "0 failed jobs" in report
