@@ -147,6 +147,7 @@ class TeacherOutputCache:
         self.dtypes: dict[str, torch.dtype] = {}
         self._pending: _Lookup | None = None
         self.hits = self.misses = 0
+        self.pin = False
 
     # --- opening -----------------------------------------------------------------------------------------
     def open(self, datamodule: Any, teacher: torch.nn.Module, forward: TeacherForward, device: torch.device,
@@ -161,6 +162,7 @@ class TeacherOutputCache:
                               f"scales). Train with {OFF_SWITCH}, or use a data module whose augmentation is a "
                               f"pad-crop/flip (CIFAR, digits) or none.")
         self.views = views
+        self.pin = device.type == "cuda"  # pinned rows copy to the device without waiting for it
         count, size = int(datamodule.train_size), views.count
         key = self._key(datamodule, teacher, device, precision)
         if key == self.key:
@@ -238,8 +240,8 @@ class TeacherOutputCache:
         hit = self.filled[indices, views].bool()
         hits, misses = hit.nonzero().flatten(), (~hit).nonzero().flatten()
         rows = self.table[indices[hits], views[hits]]
-        if torch.cuda.is_available():
-            rows = rows.pin_memory()  # so the copy to the device does not wait for it
+        if self.pin:
+            rows = rows.pin_memory()
         self._pending = _Lookup(indices, views, hits, misses, rows)
         self.hits += len(hits)
         self.misses += len(misses)
