@@ -145,7 +145,8 @@ def sweep_benchmark(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: no spinning on a shared CPU)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: no spinning on a shared CPU)")
     commands = parser.add_subparsers(dest="command", required=True)
     epoch = commands.add_parser("epoch", help="epoch time: warm cache vs student only")
     epoch.add_argument("--teacher", default="resnet20")

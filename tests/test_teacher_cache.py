@@ -90,8 +90,8 @@ def test_a_cached_run_trains_like_an_uncached_one(make_cfg, recorded_losses, mon
         served.append(len(self._pending.hits))
 
     monkeypatch.setattr(TeacherOutputCache, "lookup", counting)
-    common = ("+data.augment=true", "+data.train_subset=256", "trainer.max_epochs=4", "trainer.limit_train_batches=null",
-              "baseline=false", "teacher.max_epochs=1")
+    common = ("+data.augment=true", "+data.train_subset=256", "trainer.max_epochs=4",
+              "trainer.limit_train_batches=null", "baseline=false", "teacher.max_epochs=1")
     run(make_cfg(*common))
     plain = recorded_losses.pop("student")
     run(make_cfg(*common, "teacher_cache=memory", "teacher_cache.dtype=float32"))
@@ -138,7 +138,8 @@ def test_a_shared_file_is_precomputed_once_and_reused_by_the_next_job(tmp_path, 
 def test_what_the_cache_cannot_serve_is_refused_with_the_fix(tmp_path, make_cfg):
     data = digits()
     with pytest.raises(ConfigError, match=r"\['fitnet'\].*teacher_cache=none"):
-        offline(data, options(tmp_path), terms={"kd": KD(), "fitnet": FitNet(student_tap="stage1", teacher_tap="stage1")})
+        offline(data, options(tmp_path),
+                terms={"kd": KD(), "fitnet": FitNet(student_tap="stage1", teacher_tap="stage1")})
 
     class UnnamedViews(DigitsDataModule):
         train_views = None
