@@ -25,6 +25,7 @@ from kd_lightning.report import format_table, network_size
 from kd_lightning.schemes import Supervised
 from kd_lightning.schemes.base import DistillationModule
 from kd_lightning.stages import Stage, plan_stages
+from kd_lightning.teacher_cache import OFF_SWITCH, cache_options
 from kd_lightning.teachers import (CHECKPOINT_KEY, export_student, load_products, load_weights, read_metrics,
                                    recipe_key, save_products)
 from kd_lightning.validate import check_settings
@@ -177,11 +178,15 @@ def stage_recipe(stage_cfg: DictConfig, stage: Stage, teacher_keys: dict[str, st
     for irrelevant in ("num_workers", "pin_memory", "root", "system_dir"):
         data.pop(irrelevant, None)
     scheduler = stage_cfg.get("scheduler")
-    return {"scheme": dict(stage.scheme), "networks": dict(stage.networks), "distill": dict(stage.distill or {}),
-            "seed": stage.seed, "data": data, "trainer": trainer,
-            "optimizer": OmegaConf.to_container(stage_cfg.optimizer, resolve=True),
-            "scheduler": OmegaConf.to_container(scheduler, resolve=True) if scheduler else None,
-            "teachers": {name: teacher_keys[name] for name in stage.teacher_names()}}
+    recipe = {"scheme": dict(stage.scheme), "networks": dict(stage.networks), "distill": dict(stage.distill or {}),
+              "seed": stage.seed, "data": data, "trainer": trainer,
+              "optimizer": OmegaConf.to_container(stage_cfg.optimizer, resolve=True),
+              "scheduler": OmegaConf.to_container(scheduler, resolve=True) if scheduler else None,
+              "teachers": {name: teacher_keys[name] for name in stage.teacher_names()}}
+    cache = cache_options(stage_cfg)
+    if stage.teachers and cache is not None and not cache.lossless:
+        recipe["teacher_outputs"] = cache.dtype  # rounded teacher outputs train a (slightly) different network
+    return recipe
 
 
 def evaluate(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, phase: str = "teacher") -> dict[str, float]:
@@ -219,18 +224,23 @@ def build_stage_module(stage_cfg: DictConfig, stage: Stage, datamodule: Any,
     if unknown:
         raise ConfigError(f"scheme {scheme_class.__name__} has no option {unknown} (stage {stage.name!r}). Its options: "
                           f"{sorted(accepted - set(stage.networks) - set(stage.teachers) - set(CONTEXT))}.")
+    cache = cache_options(stage_cfg)
+    if cache is not None and stage.teachers and "teacher_cache" not in accepted:
+        raise ConfigError(f"scheme {scheme_class.__name__} (stage {stage.name!r}) cannot serve its teachers' outputs "
+                          f"from the teacher cache. Train it with {OFF_SWITCH}.")
     networks = {arg: [build_model(m, datamodule) for m in value] if isinstance(value, (list, tuple))
                 else build_model(value, datamodule) for arg, value in stage.networks.items()}
     context = {"terms": build_terms(stage_cfg), "example_input": datamodule.example_input(),
                "train_size": datamodule.train_size, "train_targets": datamodule.train_targets,
-               "max_epochs": stage_cfg.trainer.max_epochs, **scheme_kwargs(stage_cfg, datamodule)}
+               "max_epochs": stage_cfg.trainer.max_epochs, "teacher_cache": cache if stage.teachers else None,
+               **scheme_kwargs(stage_cfg, datamodule)}
     context = {key: value for key, value in context.items() if key in accepted}
     return scheme_class(**networks, **teachers, **options, **context)
 
 
 # Arguments every scheme may take from the run rather than from its config (see build_stage_module).
 CONTEXT = ("terms", "example_input", "train_size", "train_targets", "max_epochs", "num_classes", "optimizer",
-           "scheduler")
+           "scheduler", "teacher_cache")
 
 
 def teacher_arguments(stage: Stage, products: dict[str, dict[str, torch.nn.Module]]) -> dict[str, Any]:
@@ -327,6 +337,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     job = job_record(cfg)  # before the stages: they must not change what identifies the job
     datamodule = construct(cfg.data)
     stages = plan_stages(cfg)
+    if cache_options(cfg) and not any(stage.teachers for stage in stages):
+        raise ConfigError(f"teacher_cache={cfg.teacher_cache.storage} caches a frozen teacher's outputs, but no stage "
+                          f"of this run distils from a trained teacher (stages: {[s.name for s in stages]}). Use "
+                          f"{OFF_SWITCH}.")
     resume = resumed_stage(cfg, stages)
     # Build every stage once with untrained networks first, so a bad model, term or tap name fails in
     # seconds instead of after the teachers and the baseline have trained.

@@ -11,6 +11,7 @@ from hydra.utils import get_class, instantiate
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.pipeline import build_callbacks, build_loggers, build_terms, check_accelerator, construct
+from kd_lightning.teacher_cache import cache_options
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -28,8 +29,15 @@ class Shape:
 
 def test_every_group_has_options():
     for group in ("data", "teacher", "student", "distill", "scheme", "trainer", "logger", "callbacks",
-                  "experiment", "debug", "optimizer", "scheduler"):
+                  "experiment", "debug", "optimizer", "scheduler", "teacher_cache"):
         assert options(group), group
+
+
+@pytest.mark.parametrize("option", options("teacher_cache"))
+def test_teacher_cache_options_compose(make_cfg, option, tmp_path):
+    cache = cache_options(make_cfg(f"teacher_cache={option}"))
+    assert (cache.storage if cache is not None else "none") == option
+    assert cache is None or cache.directory == tmp_path / "cache" / "teacher_outputs"
 
 
 @pytest.mark.parametrize("option", options("data"))

@@ -22,6 +22,7 @@ from kd_lightning.data import (
     MNISTDataModule,
     SyntheticDataModule,
 )
+from kd_lightning.data.base import NO_AUGMENTATION, UNNAMED_VIEW
 from kd_lightning.data.resumable import EpochPermutationSampler
 from kd_lightning.errors import ConfigError
 
@@ -108,16 +109,23 @@ def write_image_folder(root: Path, classes: list[str], per_class: int = 3, size:
 
 # --- shared checks ---------------------------------------------------------------------------------------
 def check_batches(dm: KDDataModule, shape: tuple[int, ...], num_classes: int) -> None:
-    """Every loader yields (float images, long targets, long indices), indices a permutation of the split."""
+    """Every loader yields (float images, long targets, long indices, long views), indices a permutation of the
+    split; training views are names of `train_views` (or unnamed without them), evaluation views unnamed."""
     dm.prepare_data()
     dm.setup("fit")
-    for loader, n in [(dm.train_dataloader(), len(dm.train_set)), (dm.val_dataloader(), len(dm.val_set)),
-                      (dm.test_dataloader(), len(dm.test_set))]:
+    named = dm.train_views
+    for loader, n, training in [(dm.train_dataloader(), len(dm.train_set), True),
+                                (dm.val_dataloader(), len(dm.val_set), False),
+                                (dm.test_dataloader(), len(dm.test_set), False)]:
         seen = []
-        for images, targets, indices in loader:
+        for images, targets, indices, views in loader:
             assert images.dtype == torch.float32 and images.shape[1:] == shape
-            assert targets.dtype == torch.long and indices.dtype == torch.long
-            assert len(images) == len(targets) == len(indices) <= dm.batch_size
+            assert targets.dtype == torch.long and indices.dtype == torch.long and views.dtype == torch.long
+            assert len(images) == len(targets) == len(indices) == len(views) <= dm.batch_size
+            if training and named is not None:
+                assert 0 <= views.min() and views.max() < named.count
+            else:
+                assert (views == UNNAMED_VIEW).all()
             assert 0 <= targets.min() and targets.max() < num_classes
             seen.append(indices)
         assert sorted(torch.cat(seen).tolist()) == list(range(n))
@@ -147,6 +155,12 @@ def test_digits_val_fraction_zero_validates_on_test_and_augment_shifts():
     torch.manual_seed(0)
     plain = dm.train_set.base[0][0]
     assert any(not torch.equal(dm.train_set[0][0], plain) for _ in range(10))
+    # The named view reproduces the pixels: one-pixel shifts, blank padding, no flip (9 views).
+    assert dm.train_views.count == 9 and not dm.train_views.flip
+    for _ in range(10):
+        image, _, index, view = dm.train_set[3]
+        assert torch.equal(image, dm.train_views.crop_flip(dm.train_set.raw(index)[0][None], torch.tensor([view]))[0])
+    assert DigitsDataModule().train_views == NO_AUGMENTATION and DigitsDataModule().train_views.count == 1
 
 
 def test_synthetic_is_seeded_and_learnable():
@@ -188,7 +202,7 @@ def test_mnist_reads_idx_files(tmp_path):
     assert dm.train_size == 24  # from the label file's header, before anything is loaded
     check_batches(dm, (1, 28, 28), 10)
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (24, 6, 12)
-    image, target, index = dm.test_set[5]
+    image, target, index, _ = dm.test_set[5]
     assert index == 5 and int(target) == arrays["t10k-labels-idx1-ubyte"][5]
     expected = (torch.from_numpy(arrays["t10k-images-idx3-ubyte"][5]).float() / 255 - 0.1307) / 0.3081
     torch.testing.assert_close(image[0], expected)
@@ -251,6 +265,13 @@ def test_cifar10_batches_and_augmentation(tmp_path):
     draws = [dm.train_set[0][0] for _ in range(8)]
     assert sum(not torch.equal(d, test_view) for d in draws) >= 6
     assert any(not torch.equal(draws[0], d) for d in draws[1:])
+    # Each sample names its view, which reproduces its pixels: crop/flip of the unnormalised image, then Normalize.
+    assert dm.train_views.count == 162
+    mean, std = torch.tensor(dm.mean).view(3, 1, 1), torch.tensor(dm.std).view(3, 1, 1)
+    for _ in range(8):
+        image, _, index, view = dm.train_set[5]
+        raw = torch.from_numpy(np.array(dm.train_set.raw(index)[0])).permute(2, 0, 1).float() / 255
+        torch.testing.assert_close(image, (dm.train_views.crop_flip(raw[None], torch.tensor([view]))[0] - mean) / std)
 
 
 def test_cifar100_fine_labels_and_val_split(tmp_path):
@@ -286,7 +307,7 @@ def check_train_targets(dm: KDDataModule) -> None:
     assert labels.dtype == torch.long and labels.shape == (dm.train_size,)
     dm.setup("fit")
     batches = 0
-    for _, targets, indices in dm.train_dataloader():
+    for _, targets, indices, _ in dm.train_dataloader():
         assert torch.equal(labels[indices], targets)
         batches += 1
     assert batches > 1
@@ -400,7 +421,7 @@ def test_runs_under_a_trainer():
             self.seen: list[torch.Tensor] = []
 
         def training_step(self, batch, _):
-            images, targets, indices = batch
+            images, targets, indices, _ = batch
             self.seen.append(indices)
             return torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), targets)
 

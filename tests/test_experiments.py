@@ -20,6 +20,7 @@ from kd_lightning.data import SyntheticDataModule
 from kd_lightning.errors import ConfigError
 from kd_lightning.pipeline import build_terms
 from kd_lightning.schemes import Offline, Supervised
+from kd_lightning.schemes.base import unpack_batch
 from kd_lightning.teachers import FrozenTeacher
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -104,7 +105,7 @@ def _check_terms(losses: Mapping[str, torch.Tensor], names: list[str]) -> None:
 
 
 def _step(module: Any, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-    losses = module.training_losses(*batch)
+    losses = module.training_losses(*unpack_batch(batch))
     total = torch.stack([value.float() for value in losses.values()]).sum()
     assert _finite(total)
     module.zero_grad(set_to_none=True)

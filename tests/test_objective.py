@@ -106,7 +106,7 @@ def test_default_objective_is_the_validation_accuracy_of_the_trained_student(mak
     assert not datamodule.validates_on_test
     with torch.no_grad():
         hits = sum((student(images).argmax(1) == targets).sum().item()
-                   for images, targets, _ in datamodule.val_dataloader())
+                   for images, targets, *_ in datamodule.val_dataloader())
     assert returned == pytest.approx(hits / len(datamodule.val_set), abs=1e-6)
 
 

@@ -1,4 +1,9 @@
-"""The contract every data module follows: `(image, target, index)` batches and a seeded validation split.
+"""The contract every data module follows: `(image, target, index, view)` batches and a seeded validation split.
+
+`view` names the training augmentation a sample went through (`KDDataModule.train_views`: a pad-crop/flip
+view as one integer, so a teacher-output cache can key on (index, view)); samples of a split without named
+views (evaluation splits, augmentations that cannot be named, such as ImageNet's RandomResizedCrop) carry
+`UNNAMED_VIEW`.
 
 Validation split convention (`val_fraction`):
   * `val_fraction > 0`: that fraction of the training set is held out by a permutation seeded by `seed` (keep
@@ -23,33 +28,48 @@ from torch.utils.data import DataLoader, Dataset
 
 from kd_lightning.data.resumable import EpochPermutationSampler, ResumableLoader, global_seed
 from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
+from kd_lightning.data.views import CropFlipViews, ViewedTransform
 from kd_lightning.errors import ConfigError
 
 # What a LightningModule's `train_batches` attribute names to get same-class pair batches (CS-KD).
 CLASS_PAIRS = "class_pairs"
+# The view of a sample whose augmentation has no name (see the module docstring).
+UNNAMED_VIEW = -1
+# The views of a training split without augmentation: one, the image itself.
+NO_AUGMENTATION = CropFlipViews(pad=0, flip=False)
 
 
 class IndexedDataset(Dataset):
-    """A view of `base` (optionally a subset of it) whose samples are `(transform(image), target, index)`.
+    """A view of `base` (optionally a subset of it) whose samples are `(transform(image), target, index, view)`.
 
     `index` is the position in this view, not in `base`: distillation terms that keep one memory slot per
-    training sample (CRD) need ids in `[0, train_size)`, whatever pool the split was cut from.
+    training sample (CRD) need ids in `[0, train_size)`, whatever pool the split was cut from. `view` is the
+    one a `ViewedTransform` drew, else `fixed_view` (0 for an unaugmented training split, `UNNAMED_VIEW`
+    otherwise).
     """
 
     def __init__(self, base: Dataset, indices: Sequence[int] | None = None,
-                 transform: Callable[[Any], Any] | None = None) -> None:
+                 transform: Callable[[Any], Any] | None = None, fixed_view: int = UNNAMED_VIEW) -> None:
         self.base = base
         self.indices = None if indices is None else list(indices)
         self.transform = transform
+        self.fixed_view = int(fixed_view)
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
-        image, target = self.base[self.indices[index] if self.indices is not None else index]
-        if self.transform is not None:
+    def __getitem__(self, index: int) -> tuple[Any, Any, int, int]:
+        image, target = self.raw(index)
+        view = self.fixed_view
+        if isinstance(self.transform, ViewedTransform):
+            image, view = self.transform(image)
+        elif self.transform is not None:
             image = self.transform(image)
-        return image, target, index
+        return image, target, index, view
+
+    def raw(self, index: int) -> tuple[Any, Any]:
+        """The untransformed `(image, target)` of sample `index` of this view."""
+        return self.base[self.indices[index] if self.indices is not None else index]
 
 
 class TensorImageDataset(Dataset):
@@ -153,6 +173,13 @@ class KDDataModule(L.LightningDataModule):
     def train_pool_size(self) -> int | None:
         return None
 
+    @property
+    def train_views(self) -> CropFlipViews | None:
+        """The named views of the training augmentation (`train_transform` draws them with a
+        `ViewedTransform`), `NO_AUGMENTATION` for a split served as stored, None when the augmentation has
+        no name (then a teacher-output cache cannot key on it)."""
+        return NO_AUGMENTATION
+
     # --- shapes, known before setup ----------------------------------------------------------------------
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -205,19 +232,24 @@ class KDDataModule(L.LightningDataModule):
             if self.val_fraction > 0:
                 raise ConfigError(f"{type(self).__name__} has its own validation split; set data.val_fraction=0 "
                                   f"(got {self.val_fraction}).")
-            train = IndexedDataset(pool, transform=self.train_transform())
+            train = IndexedDataset(pool, transform=self.train_transform(), fixed_view=self._fixed_train_view())
             val = IndexedDataset(val_base, transform=self.test_transform())
         elif self.val_fraction > 0:
             n = len(pool)  # type: ignore[arg-type]
             n_train, _ = split_sizes(n, self.val_fraction)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
             # Same pool, two views: held-out samples are evaluated without augmentation.
-            train = IndexedDataset(pool, sorted(order[:n_train]), transform=self.train_transform())
+            train = IndexedDataset(pool, sorted(order[:n_train]), transform=self.train_transform(),
+                                   fixed_view=self._fixed_train_view())
             val = IndexedDataset(pool, sorted(order[n_train:]), transform=self.test_transform())
         else:
-            train = IndexedDataset(pool, transform=self.train_transform())
+            train = IndexedDataset(pool, transform=self.train_transform(), fixed_view=self._fixed_train_view())
             val = test
         self.train_set, self.val_set, self.test_set = self._take_subset(train), val, test
+
+    def _fixed_train_view(self) -> int:
+        views = self.train_views
+        return views.identity if views is not None and views.count == 1 else UNNAMED_VIEW
 
     def _subset_size(self, n_train: int) -> int:
         if self.train_subset is None:
@@ -237,7 +269,7 @@ class KDDataModule(L.LightningDataModule):
         chosen = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:self._subset_size(n)]
         positions = sorted(chosen.tolist())
         indices = positions if train.indices is None else [train.indices[p] for p in positions]
-        return IndexedDataset(train.base, indices, transform=train.transform)
+        return IndexedDataset(train.base, indices, transform=train.transform, fixed_view=train.fixed_view)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -299,5 +331,5 @@ def check_positive(name: str, value: Any) -> int:
     return int(value)
 
 
-__all__ = ["IndexedDataset", "KDDataModule", "TensorImageDataset", "as_hw", "check_positive", "split_sizes",
-           "view_targets"]
+__all__ = ["NO_AUGMENTATION", "UNNAMED_VIEW", "IndexedDataset", "KDDataModule", "TensorImageDataset", "as_hw",
+           "check_positive", "split_sizes", "view_targets"]

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from kd_lightning.data.base import KDDataModule
+from kd_lightning.data.views import CropFlipViews, ViewedTransform
 from kd_lightning.errors import ConfigError
 
 
@@ -108,10 +109,14 @@ class _CIFARDataModule(KDDataModule):
     def load_test(self) -> Dataset:
         return self._load(train=False)
 
+    @property
+    def train_views(self) -> CropFlipViews:
+        # The augmentation of the CIFAR distillation benchmarks (CRD/RepDistiller: RandomCrop(32, padding=4),
+        # RandomHorizontalFlip), so numbers are comparable; padding is black, before normalisation.
+        return CropFlipViews(pad=4, flip=True, fill=0.0)
+
     def train_transform(self) -> Callable[[Any], Any]:
-        # The augmentation of the CIFAR distillation benchmarks (CRD/RepDistiller), so numbers are comparable.
-        return transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+        return ViewedTransform(self.train_views, transforms.ToTensor(), transforms.Normalize(self.mean, self.std))
 
     def test_transform(self) -> Callable[[Any], Any]:
         return transforms.Compose([transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])

@@ -7,9 +7,8 @@ from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset
-from torchvision import transforms
-
-from kd_lightning.data.base import KDDataModule, TensorImageDataset
+from kd_lightning.data.base import NO_AUGMENTATION, KDDataModule, TensorImageDataset
+from kd_lightning.data.views import CropFlipViews, ViewedTransform
 
 TEST_FRACTION = 0.2
 # The train/test cut is fixed, independent of `seed`, so test accuracy is comparable across runs and seeds.
@@ -53,14 +52,18 @@ class DigitsDataModule(KDDataModule):
     def train_pool_size(self) -> int:
         return 1797 - math.ceil(1797 * TEST_FRACTION)  # train_test_split rounds the test size up
 
-    def train_transform(self) -> Callable[[Any], Any] | None:
+    @property
+    def train_views(self) -> CropFlipViews:
         if not self.augment:
-            return None
-        # Shifts of one pixel: about what 8×8 digits tolerate. Images are normalised already, so the padding
-        # takes the normalised value of a blank pixel rather than 0.
+            return NO_AUGMENTATION
+        # Shifts of one pixel (RandomCrop(8, padding=1)), no flip: about what 8×8 digits tolerate. Images are
+        # normalised already, so the padding takes the normalised value of a blank pixel rather than 0.
         train = self._load()[0]
         blank = float(-train.mean.flatten()[0] / train.std.flatten()[0])  # type: ignore[union-attr]
-        return transforms.RandomCrop(8, padding=1, fill=blank)
+        return CropFlipViews(pad=1, flip=False, fill=blank)
+
+    def train_transform(self) -> Callable[[Any], Any] | None:
+        return ViewedTransform(self.train_views) if self.augment else None
 
 
 __all__ = ["DigitsDataModule"]

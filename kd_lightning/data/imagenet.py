@@ -67,6 +67,10 @@ class ImageNetDataModule(KDDataModule):
             self._val = self._folder("val")
         return self._val
 
+    @property
+    def train_views(self) -> None:
+        return None  # RandomResizedCrop's scales and aspect ratios are continuous: no finite set of views
+
     def train_transform(self) -> Callable[[Any], Any]:
         return transforms.Compose([transforms.RandomResizedCrop(self.image_size), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

@@ -24,15 +24,21 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(images, targets, indices); indices are None for data modules that yield plain (x, y) pairs."""
-    if len(batch) == 3:
+    """(images, targets, indices); indices are None for data modules that yield plain (x, y) pairs. A
+    kd_lightning batch also carries each sample's augmentation view (`batch_views`)."""
+    if len(batch) in (3, 4):
         return batch[0], batch[1], batch[2]
     if len(batch) == 2:
         return batch[0], batch[1], None
     raise ConfigError(
-        f"A batch must be (images, targets) or (images, targets, indices); got {len(batch)} elements. Use a "
-        f"kd_lightning data module or make your dataset return one of those tuples."
+        f"A batch must be (images, targets), (images, targets, indices) or (images, targets, indices, views); got "
+        f"{len(batch)} elements. Use a kd_lightning data module or make your dataset return one of those tuples."
     )
+
+
+def batch_views(batch: Any) -> Tensor | None:
+    """Each sample's augmentation view (`KDDataModule.train_views`), None for batches that do not carry one."""
+    return batch[3] if len(batch) == 4 else None
 
 
 def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:

@@ -59,6 +59,8 @@ class MultiTeacher(Offline):
     Like `Offline`'s teacher, all of them stay outside the module tree (optimizer, checkpoint, DDP).
     """
 
+    caches_teacher_outputs = False  # teachers 2..N run outside the cache
+
     def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], terms: Mapping[str, DistillTerm],
                  num_classes: int, example_input: Tensor, aggregation: str = "average", selection_seed: int = 0,
                  train_size: int | None = None, max_epochs: int | None = None, train_targets: Tensor | None = None,

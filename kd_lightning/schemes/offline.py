@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -9,10 +9,11 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
-from kd_lightning.schemes.base import DistillationModule, unpack_batch
+from kd_lightning.schemes.base import DistillationModule, batch_views, unpack_batch
 from kd_lightning.schemes.composition import describe_init_loss, describe_loss, resolve_ce_weight
 from kd_lightning.schemes.watch import NonFiniteWatch
 from kd_lightning.taps import FeatureTaps, declared_taps
+from kd_lightning.teacher_cache import OFF_SWITCH, LOGITS, TeacherCacheOptions, TeacherOutputCache, check_cacheable
 from kd_lightning.teachers import FrozenTeacher
 
 # Offline checks each batch in `on_before_batch_transfer`, on the host; Lightning reports any such override
@@ -32,12 +33,18 @@ class Offline(DistillationModule):
 
     `example_input` (a small batch of the data's shape) is run once through both networks at
     construction, so tap names are checked and learnable adapters are sized before the optimizer exists.
+
+    `teacher_cache` (the run's `teacher_cache` config) serves the teacher's logits and vector taps per
+    (sample, view) from a `TeacherOutputCache`; schemes whose teacher's outputs change or that run other
+    teachers set `caches_teacher_outputs = False` and refuse it.
     """
+
+    caches_teacher_outputs: ClassVar[bool] = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module, terms: Mapping[str, DistillTerm],
                  num_classes: int, example_input: Tensor, ce_weight: float | None = None,
                  train_size: int | None = None, max_epochs: int | None = None, train_targets: Tensor | None = None,
-                 **base: Any) -> None:
+                 teacher_cache: TeacherCacheOptions | None = None, **base: Any) -> None:
         super().__init__(student, num_classes, **base)
         # Kept outside the module tree on purpose: see FrozenTeacher.
         object.__setattr__(self, "teacher", teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher))
@@ -54,9 +61,11 @@ class Offline(DistillationModule):
                                         getattr(student, "kd_spec", {}).get("name", "student"))
         self.teacher_taps = FeatureTaps(self.teacher.model, [t for term in self.terms.values() for t in term.teacher_taps],
                                         getattr(self.teacher.model, "kd_spec", {}).get("name", "teacher"))
-        self._build_terms(example_input, BuildContext(
-            student_shapes={}, teacher_shapes={}, student=student, teacher=self.teacher.model,
-            num_classes=num_classes, train_size=train_size, max_epochs=max_epochs, train_targets=train_targets))
+        context = BuildContext(student_shapes={}, teacher_shapes={}, student=student, teacher=self.teacher.model,
+                               num_classes=num_classes, train_size=train_size, max_epochs=max_epochs,
+                               train_targets=train_targets)
+        self._build_terms(example_input, context)
+        self.teacher_outputs = self._output_cache(teacher_cache, context)
         self.nonfinite = NonFiniteWatch(["ce", *self.terms, *(f"{name}_init" for name in self.init_terms)])
         self._trainable = {id(p) for p in self.parameters() if p.requires_grad}
 
@@ -74,6 +83,39 @@ class Offline(DistillationModule):
             term.check(name, context)
         self.student_taps.clear()
         self.teacher_taps.clear()
+
+    def _output_cache(self, options: TeacherCacheOptions | None, context: BuildContext) -> TeacherOutputCache | None:
+        if options is None:
+            return None
+        if not self.caches_teacher_outputs:
+            raise ConfigError(f"scheme {type(self).__name__} cannot use the teacher cache: its teacher's outputs "
+                              f"change during training or it runs several teachers. Train it with {OFF_SWITCH}.")
+        taps = check_cacheable(context.teacher_shapes, {name: term.teacher_taps for name, term in self.terms.items()})
+        widths = {LOGITS: self.num_classes, **{tap: int(context.teacher_shapes[tap][1]) for tap in taps}}
+        return TeacherOutputCache(options, widths)
+
+    def teacher_forward(self, images: Tensor) -> dict[str, Tensor]:
+        """The teacher's logits and the tapped features the cache stores, from one forward."""
+        logits = self.teacher(images)
+        features = self.teacher_taps.features
+        assert self.teacher_outputs is not None
+        return {LOGITS: logits, **{name: features[name] for name in self.teacher_outputs.slices if name != LOGITS}}
+
+    def teacher_logits_and_features(self, images: Tensor) -> tuple[Tensor, Mapping[str, Tensor]]:
+        if self.teacher_outputs is None:
+            return self.teacher(images), self.teacher_taps.features
+        outputs = self.teacher_outputs.outputs(self.teacher_forward, images)
+        return outputs.pop(LOGITS), outputs
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.teacher_outputs is not None:
+            trainer = self.trainer
+            self.teacher_outputs.open(trainer.datamodule, self.teacher.model, self.teacher_forward, self.device,
+                                      str(trainer.precision), trainer.precision_plugin.forward_context,
+                                      trainer.global_rank, trainer.world_size,
+                                      lambda: trainer.strategy.barrier("teacher-cache"))
+            self.teacher_taps.clear()
 
     def set_init_stage(self, active: bool) -> None:
         """Switch between the terms' initialisation stage and the main training.
@@ -136,11 +178,11 @@ class Offline(DistillationModule):
                 for lr, params in groups.items()]
 
     def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
-        teacher_logits = self.teacher(images)
+        teacher_logits, teacher_features = self.teacher_logits_and_features(images)
         student_logits = self.student(images)
         inputs = DistillInputs(
             student_logits=student_logits, targets=targets, indices=indices, teacher_logits=teacher_logits,
-            student_features=self.student_taps.features, teacher_features=self.teacher_taps.features,
+            student_features=self.student_taps.features, teacher_features=teacher_features,
             epoch=self.current_epoch,
         )
         if self.init_stage:
@@ -158,6 +200,8 @@ class Offline(DistillationModule):
             indices = unpack_batch(batch)[2]
             for name, term in self.terms.items():
                 term.check_batch(name, indices)
+            if self.teacher_outputs is not None:
+                self.teacher_outputs.lookup(indices, batch_views(batch))
         return batch
 
     def on_train_epoch_start(self) -> None:

@@ -199,6 +199,8 @@ class MeanTeacher(Offline):
     starts from a copy.
     """
 
+    caches_teacher_outputs = False  # the averaged teacher changes after every step
+
     def __init__(self, student: nn.Module, terms: Mapping[str, DistillTerm], num_classes: int,
                  example_input: Tensor, ema_decay: float = 0.97, **offline: Any) -> None:
         if not 0.0 < float(ema_decay) < 1.0:
