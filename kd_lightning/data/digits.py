@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from kd_lightning.data.base import KDDataModule, TensorImageDataset
+from kd_lightning.data.views import CropFlipViews
 
 TEST_FRACTION = 0.2
 # The train/test cut is fixed, independent of `seed`, so test accuracy is comparable across runs and seeds.
@@ -21,8 +22,8 @@ class DigitsDataModule(KDDataModule):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  val_fraction: float = 0.1, seed: int = 0, augment: bool = False,
-                 train_subset: int | None = None) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset)
+                 train_subset: int | None = None, device_resident: bool | str = "auto") -> None:
+        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset, device_resident)
         self.num_classes, self.in_channels, self.image_size = 10, 1, (8, 8)
         self.augment = bool(augment)
         self._splits: tuple[TensorImageDataset, TensorImageDataset] | None = None
@@ -61,6 +62,10 @@ class DigitsDataModule(KDDataModule):
         train = self._load()[0]
         blank = float(-train.mean.flatten()[0] / train.std.flatten()[0])  # type: ignore[union-attr]
         return transforms.RandomCrop(8, padding=1, fill=blank)
+
+    def augment_views(self) -> CropFlipViews | None:
+        # The stored pixels are unnormalised, so a 0 pad normalises to train_transform's blank fill.
+        return CropFlipViews(pad=1, flip=False, fill=0) if self.augment else None
 
 
 __all__ = ["DigitsDataModule"]

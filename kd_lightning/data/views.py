@@ -62,13 +62,14 @@ class CropFlipViews:
     def draw(self, n: int, generator: torch.Generator | None = None, device: Any = None) -> Tensor:
         return torch.randint(self.count, (n,), generator=generator, device=device)
 
-    def crop_flip(self, images: Tensor, views: Tensor) -> Tensor:
-        """`images[i]` (N×C×H×W, any dtype) seen through `views[i]`, on the images' device."""
+    def crop_flip(self, images: Tensor, views: Tensor, check: bool = True) -> Tensor:
+        """`images[i]` (N×C×H×W, any dtype) seen through `views[i]`, on the images' device. `check=False` skips
+        the range check, which reads the views back from the device (for views `draw` made)."""
         n, channels, height, width = images.shape
         views = torch.as_tensor(views, device=images.device).reshape(-1)
         if len(views) != n:
             raise ValueError(f"one view per image expected, got {len(views)} views for {n} images")
-        if int(views.min()) < 0 or int(views.max()) >= self.count:
+        if check and (int(views.min()) < 0 or int(views.max()) >= self.count):
             raise ValueError(f"views must lie in [0, {self.count}), got [{int(views.min())}, {int(views.max())}]")
         padded = self._pad(images)
         dy, dx, flipped = self.decode(views)

@@ -25,7 +25,7 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
     """(images, targets, indices); indices are None for data modules that yield plain (x, y) pairs."""
-    if len(batch) == 3:
+    if len(batch) in (3, 4):  # a 4th element holds the batch's augmentation views (data/views.py)
         return batch[0], batch[1], batch[2]
     if len(batch) == 2:
         return batch[0], batch[1], None
