@@ -285,14 +285,15 @@ class KDDataModule(L.LightningDataModule):
                                num_workers=self.num_workers, pin_memory=self.pin_memory,
                                persistent_workers=self.num_workers > 0)
 
-    def resident_train_split(self) -> ResidentSplit | None:
-        """The training split on the training device, if `device_resident` and the module allow it."""
+    def resident_train_split(self, device: torch.device | None = None) -> ResidentSplit | None:
+        """The training split on `device` (default: the trainer's), if `device_resident` and the module allow it."""
         assert self.train_set is not None
         trainer = self.trainer
         # overfit_batches needs a sampler Lightning can replace by a sequential one: a DataLoader's.
         if self.device_resident is False or (trainer is not None and trainer.overfit_batches):
             return None
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if device is None:
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         stored = self.stored_split(self.train_set.base)
         views = self.augment_views()
         if stored is None or (self.train_set.transform is not None and views is None):
