@@ -7,7 +7,8 @@ For each data set, one training epoch of batches is drawn (and, on a GPU, delive
 epochs, the median of `--epochs` timed ones. Each pipeline augments as its module's training transform does:
 digits with one-pixel shifts (`augment=true`), Fashion-MNIST without augmentation, `cifar` (CIFAR-10 files
 of random uint8 pixels, `--cifar-size` training images, written to a temporary directory) with pad-4 crops and
-flips through PIL. Prints one markdown row per (data set, pipeline): seconds per epoch, images/s, and the
+flips through PIL. `--threads` (default 1) fixes torch's intra-op threads, the same for every pipeline.
+Prints one markdown row per (data set, pipeline): seconds per epoch, images/s, and the
 ratio of its images/s to the first DataLoader row of the same data set. Only the pipeline is timed, no model.
 """
 
@@ -99,7 +100,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs first (worker start-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads of this process (on a shared machine more threads mostly wait)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| data | pipeline | s/epoch | images/s | ratio | images/epoch |\n| --- | --- | --- | --- | --- | --- |")
