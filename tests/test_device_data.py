@@ -155,14 +155,15 @@ def test_auto_keeps_cpu_runs_on_the_dataloader_and_true_refuses_what_cannot_be_r
         DigitsDataModule(device_resident="yes")
 
 
-def test_the_default_job_trains_the_same_on_the_device_path(make_cfg, recorded_losses):
+@pytest.mark.parametrize(("scheme", "stages"), [("offline", 3), ("cs_kd", 3)])  # cs_kd: class-pair batches
+def test_a_job_trains_the_same_on_the_device_path(make_cfg, recorded_losses, scheme, stages):
     from kd_lightning.pipeline import run
 
-    run(make_cfg("data.device_resident=false"))
+    run(make_cfg(f"scheme={scheme}", "data.device_resident=false"))
     loaded = dict(recorded_losses)
     recorded_losses.clear()
-    run(make_cfg("data.device_resident=true", "paths.cache_dir=${paths.output_dir}/other_cache"))
-    assert recorded_losses == loaded and len(loaded) == 3  # teacher, baseline, student
+    run(make_cfg(f"scheme={scheme}", "data.device_resident=true", "paths.cache_dir=${paths.output_dir}/other_cache"))
+    assert recorded_losses == loaded and len(loaded) == stages
 
 
 def test_mid_epoch_resume_of_augmented_device_batches_is_exact(tmp_path, monkeypatch):

@@ -302,12 +302,13 @@ class KDDataModule(L.LightningDataModule):
                                   f"split on the device: it needs an in-memory uint8/float tensor split whose "
                                   f"augmentation is a pad-crop/flip view. Set data.device_resident=false (or auto).")
             return None
+        if self.device_resident == "auto" and not fits_on(device, stored.nbytes * len(self.train_set)
+                                                          // len(stored.targets)):
+            return None
         if self.train_set.indices is not None:
             chosen = torch.as_tensor(self.train_set.indices, dtype=torch.long)
             stored = ResidentSplit(stored.images[chosen], stored.targets[chosen], stored.mean, stored.std)
         stored.views = views
-        if self.device_resident == "auto" and not fits_on(device, stored.nbytes):
-            return None
         return stored.to(device)
 
     def device_batches(self, split: ResidentSplit, pairs: bool) -> DeviceBatches:
