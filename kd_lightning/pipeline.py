@@ -19,6 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kd_lightning.acceleration import accelerate
 from kd_lightning.errors import ConfigError
 from kd_lightning.job_identity import job_record, sweep_name
 from kd_lightning.report import format_table, network_size
@@ -110,6 +111,7 @@ def fit_and_test(cfg: DictConfig, module: L.LightningModule, datamodule: Any, ph
     if max_epochs is not None:
         trainer_overrides["max_epochs"] = max_epochs
     trainer: L.Trainer = instantiate(cfg.trainer, **trainer_overrides)
+    accelerate(module, trainer.strategy.root_device, cfg)
     if loggers:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -120,7 +120,7 @@ def sweep_benchmark(args: argparse.Namespace) -> None:
                 cfg = compose("train", overrides=[
                     f"paths.output_dir={root / 'out'}", f"paths.cache_dir={cache_dir}", "logger=none",
                     "callbacks=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                    "+data.augment=true", "baseline=false", f"trainer.max_epochs={args.epochs}",
+                    "data.augment=true", "baseline=false", f"trainer.max_epochs={args.epochs}",
                     f"teacher.max_epochs={args.teacher_epochs}", f"seed={seed}", *args.overrides, *overrides])
             run(cfg)
 

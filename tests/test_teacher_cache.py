@@ -90,7 +90,7 @@ def test_a_cached_run_trains_like_an_uncached_one(make_cfg, recorded_losses, mon
         served.append(len(self._pending.hits))
 
     monkeypatch.setattr(TeacherOutputCache, "lookup", counting)
-    common = ("+data.augment=true", "+data.train_subset=256", "trainer.max_epochs=4",
+    common = ("data.augment=true", "+data.train_subset=256", "trainer.max_epochs=4",
               "trainer.limit_train_batches=null", "baseline=false", "teacher.max_epochs=1")
     run(make_cfg(*common))
     plain = recorded_losses.pop("student")

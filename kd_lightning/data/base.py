@@ -19,6 +19,7 @@ Validation split convention (`val_fraction`):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from kd_lightning.data.device import DeviceBatches, ResidentSplit, fits_on, parse_device_resident
 from kd_lightning.data.resumable import EpochPermutationSampler, ResumableLoader, global_seed
 from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
 from kd_lightning.data.views import CropFlipViews, ViewedTransform
@@ -122,6 +124,11 @@ class KDDataModule(L.LightningDataModule):
     pairs, plus `train_transform` / `test_transform`. `load_val` may return a dedicated validation set
     (synthetic data), in which case `val_fraction` must be 0. `train_pool_size` may return the size of the
     training pool without loading it, which makes `train_size` cheap before `setup`.
+
+    `device_resident` (auto | true | false) serves training batches from the whole split on the training
+    device (`data/device.py`) when the training pool is an in-memory tensor split (`stored_split`) and the
+    training transform is expressible as views (`augment_views`, or no transform); `auto` does so on CUDA
+    devices when the split fits, `true` everywhere (the CPU included), `false` never.
     """
 
     num_classes: int
@@ -129,7 +136,8 @@ class KDDataModule(L.LightningDataModule):
     image_size: tuple[int, int]
 
     def __init__(self, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
-                 val_fraction: float = 0.0, seed: int = 0, train_subset: int | None = None) -> None:
+                 val_fraction: float = 0.0, seed: int = 0, train_subset: int | None = None,
+                 device_resident: bool | str = "auto") -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ConfigError(f"data.batch_size must be a positive integer (per device), got {batch_size!r}.")
@@ -148,6 +156,7 @@ class KDDataModule(L.LightningDataModule):
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
         self.train_subset = None if train_subset is None else int(train_subset)
+        self.device_resident = parse_device_resident(device_resident)
         self.train_set: IndexedDataset | None = None
         self.val_set: IndexedDataset | None = None
         self.test_set: IndexedDataset | None = None
@@ -179,6 +188,21 @@ class KDDataModule(L.LightningDataModule):
         `ViewedTransform`), `NO_AUGMENTATION` for a split served as stored, None when the augmentation has
         no name (then a teacher-output cache cannot key on it)."""
         return NO_AUGMENTATION
+
+    def augment_views(self) -> CropFlipViews | None:
+        """`train_views` on the stored pixels, for the device path: both CIFAR's transforms (before
+        normalising) and digits' blank fill pad a stored 0. None when the split is served as stored."""
+        views = self.train_views
+        return None if views is None or views.count == 1 else dataclasses.replace(views, fill=0)
+
+    def stored_split(self, base: Dataset) -> ResidentSplit | None:
+        """`base` as stored tensors with its normalisation, or None when it is not an in-memory tensor split."""
+        if not isinstance(base, TensorImageDataset) or base.images.dtype not in (torch.uint8, torch.float32):
+            return None
+        channels = base.images.shape[1]
+        mean = None if base.mean is None else base.mean.view(1, channels, 1, 1)
+        std = None if base.std is None else base.std.view(1, channels, 1, 1)
+        return ResidentSplit(base.images, base.targets, mean, std)
 
     # --- shapes, known before setup ----------------------------------------------------------------------
     @property
@@ -278,17 +302,61 @@ class KDDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
-        if getattr(getattr(self.trainer, "lightning_module", None), "train_batches", None) == CLASS_PAIRS:
-            return self.class_pair_loader()
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
+        pairs = getattr(getattr(self.trainer, "lightning_module", None), "train_batches", None) == CLASS_PAIRS
+        resident = self.resident_train_split()
+        if resident is not None:
+            return self.device_batches(resident, pairs)
+        if pairs:
+            return self.class_pair_loader()
         trainer = self.trainer
         sampler = EpochPermutationSampler(self.train_set, num_replicas=trainer.world_size if trainer else 1,
                                           rank=trainer.global_rank if trainer else 0, seed=global_seed())
         return ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=False,
                                num_workers=self.num_workers, pin_memory=self.pin_memory,
                                persistent_workers=self.num_workers > 0)
+
+    def resident_train_split(self, device: torch.device | None = None) -> ResidentSplit | None:
+        """The training split on `device` (default: the trainer's), if `device_resident` and the module allow it."""
+        assert self.train_set is not None
+        trainer = self.trainer
+        # overfit_batches needs a sampler Lightning can replace by a sequential one: a DataLoader's.
+        if self.device_resident is False or (trainer is not None and trainer.overfit_batches):
+            return None
+        if device is None:
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        stored = self.stored_split(self.train_set.base)
+        views = self.augment_views()
+        if stored is None or (self.train_set.transform is not None and views is None):
+            if self.device_resident is True:
+                raise ConfigError(f"data.device_resident=true, but {type(self).__name__} cannot hold its training "
+                                  f"split on the device: it needs an in-memory uint8/float tensor split whose "
+                                  f"augmentation is a pad-crop/flip view. Set data.device_resident=false (or auto).")
+            return None
+        if self.device_resident == "auto" and not fits_on(device, stored.nbytes * len(self.train_set)
+                                                          // len(stored.targets)):
+            return None
+        if self.train_set.indices is not None:
+            chosen = torch.as_tensor(self.train_set.indices, dtype=torch.long)
+            stored = ResidentSplit(stored.images[chosen], stored.targets[chosen], stored.mean, stored.std)
+        stored.views = views
+        return stored.to(device)
+
+    def device_batches(self, split: ResidentSplit, pairs: bool) -> DeviceBatches:
+        """The DataLoader path's order (and CS-KD's class pairs), sharded by rank here: Lightning shards
+        DataLoaders only."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        assert self.train_set is not None
+        if not pairs:
+            sampler = EpochPermutationSampler(self.train_set, num_replicas=world, rank=rank, seed=global_seed())
+            return DeviceBatches(split, self.batch_size, sampler=sampler, seed=global_seed(), rank=rank)
+        anchors: Any = (EpochPermutation(len(self.train_set), self.seed) if world == 1 else
+                        EpochPermutationSampler(self.train_set, num_replicas=world, rank=rank, seed=global_seed()))
+        batch_sampler = ClassPairBatchSampler(anchors, self.batch_size, False, view_targets(self.train_set), self.seed)
+        return DeviceBatches(split, self.batch_size, batch_sampler=batch_sampler, seed=global_seed(), rank=rank)
 
     def class_pair_loader(self) -> DataLoader:
         """Training batches of same-class pairs (CS-KD), asked for by a module with `train_batches = "class_pairs"`."""

@@ -11,10 +11,12 @@ import pickle
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import torch
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from kd_lightning.data.base import KDDataModule
+from kd_lightning.data.device import ResidentSplit
 from kd_lightning.data.views import CropFlipViews, ViewedTransform
 from kd_lightning.errors import ConfigError
 
@@ -62,8 +64,8 @@ class _CIFARDataModule(KDDataModule):
 
     def __init__(self, root: str = "data", batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  val_fraction: float = 0.0, seed: int = 0, download: bool = False,
-                 train_subset: int | None = None) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset)
+                 train_subset: int | None = None, device_resident: bool | str = "auto") -> None:
+        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset, device_resident)
         self.in_channels, self.image_size = 3, (32, 32)
         self.root = Path(root).expanduser()
         self.download = bool(download)
@@ -117,6 +119,13 @@ class _CIFARDataModule(KDDataModule):
 
     def train_transform(self) -> Callable[[Any], Any]:
         return ViewedTransform(self.train_views, transforms.ToTensor(), transforms.Normalize(self.mean, self.std))
+
+    def stored_split(self, base: Dataset) -> ResidentSplit | None:
+        if not isinstance(base, datasets.CIFAR10):  # CIFAR-100's class derives from it
+            return super().stored_split(base)
+        images = torch.from_numpy(base.data).permute(0, 3, 1, 2).contiguous()  # N×H×W×C uint8 → N×C×H×W
+        return ResidentSplit(images, torch.as_tensor(base.targets, dtype=torch.long),
+                             torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1))
 
     def test_transform(self) -> Callable[[Any], Any]:
         return transforms.Compose([transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])

@@ -42,8 +42,9 @@ class _IDXDataModule(KDDataModule):
 
     def __init__(self, root: str = "data", batch_size: int = 128, num_workers: int = 0, pin_memory: bool = False,
                  val_fraction: float = 0.0, seed: int = 0, download: bool = False,
-                 system_dir: str | None = None, train_subset: int | None = None) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset)
+                 system_dir: str | None = None, train_subset: int | None = None,
+                 device_resident: bool | str = "auto") -> None:
+        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset, device_resident)
         self.num_classes, self.in_channels, self.image_size = 10, 1, (28, 28)
         self.root = Path(root).expanduser()
         self.download = bool(download)
@@ -134,9 +135,10 @@ class FashionMNISTDataModule(_IDXDataModule):
 
     def __init__(self, root: str = "data", batch_size: int = 128, num_workers: int = 0, pin_memory: bool = False,
                  val_fraction: float = 0.0, seed: int = 0, download: bool = False,
-                 system_dir: str | None = FASHION_SYSTEM_DIR, train_subset: int | None = None) -> None:
+                 system_dir: str | None = FASHION_SYSTEM_DIR, train_subset: int | None = None,
+                 device_resident: bool | str = "auto") -> None:
         super().__init__(root, batch_size, num_workers, pin_memory, val_fraction, seed, download, system_dir,
-                         train_subset)
+                         train_subset, device_resident)
 
 
 __all__ = ["FASHION_SYSTEM_DIR", "FashionMNISTDataModule", "MNISTDataModule"]

@@ -62,22 +62,25 @@ class CropFlipViews:
     def draw(self, n: int, generator: torch.Generator | None = None, device: Any = None) -> Tensor:
         return torch.randint(self.count, (n,), generator=generator, device=device)
 
-    def crop_flip(self, images: Tensor, views: Tensor) -> Tensor:
-        """`images[i]` (N×C×H×W, any dtype) seen through `views[i]`, on the images' device."""
+    def crop_flip(self, images: Tensor, views: Tensor, check: bool = True) -> Tensor:
+        """`images[i]` (N×C×H×W, any dtype) seen through `views[i]`, on the images' device. `check=False` skips
+        the range check, which reads the views back from the device (for views `draw` made)."""
         n, channels, height, width = images.shape
         views = torch.as_tensor(views, device=images.device).reshape(-1)
         if len(views) != n:
             raise ValueError(f"one view per image expected, got {len(views)} views for {n} images")
-        if int(views.min()) < 0 or int(views.max()) >= self.count:
+        if check and (int(views.min()) < 0 or int(views.max()) >= self.count):
             raise ValueError(f"views must lie in [0, {self.count}), got [{int(views.min())}, {int(views.max())}]")
         padded = self._pad(images)
         dy, dx, flipped = self.decode(views)
         rows = dy[:, None] + torch.arange(height, device=images.device)
         cols = dx[:, None] + torch.arange(width, device=images.device)
         cols = torch.where(flipped[:, None], cols.flip(1), cols)
-        batch = torch.arange(n, device=images.device)[:, None, None]
-        # Advanced indices split by the channel slice put their broadcast dims first: N×H×W×C.
-        return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+        # One gather over the flattened padded pixels (advanced indexing around the channel slice is ~50×
+        # slower on the CPU); the result is N×C×H×W and contiguous.
+        pixels = (rows[:, :, None] * padded.shape[3] + cols[:, None, :]).reshape(n, 1, height * width)
+        seen = padded.reshape(n, channels, -1).gather(2, pixels.expand(n, channels, height * width))
+        return seen.reshape(n, channels, height, width)
 
     def _pad(self, images: Tensor) -> Tensor:
         if self.pad == 0:
