@@ -326,6 +326,8 @@ def resumed_stage(cfg: DictConfig, stages: list[Stage]) -> str | None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages and return their results (also written to `<output_dir>/results.json`)."""
     check_settings(cfg)
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg.torch_threads)  # this job's share of the cores under a parallel launcher
     check_accelerator(cfg.trainer)
     datamodule = construct(cfg.data)
     stages = plan_stages(cfg)

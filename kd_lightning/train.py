@@ -43,10 +43,6 @@ def train_job(cfg: DictConfig) -> float | None:
     from kd_lightning.pipeline import construct, run  # after Hydra parsed the arguments, so --help stays fast
 
     quiet_lightning_console()
-    if cfg.get("torch_threads"):
-        import torch
-
-        torch.set_num_threads(int(cfg.torch_threads))
     if checkpoint := requeued_checkpoint(cfg):
         cfg.ckpt_path = checkpoint
     hydra_cfg = HydraConfig.get()

@@ -223,3 +223,25 @@ def test_a_requeued_job_resumes_from_its_last_checkpoint(monkeypatch, tmp_path):
                for run in ("uninterrupted", "requeued")]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+# --- what a trial skips, and what a later run fills in -----------------------------------------------------
+def test_a_trial_tests_nothing_and_a_testing_run_tests_the_cached_teacher_it_trained(make_cfg, tmp_path):
+    from kd_lightning.pipeline import run
+    from kd_lightning.validate import check_settings
+
+    with pytest.raises(ConfigError, match=r"torch_threads=0 must be a whole number ≥ 1 or null"):
+        check_settings(make_cfg("torch_threads=0"))
+    trial = run(make_cfg("evaluate_test=false", "torch_threads=2", "baseline=false", "teacher.model.name=convnet_tiny"))
+    try:
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert not [key for stage in trial["stages"].values() for key in stage["metrics"] if key.startswith("test/")]
+    assert "val/acc" in trial["student_metrics"]
+    later = run(make_cfg("baseline=false", "teacher.model.name=convnet_tiny"))  # same cache: the trial's teacher
+    assert later["teacher"]["source"].startswith("cache")
+    fresh = run(make_cfg("baseline=false", "teacher.model.name=convnet_tiny", f"paths.cache_dir={tmp_path / 'fresh'}"))
+    assert fresh["teacher"]["source"].startswith("trained")
+    assert later["teacher"]["metrics"]["test/acc"] == fresh["teacher"]["metrics"]["test/acc"]
+    assert later["student_metrics"]["test/acc"] == fresh["student_metrics"]["test/acc"]
