@@ -5,8 +5,9 @@
 
 Everything after `--` is a kd-train override. The sweep is `seed=0..jobs-1`, students only (baseline=false),
 from one teacher trained and cached by an untimed first run, so both launchers time the same student jobs.
-Sequential jobs use torch's default threads (all cores); parallel jobs get `--threads` each (default
-cores // workers). Each timing is the whole `kd-train -m` command, process start-up included, since that
+Every job, under either launcher, gets `--threads` torch threads (default cores // workers): the jobs are
+then identical, so their metrics must agree bit for bit (torch's float reductions depend on the thread
+count), and the ratio is what running `workers` of them at a time buys. Each timing is the whole `kd-train -m` command, process start-up included, since that
 is what a user waits for. Prints a markdown row and writes `<out>/launcher_benchmark.json`, which also
 says whether every job's metrics agree between the launchers (they are seeded, so they must).
 """
@@ -46,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per parallel job")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of every job")
     parser.add_argument("--out", type=Path, default=Path("outputs/launcher_benchmark"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -54,11 +55,12 @@ def main() -> None:
     overrides, cache = [*DEFAULTS, *args.overrides], args.out / "cache"
     kd_train([*overrides, f"hydra.run.dir={args.out / 'teacher'}"], cache)  # trains and caches the teacher
     seeds = "seed=" + ",".join(str(seed) for seed in range(args.jobs))
-    sequential = kd_train(["-m", seeds, *overrides, f"hydra.sweep.dir={args.out / 'basic'}"], cache)
-    parallel = kd_train(["-m", seeds, *overrides, "hydra/launcher=parallel", f"hydra.launcher.n_jobs={args.workers}",
-                         f"torch_threads={threads}", f"hydra.sweep.dir={args.out / 'parallel'}"], cache)
+    jobs = ["-m", seeds, *overrides, f"torch_threads={threads}"]
+    sequential = kd_train([*jobs, f"hydra.sweep.dir={args.out / 'basic'}"], cache)
+    parallel = kd_train([*jobs, "hydra/launcher=parallel", f"hydra.launcher.n_jobs={args.workers}",
+                         f"hydra.sweep.dir={args.out / 'parallel'}"], cache)
     metrics = {name: job_metrics(args.out / name) for name in ("basic", "parallel")}
-    report = {"jobs": args.jobs, "workers": args.workers, "threads_per_parallel_job": threads,
+    report = {"jobs": args.jobs, "workers": args.workers, "torch_threads_per_job": threads,
               "cores": os.cpu_count(), "sequential_s": sequential, "parallel_s": parallel,
               "speedup": sequential / parallel, "overrides": overrides,
               "same_metrics": metrics["basic"] == metrics["parallel"] and len(metrics["basic"]) == args.jobs,
@@ -66,7 +68,7 @@ def main() -> None:
     (args.out / "launcher_benchmark.json").write_text(json.dumps(report, indent=2))
     print("| jobs | launcher | workers × torch threads | wall (s) | speed-up | same metrics |")
     print("|---|---|---|---|---|---|")
-    print(f"| {args.jobs} | basic (sequential) | 1 × default ({os.cpu_count()}) | {sequential:.1f} | 1.00 | |")
+    print(f"| {args.jobs} | basic (sequential) | 1 × {threads} | {sequential:.1f} | 1.00 | |")
     print(f"| {args.jobs} | parallel (joblib) | {args.workers} × {threads} | {parallel:.1f} | "
           f"{sequential / parallel:.2f} | {'yes' if report['same_metrics'] else 'NO'} |")
 
