@@ -32,7 +32,7 @@ def check_search_objective(sweeper_target: str | None, cfg: Any, datamodule: Any
         raise ConfigError(f"optimized_metric={metric} is the objective of a {sweeper} search: choosing "
                           f"hyperparameters by a test metric fits them to the test set. Set "
                           f"optimized_metric={DEFAULT_METRIC} and validate on held-out training data with "
-                          f"{HELD_OUT}; each trial still records its test metrics in results.json, to read for the chosen one only.")
+                          f"{HELD_OUT}; `kd-best <sweep dir>` then tests the chosen configuration alone.")
     if datamodule.validates_on_test:
         raise ConfigError(f"{type(datamodule).__name__} validates on the test split (data.val_fraction=0), so "
                           f"the {sweeper} search's objective optimized_metric={metric} is a test metric. Set "

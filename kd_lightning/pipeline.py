@@ -118,7 +118,7 @@ def fit_and_test(cfg: DictConfig, module: L.LightningModule, datamodule: Any, ph
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     # Read before testing: `trainer.test` replaces the callback metrics, and `val/acc` is the search objective.
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/acc")}
-    if test:
+    if test and cfg.get("evaluate_test", True):
         trainer.test(module, datamodule=datamodule, verbose=False)
         metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()
                         if key.startswith("test/")})
@@ -192,6 +192,8 @@ def stage_recipe(stage_cfg: DictConfig, stage: Stage, teacher_keys: dict[str, st
 
 
 def evaluate(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, phase: str = "teacher") -> dict[str, float]:
+    if not cfg.get("evaluate_test", True):
+        return {}
     module = Supervised(model, **scheme_kwargs(cfg, datamodule))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False,
                           default_root_dir=str(Path(cfg.paths.output_dir) / phase))
@@ -284,7 +286,11 @@ def run_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, products: di
     if stage.cache and ckpt_path is None and cache_file.is_file():
         networks = build_stage_module(stage_cfg, stage, datamodule, teachers).products()
         load_products(networks, cache_file)
-        return networks, {"metrics": read_metrics(cache_file), "source": f"cache {cache_file}"}, None
+        metrics = read_metrics(cache_file)
+        if len(networks) == 1 and not any(key.startswith("test/") for key in metrics):
+            # Trained by a search trial, which tests nothing: a run that reports test metrics computes them now.
+            metrics.update(evaluate(stage_cfg, next(iter(networks.values())), datamodule, stage.name))
+        return networks, {"metrics": metrics, "source": f"cache {cache_file}"}, None
     L.seed_everything(stage.seed, workers=True)
     module = build_stage_module(stage_cfg, stage, datamodule, teachers)
     module.stage_name = stage.name
@@ -335,6 +341,8 @@ def resumed_stage(cfg: DictConfig, stages: list[Stage]) -> str | None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages and return their results (also written to `<output_dir>/results.json`)."""
     check_settings(cfg)
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg.torch_threads)  # this job's share of the cores under a parallel launcher
     check_accelerator(cfg.trainer)
     job = job_record(cfg)  # before the stages: they must not change what identifies the job
     datamodule = construct(cfg.data)

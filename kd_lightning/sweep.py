@@ -41,6 +41,8 @@ class RecordFailedJobs(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        # Before the sweeper starts: Optuna's SQLite storage (hparams_search) lives in the sweep directory.
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
         (self.sweep_dir / FAILURES_FILE).unlink(missing_ok=True)  # from an earlier sweep into the same directory
         _sweep_dirs.append(self.sweep_dir)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def train_job(cfg: DictConfig) -> float | None:
     from kd_lightning.pipeline import construct, run  # after Hydra parsed the arguments, so --help stays fast
 
     quiet_lightning_console()
+    if checkpoint := requeued_checkpoint(cfg):
+        cfg.ckpt_path = checkpoint
     sweeper = hydra_cfg.sweeper.get("_target_") if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
         if is_search(sweeper):
@@ -72,6 +75,22 @@ def train_job(cfg: DictConfig) -> float | None:
 def objective_value(cfg: DictConfig, results: dict) -> float | None:
     """What the sweeper optimises, from a job's results."""
     return results["student_metrics"].get(cfg.get("optimized_metric", DEFAULT_METRIC))
+
+
+def requeued_checkpoint(cfg: DictConfig) -> str | None:
+    """On a SLURM requeue (pre-emption, timeout), the job's newest checkpoint, so it resumes where it stopped.
+
+    SLURM counts a job's restarts in SLURM_RESTART_COUNT; submitit requeues with the same job directory.
+    Candidates: `last.ckpt` (kept every N steps by callbacks=default) and the `hpc_ckpt_*.ckpt` Lightning
+    saves when SLURM signals a plain `srun` job before requeueing it. Init phases (`<stage>_init`) are short
+    and restart from scratch, so their checkpoints are not candidates.
+    """
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1 or cfg.get("ckpt_path"):
+        return None
+    output_dir = Path(cfg.paths.output_dir)
+    candidates = [path for pattern in ("last*.ckpt", "hpc_ckpt_*.ckpt") for path in output_dir.rglob(pattern)
+                  if not path.relative_to(output_dir).parts[0].endswith("_init")]
+    return str(max(candidates, key=lambda path: path.stat().st_mtime)) if candidates else None
 
 
 class _DropAdverts(logging.Filter):

@@ -1,4 +1,4 @@
-"""requirements/lock.txt is exactly what pyproject.toml resolves to (dependencies + the `test` extra).
+"""requirements/lock.txt is exactly what pyproject.toml resolves to (dependencies + the `test` and `sweeps` extras).
 
 The closure is walked offline from the installed distributions' Requires-Dist, with markers evaluated for
 this machine and the extras each requirement asks for, so a package nothing needs, a missing one, or a pin
@@ -36,7 +36,8 @@ def resolved_closure() -> dict[str, str]:
     """Installed version of every distribution that the project's requirements pull in, transitively."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pending = [(Requirement(text), "kd-lightning") for text in
-               [*project["dependencies"], *project["optional-dependencies"]["test"]]]
+               [*project["dependencies"], *project["optional-dependencies"]["test"],
+                *project["optional-dependencies"]["sweeps"]]]
     walked: set[tuple[str, frozenset[str]]] = set()
     versions: dict[str, str] = {}
     while pending:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -141,7 +140,8 @@ def test_kd_train_search_with_a_test_objective_fails_before_training(tmp_path):
                              "hydra.sweeper._target_=hydra_plugins.stand_in_sweeper.SearchSweeper",
                              "optimized_metric=test/acc", "hydra.sweep.dir=sweep"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1, result.stderr[-3000:]
-    error = json.loads((tmp_path / "sweep" / "0" / "error.json").read_text())
-    assert error["error_type"] == "ConfigError" and "of a SearchSweeper search" in error["message"]
+    # Refused once, before the first job (kd_lightning.sweep_checks), with the message and no traceback.
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "kd-train: error: optimized_metric=test/acc is the objective of a SearchSweeper search" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "sweep" / "0").exists()
     assert not (tmp_path / "cache").exists(), "the search must be refused before any teacher trains"
