@@ -1,6 +1,5 @@
 """The random views synthesis optimises through, drawn from an explicit torch.Generator so a resumed
-run draws the same ones. Offsets and flips are drawn on the CPU (the generator's device) and applied
-on the images' device."""
+run draws the same ones. Draws happen on the generator's device and are applied on the images'."""
 
 from __future__ import annotations
 
@@ -22,8 +21,8 @@ def crop_flip(images: Tensor, padding: int, generator: torch.Generator) -> Tenso
     """Per-sample random crop after zero padding, then a per-sample horizontal flip with probability ½
     (the kornia RandomCrop(padding)+RandomHorizontalFlip Fast-Datafree synthesises through)."""
     batch, _, height, width = images.shape
-    offsets = torch.randint(0, 2 * padding + 1, (batch, 2), generator=generator)
-    flips = torch.rand(batch, generator=generator) < 0.5
+    offsets = torch.randint(0, 2 * padding + 1, (batch, 2), generator=generator, device=generator.device)
+    flips = torch.rand(batch, generator=generator, device=generator.device) < 0.5
     padded = F.pad(images, (padding, padding, padding, padding))
     offsets, flips = offsets.to(images.device), flips.to(images.device)
     rows = offsets[:, 0, None] + torch.arange(height, device=images.device)

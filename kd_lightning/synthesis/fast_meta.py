@@ -64,8 +64,10 @@ class FastMetaSynthesizer:
             return pixels
         return (pixels - self.mean.to(pixels)) / self.std.to(pixels)
 
-    def synthesize(self, student: nn.Module | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(normalised images, labels, last-step loss parts); `student` feeds the adversarial term."""
+    def synthesize(self, student: nn.Module | None = None, meta_optimizer: torch.optim.Optimizer | None = None
+                   ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(normalised images, labels, last-step loss parts); `student` feeds the adversarial term. A scheme
+        passes its own (checkpointed) optimizer over the generator as `meta_optimizer`; else the synthesizer's."""
         adversarial = bool(self.adv_weight) and student is not None and self.rounds >= self.warmup_rounds
         device = next(self.generator.parameters()).device
         latent = torch.randn((self.batch_size, self.latent_dim), generator=self.rng).to(device).requires_grad_()
@@ -91,7 +93,7 @@ class FastMetaSynthesizer:
                     total.add_(gradient)
                 optimizer.step()
         self.statistics.end_round()
-        self._meta_step(fast, meta_gradients)
+        self._meta_step(fast, meta_gradients, meta_optimizer or self.meta_optimizer)
         self.rounds += 1
         assert best_images is not None
         return best_images, labels, {name: value.detach() for name, value in parts.items()}
@@ -100,13 +102,13 @@ class FastMetaSynthesizer:
         """The round's fast generator: a copy of the meta generator (weights and BN buffers), in train mode."""
         return copy.deepcopy(self.generator).train()
 
-    def _meta_step(self, fast: nn.Module, meta_gradients: list[Tensor]) -> None:
+    def _meta_step(self, fast: nn.Module, meta_gradients: list[Tensor], optimizer: torch.optim.Optimizer) -> None:
         with torch.no_grad():
             for parameter, fast_parameter, total in zip(self.generator.parameters(), fast.parameters(), meta_gradients):
                 parameter.grad = (total if self.meta_update == "fomaml"
                                   else REPTILE_SCALE * (parameter - fast_parameter))
-        self.meta_optimizer.step()
-        self.meta_optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         # The fast copy's BN layers tracked the batch's statistics; the meta generator's keep theirs
         # (the reference clones from the meta state every round and never copies buffers back).
 

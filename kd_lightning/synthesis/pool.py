@@ -49,10 +49,11 @@ class SyntheticPool:
         self.count = min(self.count + len(images), self.capacity)
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """`n` images and their labels (−1 where none was given), drawn uniformly with replacement."""
+        """`n` images and their labels (−1 where none was given), drawn uniformly with replacement on the
+        generator's device (a CUDA generator draws without a host sync)."""
         if self.count == 0 or self.images is None or self.labels is None:
             raise RuntimeError("SyntheticPool.sample() before any add(): synthesise a batch first")
-        index = torch.randint(self.count, (n,), generator=generator).to(self.images.device)
+        index = torch.randint(self.count, (n,), generator=generator, device=generator.device).to(self.images.device)
         return self.images[index], self.labels[index]
 
     def to(self, device: torch.device | str) -> "SyntheticPool":
