@@ -21,7 +21,8 @@ from kd_lightning.models import build_model
 from kd_lightning.pipeline import run
 from kd_lightning.schemes import DAFL, DFAD, ZSKT
 from kd_lightning.losses.terms.base import DistillInputs
-from kd_lightning.schemes.data_free_methods import dafl_generator_losses, zskt_divergence
+from kd_lightning.schemes.data_free_methods import (check_unused_parameter_detection, dafl_generator_losses,
+                                                    zskt_divergence)
 from kd_lightning.teachers import export_student
 
 SMALL = ["scheme.batch_size=16", "scheme.generator.width=8", "scheme.steps_per_epoch=3", "baseline=false"]
@@ -183,3 +184,47 @@ def test_image_grids_are_saved_as_png_and_recorded_by_wandb_offline(make_cfg, tm
 def test_bad_data_free_configs_are_refused_with_the_fix(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
         run(make_cfg("scheme=dafl", *SMALL, *overrides))
+
+
+@pytest.mark.slow  # two gloo processes
+@pytest.mark.parametrize("scheme", ["dafl", "dfad"])
+def test_ddp_ranks_draw_their_own_noise_and_keep_generator_and_student_identical(tmp_path, scheme):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(root / "tests" / "_ddp_data_free.py"), scheme, str(tmp_path)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert rank0["global_step"] == rank1["global_step"] == 3  # 3 student steps per rank, not 3 shared
+    assert not torch.equal(rank0["first_batch"], rank1["first_batch"]), "both ranks drew the same noise"
+    trained = [k for k in rank0["state_dict"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert any(k.startswith("generator.") for k in trained) and any(k.startswith("student.") for k in trained)
+    for key in trained:
+        assert torch.equal(rank0["state_dict"][key], rank1["state_dict"][key]), f"ranks disagree on {key}"
+    moved = [k for k in trained if k.startswith("generator.") and not torch.equal(rank0["state_dict"][k], rank0["initial"][k])]
+    assert moved, "the generator did not train"
+
+
+def test_separate_generator_steps_under_ddp_need_unused_parameter_detection():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    with pytest.raises(ConfigError, match="trainer.strategy=ddp_find_unused_parameters_true"):
+        check_unused_parameter_detection(DDPStrategy(), 2, "DFAD")
+    check_unused_parameter_detection(DDPStrategy(find_unused_parameters=True), 2, "DFAD")
+    check_unused_parameter_detection(DDPStrategy(), 1, "DFAD")
+
+
+def test_the_untrained_generator_floor_keeps_its_initial_weights_while_the_student_trains():
+    L.seed_everything(0)
+    datamodule = DigitsDataModule(batch_size=8)
+    module = tiny_module(DAFL, datamodule, train_generator=False)
+    generator_before = {k: v.clone() for k, v in module.generator.named_parameters()}
+    student_before = {k: v.clone() for k, v in module.student.named_parameters()}
+    fit(module, datamodule, max_steps=3)
+    assert all(torch.equal(v, generator_before[k]) for k, v in module.generator.named_parameters())
+    assert not all(torch.equal(v, student_before[k]) for k, v in module.student.named_parameters())

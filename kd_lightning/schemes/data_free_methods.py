@@ -69,6 +69,17 @@ class DAFL(DataFree):
         return {**student, **generator}
 
 
+def check_unused_parameter_detection(strategy: Any, world_size: int, scheme: str) -> None:
+    """Separate generator and student steps leave one network without gradients in each backward, which
+    DDP accepts only with unused-parameter detection on."""
+    ddp_options = getattr(strategy, "_ddp_kwargs", None)
+    if world_size > 1 and ddp_options is not None and not ddp_options.get("find_unused_parameters"):
+        raise ConfigError(f"scheme={scheme.lower()} steps its generator and its student in separate backward passes, "
+                          f"each of which leaves the other network without gradients; DDP allows that only with "
+                          f"unused-parameter detection. Run with trainer.strategy=ddp_find_unused_parameters_true "
+                          f"(DAFL's single joint backward runs with plain ddp).")
+
+
 class Adversarial(DataFree):
     """The adversarial loop of DFAD and ZSKT: the student minimises its terms on generated batches, the
     generator maximises `disagreement` (through both networks) once every `student_steps` student steps —
@@ -87,6 +98,9 @@ class Adversarial(DataFree):
 
     def disagreement(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        check_unused_parameter_detection(self.trainer.strategy, self.trainer.world_size, type(self).__name__)
 
     def generator_step(self) -> Tensor:
         assert self.generator is not None
