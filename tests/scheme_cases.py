@@ -16,6 +16,7 @@ TERM_OVERRIDES = {
     "dkd": ["distill.dkd.warmup_epochs=2"], "dkd_ls": ["distill.dkd_ls.warmup_epochs=2"],
     "reviewkd": ["distill.reviewkd.warmup_epochs=2"], "crd": ["distill.crd.nce_k=64"],
 }
+DATA_FREE = ["scheme.batch_size=16", "scheme.generator.width=8"]
 # scheme → the override lists it is run under (the first is the one the cheaper walks use).
 SCHEME_CASES: dict[str, list[list[str]]] = {
     "supervised": [["distill=[]"]],
@@ -27,4 +28,7 @@ SCHEME_CASES: dict[str, list[list[str]]] = {
     "dml": [["scheme.peers=[convnet_small,convnet_tiny]"]],
     "kdcl": [["scheme.rampup_epochs=1"]],
     "byot": [[]], "cs_kd": [[]], "tf_kd_reg": [[]], "tf_kd_self": [[]], "mean_teacher": [[]],
+    # Data-free: small generators and batches; generator rounds short enough that a resume lands inside one.
+    "dafl": [DATA_FREE], "dfad": [[*DATA_FREE, "scheme.student_steps=2"]],
+    "zskt": [[*DATA_FREE, "scheme.student_steps=2"]], "datafree_noise": [["scheme.batch_size=16"]],
 }

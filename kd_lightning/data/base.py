@@ -25,8 +25,11 @@ from kd_lightning.data.resumable import EpochPermutationSampler, ResumableLoader
 from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
 from kd_lightning.errors import ConfigError
 
-# What a LightningModule's `train_batches` attribute names to get same-class pair batches (CS-KD).
-CLASS_PAIRS = "class_pairs"
+# What a LightningModule's `train_batches` attribute names, and the data-module method that serves it:
+# ordinary sample batches, same-class pair batches (CS-KD), or step records without images (data-free
+# schemes, whose module says how many steps an epoch has in `steps_per_epoch`).
+SAMPLES, CLASS_PAIRS, STEPS = "samples", "class_pairs", "steps"
+BATCH_SOURCES = {SAMPLES: "sample_loader", CLASS_PAIRS: "class_pair_loader", STEPS: "step_loader"}
 
 
 class IndexedDataset(Dataset):
@@ -247,8 +250,15 @@ class KDDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        if getattr(getattr(self.trainer, "lightning_module", None), "train_batches", None) == CLASS_PAIRS:
-            return self.class_pair_loader()
+        """The batches the training module names in `train_batches` (see BATCH_SOURCES; default: samples)."""
+        source = getattr(getattr(self.trainer, "lightning_module", None), "train_batches", None) or SAMPLES
+        if source not in BATCH_SOURCES:
+            raise ConfigError(f"The training module asks for train_batches={source!r}; the data modules serve "
+                              f"{sorted(BATCH_SOURCES)}.")
+        return getattr(self, BATCH_SOURCES[source])()
+
+    def sample_loader(self) -> DataLoader:
+        """Training samples in the resumable per-epoch order, one shard per rank."""
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
         trainer = self.trainer
@@ -266,6 +276,14 @@ class KDDataModule(L.LightningDataModule):
                                         view_targets(self.train_set), self.seed)
         return ResumableLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+    def step_loader(self) -> DataLoader:
+        """Step records without images (a data-free module's `steps_per_epoch` per rank): the real training
+        split is never read."""
+        from kd_lightning.data.steps import step_record_loader
+
+        trainer = self.trainer
+        return step_record_loader(trainer.lightning_module.steps_per_epoch, trainer.world_size, trainer.global_rank)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

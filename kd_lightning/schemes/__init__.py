@@ -1,11 +1,13 @@
 """Schemes: LightningModules that decide how the networks train together (DESIGN.md)."""
 
 from kd_lightning.schemes.base import DistillationModule
+from kd_lightning.schemes.data_free import DataFree
+from kd_lightning.schemes.data_free_methods import DAFL, DFAD, ZSKT, NoiseInputs
 from kd_lightning.schemes.multi_teacher import MultiTeacher
 from kd_lightning.schemes.offline import Offline
 from kd_lightning.schemes.online import DML, KDCL
 from kd_lightning.schemes.self_distill import BYOT, CSKD, MeanTeacher, TfKDReg
 from kd_lightning.schemes.supervised import Supervised
 
-__all__ = ["BYOT", "CSKD", "DML", "DistillationModule", "KDCL", "MeanTeacher", "MultiTeacher", "Offline", "Supervised",
-           "TfKDReg"]
+__all__ = ["BYOT", "CSKD", "DAFL", "DFAD", "DML", "DataFree", "DistillationModule", "KDCL", "MeanTeacher", "MultiTeacher",
+           "NoiseInputs", "Offline", "Supervised", "TfKDReg", "ZSKT"]
