@@ -87,12 +87,14 @@ def test_a_teacher_without_batch_norm_is_refused_before_training(make_cfg, schem
         build_last_stage(cfg)
 
 
-def test_the_pool_is_saved_only_when_asked(make_cfg, tmp_path):
+def test_the_pool_is_saved_only_when_asked_and_its_batches_are_shown_as_grids(make_cfg, tmp_path):
     case = SCHEME_CASES["deep_inversion"][0]
     run(make_cfg("scheme=deep_inversion", *case, "baseline=false"))
     assert not list((tmp_path / "out").rglob("synthetic_pool.pt"))
+    assert not list((tmp_path / "out").rglob("step_*.png"))
     run(make_cfg("scheme=deep_inversion", *case, "baseline=false", "scheme.save_pool=true",
-                 f"paths.output_dir={tmp_path / 'saved'}"))
+                 "scheme.log_images_every_n_steps=2", f"paths.output_dir={tmp_path / 'saved'}"))
     (saved,) = (tmp_path / "saved").rglob("synthetic_pool.pt")
     pool = torch.load(saved)
     assert pool["count"] == 8 and pool["images"].shape == (8, 1, 8, 8)  # one round of 8 in 2 steps
+    assert [p.name for p in (tmp_path / "saved").rglob("step_*.png")] == ["step_2.png"]
