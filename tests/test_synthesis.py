@@ -350,3 +350,46 @@ def test_fast_meta_resumes_generator_optimizer_statistics_and_rng_exactly() -> N
         torch.testing.assert_close(parts[key], expected_parts[key], rtol=0, atol=0)
     for a, b in zip(generator.parameters(), restored_generator.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class RecordingOptimizer:
+    """Stands in for the meta optimizer: records the meta gradient it is asked to apply."""
+
+    def __init__(self, parameters) -> None:
+        self.parameters = list(parameters)
+        self.gradients: list[torch.Tensor] = []
+
+    def step(self) -> None:
+        self.gradients = [p.grad.clone() for p in self.parameters]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.parameters:
+            p.grad = None
+
+
+@pytest.mark.parametrize("meta_update", ["fomaml", "reptile"])
+def test_meta_gradient_is_the_sum_of_fast_gradients_or_the_reptile_difference(monkeypatch, meta_update: str) -> None:
+    teacher, generator = tiny_teacher(), TinyGenerator()
+    synth = fast(teacher, generator, steps=3, meta_update=meta_update)
+    copies, step_gradients = [], []
+    original_copy, original_grad = synth._fast_copy, torch.autograd.grad
+    synth._fast_copy = lambda: copies.append(original_copy()) or copies[-1]
+
+    def recording_grad(outputs, inputs, *args, **kwargs):
+        gradients = original_grad(outputs, inputs, *args, **kwargs)
+        step_gradients.append([g.clone() for g in gradients])
+        return gradients
+
+    monkeypatch.setattr(torch.autograd, "grad", recording_grad)
+    meta = RecordingOptimizer(generator.parameters())
+    start = [p.detach().clone() for p in generator.parameters()]
+    synth.synthesize(None, meta)
+    assert len(step_gradients) == 3
+    n = len(start)
+    for k, (recorded, begin, after_fast) in enumerate(zip(meta.gradients, start, copies[0].parameters())):
+        if meta_update == "fomaml":
+            expected = step_gradients[0][k] + step_gradients[1][k] + step_gradients[2][k]
+        else:
+            expected = 67.0 * (begin - after_fast.detach())
+        torch.testing.assert_close(recorded, expected, rtol=1e-6, atol=1e-7)
+    assert all(len(g) == n + 1 for g in step_gradients)  # the latent codes are optimised too, not meta-updated
