@@ -87,6 +87,13 @@ def test_a_teacher_without_batch_norm_is_refused_before_training(make_cfg, schem
         build_last_stage(cfg)
 
 
+@pytest.mark.parametrize(("scheme", "setting"), [("deep_inversion", "DeepInversion"), ("fast_datafree", "Fast-Datafree")])
+def test_an_unknown_synthesis_setting_names_the_valid_ones(make_cfg, scheme, setting):
+    cfg = make_cfg(f"scheme={scheme}", *SCHEME_CASES[scheme][0], "+scheme.synthesis.iteration=3")
+    with pytest.raises(ConfigError, match=f"not a {setting} setting.*Its keys: batch_size"):
+        build_last_stage(cfg)
+
+
 def test_the_pool_is_saved_only_when_asked_and_its_batches_are_shown_as_grids(make_cfg, tmp_path):
     case = SCHEME_CASES["deep_inversion"][0]
     run(make_cfg("scheme=deep_inversion", *case, "baseline=false"))
