@@ -99,12 +99,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/datafree"))
     parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--methods", default=None, help="METHODS labels to run, separated by ';', in this order "
+                                                            "(default: all)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per job")
     parser.add_argument("--markdown", type=Path)
-    parser.add_argument("--methods", help="comma-separated METHODS labels to run (default: all)")
     parser.add_argument("overrides", nargs="*", help="kd-train overrides for every job (after --)")
     args = parser.parse_args()
     out = args.out.resolve()
+    methods = dict(METHODS)
+    chosen = [(label, methods[label]) for label in args.methods.split(";")] if args.methods else METHODS
     rows = []
     for data in args.datasets.split(","):
         shared = [*COMMON, *DATASETS[data]]
@@ -114,9 +117,7 @@ def main() -> None:
         teacher = accuracy(warmup, "teacher")
         rows.append({"data": data, "method": "(warm-up: teacher training + job overhead)", "teacher": teacher,
                      "student": None, "rc": warmup["rc"], "wall_s": warmup["wall_s"]})
-        for label, overrides in METHODS:
-            if args.methods and label not in args.methods.split(","):
-                continue
+        for label, overrides in chosen:
             slug = label.split(":")[-1].strip().replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
             job = run_job(f"{data}-{slug}", [*shared, *overrides], args, out)
             rows.append({"data": data, "method": label, "teacher": accuracy(job, "teacher"),

@@ -138,9 +138,7 @@ class DataFree(Offline):
         """One backward of the given losses, then a step of each optimizer they concern: the student's is
         the counted training step, the generator's is not (and is skipped when `train_generator` is off).
         Both at once is DAFL's joint update (one backward, also under DDP)."""
-        optimizers = self.optimizers()
-        student_opt = optimizers[0] if isinstance(optimizers, list) else optimizers
-        generator_opt = optimizers[1] if isinstance(optimizers, list) else None
+        student_opt, generator_opt = self.student_and_generator_optimizers()
         if not self.train_generator:
             generator_loss = None
         parts = [(loss, opt) for loss, opt in ((student_loss, student_opt), (generator_loss, generator_opt))
@@ -149,12 +147,7 @@ class DataFree(Offline):
             return
         for _, optimizer in parts:
             optimizer.zero_grad()
-        total = torch.stack([loss.float() for loss, _ in parts]).sum()
-        if student_loss is None:  # a generator step alone: leave the student's gradients untouched
-            with self.toggled_optimizer(generator_opt):
-                self.manual_backward(total)
-        else:
-            self.manual_backward(total)
+        self.manual_backward(torch.stack([loss.float() for loss, _ in parts]).sum())
         for _, optimizer in parts:
             if self.clip_grad_norm is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=self.clip_grad_norm, gradient_clip_algorithm="norm")
@@ -163,6 +156,13 @@ class DataFree(Offline):
         if student_loss is not None:
             student_opt.step()
             step_schedulers(self, "step")
+
+    def student_and_generator_optimizers(self) -> tuple[Any, Any]:
+        """(the student's LightningOptimizer, the generator's or None)."""
+        optimizers = self.optimizers()
+        if isinstance(optimizers, list):
+            return optimizers[0], optimizers[1]
+        return optimizers, None
 
     def remember(self, images: Tensor) -> None:
         """The batch the next image grid shows."""

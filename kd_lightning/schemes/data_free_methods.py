@@ -104,12 +104,14 @@ class Adversarial(DataFree):
 
     def generator_step(self) -> Tensor:
         assert self.generator is not None
-        images = self.generator(self.latent())
-        teacher_logits = self.teacher_with_grad(images)
-        loss = -self.disagreement(self.student(images), teacher_logits)
-        self.nonfinite.record("generator_adversarial", loss, self.global_step)
-        self.release_features()
-        self.optimise(generator_loss=loss)
+        # Toggled before the forward, so the student's parameters record no graph and get no gradient.
+        with self.toggled_optimizer(self.student_and_generator_optimizers()[1]):
+            images = self.generator(self.latent())
+            teacher_logits = self.teacher_with_grad(images)
+            loss = -self.disagreement(self.student(images), teacher_logits)
+            self.nonfinite.record("generator_adversarial", loss, self.global_step)
+            self.release_features()
+            self.optimise(generator_loss=loss)
         return loss.detach()
 
     def data_free_step(self) -> dict[str, Tensor]:
