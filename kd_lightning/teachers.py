@@ -40,6 +40,11 @@ class FrozenTeacher(nn.Module):
         with torch.no_grad():
             return self.model(images)
 
+    def forward_with_input_grad(self, images: Tensor) -> Tensor:
+        """The same frozen, eval-mode forward, but recorded by autograd, so a loss on its output reaches
+        `images` (a data-free generator trains through the teacher); the weights still get no gradient."""
+        return self.model(images)
+
 
 def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}

@@ -16,6 +16,9 @@ TERM_OVERRIDES = {
     "dkd": ["distill.dkd.warmup_epochs=2"], "dkd_ls": ["distill.dkd_ls.warmup_epochs=2"],
     "reviewkd": ["distill.reviewkd.warmup_epochs=2"], "crd": ["distill.crd.nce_k=64"],
 }
+DATA_FREE = ["scheme.batch_size=16", "scheme.generator.width=8"]
+POOL = ["scheme.steps_per_epoch=4", "scheme.steps_per_round=3", "scheme.batch_size=8", "scheme.pool_size=20",
+        "scheme.student_crop_padding=1", "scheme.synthesis.batch_size=8"]
 # scheme → the override lists it is run under (the first is the one the cheaper walks use).
 SCHEME_CASES: dict[str, list[list[str]]] = {
     "supervised": [["distill=[]"]],
@@ -29,4 +32,14 @@ SCHEME_CASES: dict[str, list[list[str]]] = {
     "byot": [[]], "cs_kd": [[]], "tf_kd_reg": [[]], "tf_kd_self": [[]], "mean_teacher": [[]],
     # Two discriminator steps per student step, a step-interval schedule: both must resume exactly.
     "adversarial": [["distill=[kd]", "scheme.discriminator_steps=2", "+scheme.scheduler_interval=step"]],
+    # Data-free: small generators and batches; generator rounds short enough that a resume lands inside one.
+    "dafl": [DATA_FREE], "dfad": [[*DATA_FREE, "scheme.student_steps=2"]],
+    "zskt": [[*DATA_FREE, "scheme.student_steps=2"]], "datafree_noise": [["scheme.batch_size=16"]],
+    # Pool schemes: a synthesis round at steps 0, 3, 6 (one at the resume point), a pool that wraps, every
+    # synthesis part switched on.
+    "deep_inversion": [[*POOL, "scheme.synthesis.iterations=3", "scheme.synthesis.adi_weight=1.0",
+                        "scheme.synthesis.tv_l1=1e-3", "scheme.synthesis.l2=1e-4", "scheme.synthesis.flip=true",
+                        "scheme.normalize_mean=[0.5]", "scheme.normalize_std=[0.25]"]],
+    "fast_datafree": [[*POOL, "scheme.generator.latent_dim=8", "scheme.generator.width=4", "scheme.synthesis.steps=2",
+                       "scheme.synthesis.warmup_rounds=1", "scheme.synthesis.crop_padding=1"]],
 }

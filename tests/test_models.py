@@ -13,6 +13,7 @@ from kd_lightning.models import MODELS, build_model
 from kd_lightning.taps import FeatureTaps, declared_taps
 
 SMALL_INPUT = {name: [(1, 8), (1, 28)] for name in ("convnet_tiny", "convnet_small", "convnet_large")}
+SMALL_INPUT.update({name: [(1, 8), (1, 28), (1, 32)] for name in ("lenet5", "lenet5_half")})
 
 # Parameters at 100 classes (millions). The first eight are the CRD paper's (Tian et al., ICLR 2020);
 # the rest are the figures commonly quoted for the same RepDistiller architectures in follow-up tables.

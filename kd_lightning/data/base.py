@@ -33,8 +33,11 @@ from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
 from kd_lightning.data.views import CropFlipViews, ViewedTransform
 from kd_lightning.errors import ConfigError
 
-# What a LightningModule's `train_batches` attribute names to get same-class pair batches (CS-KD).
-CLASS_PAIRS = "class_pairs"
+# What a LightningModule's `train_batches` attribute names, and the data-module method that serves it:
+# ordinary sample batches, same-class pair batches (CS-KD), or step records without images (data-free
+# schemes, whose module says how many steps an epoch has in `steps_per_epoch`).
+SAMPLES, CLASS_PAIRS, STEPS = "samples", "class_pairs", "steps"
+BATCH_SOURCES = {SAMPLES: "sample_loader", CLASS_PAIRS: "class_pair_loader", STEPS: "step_loader"}
 # The view of a sample whose augmentation has no name (see the module docstring).
 UNNAMED_VIEW = -1
 # The views of a training split without augmentation: one, the image itself.
@@ -303,14 +306,20 @@ class KDDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:
+        """The batches the training module names in `train_batches` (see BATCH_SOURCES; default: samples)."""
+        source = getattr(getattr(self.trainer, "lightning_module", None), "train_batches", None) or SAMPLES
+        if source not in BATCH_SOURCES:
+            raise ConfigError(f"The training module asks for train_batches={source!r}; the data modules serve "
+                              f"{sorted(BATCH_SOURCES)}.")
+        return getattr(self, BATCH_SOURCES[source])()
+
+    def sample_loader(self) -> DataLoader | DeviceBatches:
+        """Training samples in the resumable per-epoch order, one shard per rank."""
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
-        pairs = getattr(getattr(self.trainer, "lightning_module", None), "train_batches", None) == CLASS_PAIRS
         resident = self.resident_train_split()
         if resident is not None:
-            return self.device_batches(resident, pairs)
-        if pairs:
-            return self.class_pair_loader()
+            return self.device_batches(resident, pairs=False)
         trainer = self.trainer
         sampler = EpochPermutationSampler(self.train_set, num_replicas=trainer.world_size if trainer else 1,
                                           rank=trainer.global_rank if trainer else 0, seed=global_seed())
@@ -358,14 +367,25 @@ class KDDataModule(L.LightningDataModule):
         batch_sampler = ClassPairBatchSampler(anchors, self.batch_size, False, view_targets(self.train_set), self.seed)
         return DeviceBatches(split, self.batch_size, batch_sampler=batch_sampler, seed=global_seed(), rank=rank)
 
-    def class_pair_loader(self) -> DataLoader:
+    def class_pair_loader(self) -> DataLoader | DeviceBatches:
         """Training batches of same-class pairs (CS-KD), asked for by a module with `train_batches = "class_pairs"`."""
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
+        resident = self.resident_train_split()
+        if resident is not None:
+            return self.device_batches(resident, pairs=True)
         sampler = ClassPairBatchSampler(EpochPermutation(len(self.train_set), self.seed), self.batch_size, False,
                                         view_targets(self.train_set), self.seed)
         return ResumableLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+    def step_loader(self) -> DataLoader:
+        """Step records without images (a data-free module's `steps_per_epoch` per rank): the real training
+        split is never read."""
+        from kd_lightning.data.steps import step_record_loader
+
+        trainer = self.trainer
+        return step_record_loader(trainer.lightning_module.steps_per_epoch, trainer.world_size, trainer.global_rank)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

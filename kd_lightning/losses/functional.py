@@ -619,3 +619,9 @@ def sigmoid_rampup(epoch: int, rampup_epochs: int) -> float:
         return 1.0
     phase = 1.0 - min(max(epoch, 0), rampup_epochs) / rampup_epochs
     return float(math.exp(-5.0 * phase * phase))
+
+
+def l1_logits(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean absolute difference of the logits over batch and classes: DFAD's student loss, and (negated) its
+    generator's (Fang et al., "Data-Free Adversarial Distillation", 2019; `F.l1_loss(s_logit, t_logit)`)."""
+    return (student_logits.float() - teacher_logits.float()).abs().mean()

@@ -1,0 +1,171 @@
+"""Generator-based data-free methods on the `DataFree` base, and the N(0,1) floor.
+
+Each reads its recipe from the authors' code; the schemes' configs (conf/scheme/*.yaml) carry the MNIST
+settings. Student losses are the `distill` terms; the generator's losses are the scheme's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses import functional
+from kd_lightning.schemes.data_free import DataFree
+from kd_lightning.taps import FeatureTaps
+
+
+def dafl_generator_losses(teacher_logits: Tensor, teacher_features: Tensor) -> dict[str, Tensor]:
+    """DAFL's three unweighted generator losses (Chen et al., "Data-Free Learning of Student Networks", ICCV
+    2019; DAFL_train.py): one-hot CE of the teacher against its own argmax, the information entropy
+    Σ_k p̄_k log10 p̄_k of the batch-mean softmax (minimised: balanced classes; log10 as the code, whose
+    weights were tuned with it), and −mean|f_T| of the teacher's features (activation)."""
+    logits = teacher_logits.float()
+    mean_probability = logits.softmax(1).mean(0)
+    return {"one_hot": F.cross_entropy(logits, logits.argmax(1)),
+            "information_entropy": (mean_probability * torch.log10(mean_probability)).sum(),
+            "activation": -teacher_features.float().abs().mean()}
+
+
+def zskt_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(T‖S) at `temperature` averaged over batch and classes, as ZSKT's `F.kl_div` default reduction
+    (no T² factor): the catalogue's batch-mean `kd` divided by T²·K."""
+    return functional.kd(student_logits, teacher_logits, temperature) / (temperature ** 2 * student_logits.shape[1])
+
+
+class DAFL(DataFree):
+    """DAFL: the generator minimises oh·one-hot + ie·entropy + a·activation through the frozen teacher; the
+    student distils (the `distill` terms, KL at T=1 in the reference) on the same batch, detached. One joint
+    backward and both optimizers stepped, as the reference's single `loss.backward()`."""
+
+    uses_generator = True
+    generator_losses = ("generator_one_hot", "generator_information_entropy", "generator_activation")
+
+    def __init__(self, *args: Any, one_hot: float = 1.0, information_entropy: float = 5.0, activation: float = 0.1,
+                 activation_tap: str = "penultimate", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.weights = {"one_hot": float(one_hot), "information_entropy": float(information_entropy),
+                        "activation": float(activation)}
+        self.activation_tap = activation_tap
+        self.activation_taps = FeatureTaps(self.teacher.model, [activation_tap],
+                                           getattr(self.teacher.model, "kd_spec", {}).get("name", "teacher"))
+
+    def data_free_step(self) -> dict[str, Tensor]:
+        assert self.generator is not None
+        images = self.generator(self.latent())
+        self.remember(images)
+        teacher_logits = self.teacher_with_grad(images)
+        parts = dafl_generator_losses(teacher_logits, self.activation_taps.features[self.activation_tap])
+        self.activation_taps.clear()
+        generator = {f"generator_{name}": self.weights[name] * value for name, value in parts.items()}
+        for name, value in generator.items():
+            self.nonfinite.record(name, value, self.global_step)
+        student = self.student_losses(images, teacher_logits)
+        self.optimise(student_loss=torch.stack([v.float() for v in student.values()]).sum(),
+                      generator_loss=torch.stack([v.float() for v in generator.values()]).sum())
+        return {**student, **generator}
+
+
+def check_unused_parameter_detection(strategy: Any, world_size: int, scheme: str) -> None:
+    """Separate generator and student steps leave one network without gradients in each backward, which
+    DDP accepts only with unused-parameter detection on."""
+    ddp_options = getattr(strategy, "_ddp_kwargs", None)
+    if world_size > 1 and ddp_options is not None and not ddp_options.get("find_unused_parameters"):
+        raise ConfigError(f"scheme={scheme.lower()} steps its generator and its student in separate backward passes, "
+                          f"each of which leaves the other network without gradients; DDP allows that only with "
+                          f"unused-parameter detection. Run with trainer.strategy=ddp_find_unused_parameters_true "
+                          f"(DAFL's single joint backward runs with plain ddp).")
+
+
+class Adversarial(DataFree):
+    """The adversarial loop of DFAD and ZSKT: the student minimises its terms on generated batches, the
+    generator maximises `disagreement` (through both networks) once every `student_steps` student steps —
+    after them (DFAD's 5 S then 1 G) or before them (ZSKT's 1 G then 10 S)."""
+
+    uses_generator = True
+    generator_losses = ("generator_adversarial",)
+    generator_first = False
+
+    def __init__(self, *args: Any, student_steps: int = 5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if int(student_steps) < 1:
+            raise ConfigError(f"scheme.student_steps (student steps per generator step) must be >= 1, got "
+                              f"{student_steps!r}.")
+        self.student_steps = int(student_steps)
+
+    def disagreement(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        check_unused_parameter_detection(self.trainer.strategy, self.trainer.world_size, type(self).__name__)
+
+    def generator_step(self) -> Tensor:
+        assert self.generator is not None
+        # Toggled before the forward, so the student's parameters record no graph and get no gradient.
+        with self.toggled_optimizer(self.student_and_generator_optimizers()[1]):
+            images = self.generator(self.latent())
+            teacher_logits = self.teacher_with_grad(images)
+            loss = -self.disagreement(self.student(images), teacher_logits)
+            self.nonfinite.record("generator_adversarial", loss, self.global_step)
+            self.release_features()
+            self.optimise(generator_loss=loss)
+        return loss.detach()
+
+    def data_free_step(self) -> dict[str, Tensor]:
+        assert self.generator is not None
+        position = self.global_step % self.student_steps  # student steps done in this round
+        losses: dict[str, Tensor] = {}
+        if self.generator_first and position == 0:
+            losses["generator_adversarial"] = self.generator_step()
+        with torch.no_grad():
+            images = self.generator(self.latent())
+        self.remember(images)
+        student = self.student_losses(images)
+        self.optimise(student_loss=torch.stack([v.float() for v in student.values()]).sum())
+        losses.update(student)
+        if not self.generator_first and position == self.student_steps - 1:
+            losses["generator_adversarial"] = self.generator_step()
+        return losses
+
+
+class DFAD(Adversarial):
+    """DFAD (Fang et al., "Data-Free Adversarial Distillation", 2019; DFAD_mnist.py): 5 student steps on
+    G(z).detach() minimising L1(s, t) (the `l1_logits` term), then one generator step maximising the same L1."""
+
+    def disagreement(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return functional.l1_logits(student_logits, teacher_logits)
+
+
+class ZSKT(Adversarial):
+    """ZSKT (Micaelli & Storkey, "Zero-Shot Knowledge Transfer via Adversarial Belief Matching", NeurIPS
+    2019; solver.py): one generator step maximising KL(T‖S), then 10 student steps minimising KL + β·AT
+    (`distill=[kd, at]`). The reference's `F.kl_div` default averages over batch *and* classes, i.e. the
+    batch-mean KL / K: conf/scheme/zskt.yaml sets distill.kd.weight = 1/K (0.1 for 10 classes) at T=1,
+    and the generator maximises the same quantity."""
+
+    generator_first = True
+
+    def __init__(self, *args: Any, student_steps: int = 10, temperature: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, student_steps=student_steps, **kwargs)
+        self.temperature = float(temperature)
+
+    def disagreement(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return zskt_divergence(student_logits, teacher_logits, self.temperature)
+
+
+class NoiseInputs(DataFree):
+    """The N(0,1) floor of DAFL's Table 1: the student distils on Gaussian noise of the input's shape,
+    no generator (DAFL reports 88.01% for LeNet-5-half on MNIST)."""
+
+    def data_free_step(self) -> dict[str, Tensor]:
+        images = self.noise(self.batch_size, *self.input_shape)
+        self.remember(images)
+        student = self.student_losses(images)
+        self.optimise(student_loss=torch.stack([v.float() for v in student.values()]).sum())
+        return student
+
+
+__all__ = ["DAFL", "DFAD", "NoiseInputs", "ZSKT", "dafl_generator_losses", "zskt_divergence"]

@@ -1,0 +1,136 @@
+"""Data-free methods side by side: one teacher per data set, every method's student, both floors, wall time.
+
+    python scripts/datafree_benchmark.py --out bench/datafree --markdown BENCHMARKS.md
+
+Per data set (DATASETS) a cheap first job trains and caches the LeNet-5 teacher on real data; then one
+`kd-train` job per method (METHODS) distils LeNet-5-half from that same cached teacher without a training
+image, on the same machine, one job at a time, so the wall times compare. Rows: teacher-relative accuracy
+(student test top-1 / the run's own teacher's), the wall time of the job (start-up, loading the cached
+teacher and the test evaluation included; the warm-up job's time is that overhead). Adding a method is one
+line in METHODS. The section goes between `<!-- benchmark:datafree:start/end -->` in `--markdown`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MARK = "datafree"
+BN_PAIR = ["teacher=convnet_large", "student=convnet_tiny"]
+# (label, kd-train overrides). The floors show what a method adds over no synthesis and over a random generator.
+METHODS: list[tuple[str, list[str]]] = [
+    ("DAFL", ["scheme=dafl", "scheme.activation_tap=stage3"]),
+    ("DFAD", ["scheme=dfad"]),
+    ("ZSKT", ["scheme=zskt"]),
+    ("floor: N(0,1) inputs", ["scheme=datafree_noise"]),
+    ("floor: untrained generator", ["scheme=dafl", "scheme.activation_tap=stage3", "scheme.train_generator=false"]),
+    # BN-statistics inversion needs a teacher with BatchNorm (LeNet-5 has none): these rows bring their own, trained
+    # (and cached) by the first of them, so that row's wall time includes the teacher. Synthesis cut for a CPU budget.
+    ("DeepInversion (convnet_large teacher)", ["scheme=deep_inversion", *BN_PAIR, "scheme.steps_per_round=50",
+                                               "scheme.student_crop_padding=1", "scheme.synthesis.batch_size=64",
+                                               "scheme.synthesis.iterations=100", "scheme.synthesis.lr=0.1"]),
+    ("Fast-Datafree (convnet_large teacher)", ["scheme=fast_datafree", *BN_PAIR, "scheme.steps_per_round=5",
+                                               "scheme.student_crop_padding=1", "scheme.synthesis.batch_size=64",
+                                               "scheme.synthesis.warmup_rounds=5", "scheme.synthesis.crop_padding=1"]),
+]
+# Data set → overrides of every job on it (teacher recipe and the student's budget are shared by all methods).
+DATASETS: dict[str, list[str]] = {
+    "fashion_mnist": ["data=fashion_mnist", "data.num_workers=0", "teacher.max_epochs=3", "optimizer.lr=0.05"],
+    "digits": ["data=digits", "teacher.max_epochs=30", "optimizer.lr=0.05"],
+}
+COMMON = ["teacher=lenet5", "student=lenet5_half", "baseline=false", "logger=none", "callbacks=none",
+          "trainer.enable_progress_bar=false"]
+
+
+def run_job(name: str, overrides: list[str], args: argparse.Namespace, out: Path) -> dict:
+    # A later override replaces an earlier one of the same key (a method's teacher= over the shared one).
+    overrides = [o for i, o in enumerate(overrides)
+                 if o.split("=")[0] not in {later.split("=")[0] for later in overrides[i + 1:]}]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    command = [sys.executable, "-m", "kd_lightning.train", *overrides, f"paths.cache_dir={out / 'cache'}",
+               f"hydra.run.dir={out / 'runs' / name}", *args.overrides]
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with open(out / "logs" / f"{name}.log", "w") as log:
+        rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    wall = round(time.monotonic() - start, 1)
+    print(f"[datafree] {name}: exit {rc}, {wall} s", flush=True)
+    results = out / "runs" / name / "results.json"
+    record = json.loads(results.read_text()) if rc == 0 and results.is_file() else {}
+    return {"name": name, "rc": rc, "wall_s": wall, "command": shlex.join(command[3:]), "results": record}
+
+
+def accuracy(record: dict, stage: str) -> float | None:
+    value = record.get("results", {}).get("stages", {}).get(stage, {}).get("metrics", {}).get("test/acc")
+    return None if value is None else 100 * float(value)
+
+
+def render(rows: list[dict], meta: dict) -> str:
+    lines = [f"## {MARK}", "", "```bash", meta["command"], "```", "", meta["note"], "",
+             "| data | method | teacher acc (%) | student acc (%) | ratio | wall (s) |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        teacher, student = row["teacher"], row["student"]
+        ratio = f"{student / teacher:.3f}" if teacher and student is not None else "–"
+        shown = f"{student:.2f}" if student is not None else ("–" if row["rc"] == 0 else f"failed (exit {row['rc']})")
+        lines.append(f"| {row['data']} | {row['method']} | {teacher:.2f} | {shown} | {ratio} | {row['wall_s']} |"
+                     if teacher else f"| {row['data']} | {row['method']} | – | {shown} | – | {row['wall_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(markdown: Path, section: str) -> None:
+    start, end = f"<!-- benchmark:{MARK}:start -->", f"<!-- benchmark:{MARK}:end -->"
+    text = markdown.read_text() if markdown.exists() else "# Benchmarks\n"
+    block = f"{start}\n{section}{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    markdown.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench/datafree"))
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--methods", default=None, help="METHODS labels to run, separated by ';', in this order "
+                                                            "(default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per job")
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("overrides", nargs="*", help="kd-train overrides for every job (after --)")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    methods = dict(METHODS)
+    chosen = [(label, methods[label]) for label in args.methods.split(";")] if args.methods else METHODS
+    rows = []
+    for data in args.datasets.split(","):
+        shared = [*COMMON, *DATASETS[data]]
+        # Trains and caches the teacher; the scheme's own settings do not enter the teacher's cache key.
+        warmup = run_job(f"{data}-teacher", [*shared, "scheme=datafree_noise", "scheme.steps_per_epoch=1",
+                                             "trainer.max_epochs=1"], args, out)
+        teacher = accuracy(warmup, "teacher")
+        rows.append({"data": data, "method": "(warm-up: teacher training + job overhead)", "teacher": teacher,
+                     "student": None, "rc": warmup["rc"], "wall_s": warmup["wall_s"]})
+        for label, overrides in chosen:
+            slug = label.split(":")[-1].strip().replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
+            job = run_job(f"{data}-{slug}", [*shared, *overrides], args, out)
+            rows.append({"data": data, "method": label, "teacher": accuracy(job, "teacher"),
+                         "student": accuracy(job, "student"), "rc": job["rc"], "wall_s": job["wall_s"]})
+    meta = {"command": shlex.join(["python", "scripts/datafree_benchmark.py", *sys.argv[1:]]),
+            "note": f"{datetime.date.today()}, {os.cpu_count()} CPU cores shared with other jobs, "
+                    f"{args.threads} thread(s) per job, one job at a time."}
+    section = render(rows, meta)
+    (out / "datafree.md").write_text(section)
+    print(section)
+    if args.markdown:
+        write_section(args.markdown, section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Data-free schemes (DAFL, DFAD, ZSKT, the N(0,1) floor): the generator losses against independent float64
+arithmetic, no training image ever reaching the student, the teacher frozen while the generator trains
+through it, student-step counting, the image grid, and bad configurations. Resume, bf16 and the
+frozen-teacher walk run through tests/scheme_cases.py; DDP in test_data_free_ddp below."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd_lightning.data import DigitsDataModule
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses import functional
+from kd_lightning.losses.terms import AT, KD, L1Logits
+from kd_lightning.models import build_model
+from kd_lightning.pipeline import run
+from kd_lightning.schemes import DAFL, DFAD, ZSKT
+from kd_lightning.losses.terms.base import DistillInputs
+from kd_lightning.schemes.data_free_methods import (check_unused_parameter_detection, dafl_generator_losses,
+                                                    zskt_divergence)
+from kd_lightning.teachers import export_student
+
+SMALL = ["scheme.batch_size=16", "scheme.generator.width=8", "scheme.steps_per_epoch=3", "baseline=false"]
+
+
+def small(scheme: str) -> list[str]:
+    return [f"scheme={scheme}", *(o for o in SMALL if scheme != "datafree_noise" or ".generator." not in o)]
+
+
+def softmax64(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_dafl_generator_losses_match_the_papers_formulas_in_float64():
+    rng = np.random.default_rng(0)
+    logits, features = rng.normal(size=(6, 5)) * 3, rng.normal(size=(6, 7))
+    parts = dafl_generator_losses(torch.tensor(logits, dtype=torch.float32), torch.tensor(features))
+    p = softmax64(logits)
+    labels = logits.argmax(1)
+    one_hot = -np.mean([math.log(p[i, labels[i]]) for i in range(6)])
+    mean_p = p.mean(0)
+    entropy = sum(q * math.log10(q) for q in mean_p)
+    activation = -np.abs(features).mean()
+    assert parts["one_hot"].item() == pytest.approx(one_hot, rel=1e-5)
+    assert parts["information_entropy"].item() == pytest.approx(entropy, rel=1e-5)
+    assert parts["activation"].item() == pytest.approx(activation, rel=1e-6)
+
+
+def test_dfad_l1_and_zskt_divergence_match_the_references_reductions_in_float64():
+    rng = np.random.default_rng(1)
+    s, t = rng.normal(size=(4, 10)) * 2, rng.normal(size=(4, 10)) * 2
+    student, teacher = torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32)
+    inputs = DistillInputs(student_logits=student, targets=teacher.argmax(1), indices=None, teacher_logits=teacher)
+    # DFAD: F.l1_loss, the mean over batch and classes, as the student's term and the generator's (negated) loss.
+    assert functional.l1_logits(student, teacher).item() == pytest.approx(np.abs(s - t).mean(), rel=1e-6)
+    assert L1Logits()(inputs).item() == pytest.approx(np.abs(s - t).mean(), rel=1e-6)
+    # ZSKT: F.kl_div(log_softmax(s/T), softmax(t/T)) with its default reduction, the mean over batch and classes.
+    for temperature in (1.0, 2.0):
+        ps, pt = softmax64(s / temperature), softmax64(t / temperature)
+        reference = (pt * (np.log(pt) - np.log(ps))).sum() / s.size
+        assert zskt_divergence(student, teacher, temperature).item() == pytest.approx(reference, rel=1e-5)
+    # conf/scheme/zskt.yaml's kd weight 1/K at T=1 gives the student the same divergence through the catalogue.
+    ps, pt = softmax64(s), softmax64(t)
+    kd = KD(weight=0.1, temperature=1.0)
+    assert (kd.weight * kd(inputs)).item() == pytest.approx((pt * (np.log(pt) - np.log(ps))).sum() / s.size, rel=1e-5)
+
+
+class TrainPoolTrap(torch.utils.data.Dataset):
+    """The real training pool, except that reading a sample fails the test."""
+
+    def __init__(self, pool) -> None:
+        self.pool, self.targets = pool, pool.targets
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __getitem__(self, index: int):
+        raise AssertionError(f"training sample {index} was read")
+
+
+def trapped_run(make_cfg, tmp_path, monkeypatch, *overrides: str) -> dict:
+    teacher = export_student(build_model("convnet_large", num_classes=10, in_channels=1), tmp_path / "teacher.pt")
+    original = DigitsDataModule.load_train_pool
+    monkeypatch.setattr(DigitsDataModule, "load_train_pool", lambda self: TrainPoolTrap(original(self)))
+    # Validation on the test split: held-out training samples would be read (for evaluation) otherwise.
+    return run(make_cfg(*overrides, f"teacher.checkpoint={teacher}", "data.val_fraction=0", "baseline=false"))
+
+
+@pytest.mark.parametrize("scheme", ["dafl", "dfad", "zskt", "datafree_noise"])
+def test_a_data_free_student_never_reads_a_training_sample(make_cfg, tmp_path, monkeypatch, scheme):
+    results = trapped_run(make_cfg, tmp_path, monkeypatch, *small(scheme))
+    assert "test/acc" in results["student_metrics"]
+
+
+def test_the_training_sample_trap_catches_a_scheme_that_reads_data(make_cfg, tmp_path, monkeypatch):
+    with pytest.raises(AssertionError, match="training sample"):
+        trapped_run(make_cfg, tmp_path, monkeypatch, "scheme=offline")
+
+
+def tiny_module(cls, datamodule, **options):
+    kwargs = {"steps_per_epoch": 4, "batch_size": 8, "generator": {"width": 4},
+              "optimizer": lambda params: torch.optim.SGD(params, lr=0.05)}
+    kwargs.update(options)
+    return cls(student=build_model("convnet_tiny", 10, 1), teacher=build_model("convnet_large", 10, 1),
+               terms={"kd": KD(weight=1.0, temperature=1.0)}, num_classes=10,
+               example_input=datamodule.example_input(), **kwargs)
+
+
+def fit(module, datamodule, **trainer_options) -> L.Trainer:
+    options = {"max_epochs": 1, "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
+               "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+    trainer = L.Trainer(**{**options, **trainer_options})
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+@pytest.mark.parametrize("cls", [DAFL, DFAD], ids=["dafl", "dfad"])
+def test_the_teacher_stays_frozen_and_in_eval_mode_while_the_generator_trains_through_it(cls):
+    L.seed_everything(0)
+    datamodule = DigitsDataModule(batch_size=8)
+    module = tiny_module(cls, datamodule, **({"student_steps": 1} if cls is DFAD else {}))
+    teacher_before = {k: v.clone() for k, v in module.teacher.model.state_dict().items()}
+    generator_before = {k: v.clone() for k, v in module.generator.state_dict().items()}
+    fit(module, datamodule, max_steps=3)
+    teacher_after = module.teacher.model.state_dict()
+    assert any("running_mean" in key for key in teacher_before)  # BN statistics are part of what is compared
+    assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
+    assert not any(m.training for m in module.teacher.modules())
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    changed = [k for k, v in module.generator.state_dict().items() if "weight" in k and not torch.equal(v, generator_before[k])]
+    assert changed, "the generator did not train"
+
+
+def test_global_step_counts_student_steps_and_step_schedules_follow_them():
+    L.seed_everything(0)
+    datamodule = DigitsDataModule(batch_size=8)
+    module = tiny_module(DFAD, datamodule, student_steps=2,
+                         student_optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
+                         generator_optimizer={"_target_": "torch.optim.Adam", "lr": 0.001},
+                         scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+                         scheduler_interval="step")
+    trainer = fit(module, datamodule, max_steps=6, max_epochs=5)
+    student_opt, generator_opt = (opt.optimizer for opt in module.optimizers())
+    assert trainer.global_step == 6
+    assert next(iter(student_opt.state.values()))["step"].item() == 6
+    assert next(iter(generator_opt.state.values()))["step"].item() == 3  # one generator step per two student steps
+    assert student_opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 ** 6)
+    assert generator_opt.param_groups[0]["lr"] == pytest.approx(0.001 * 0.5 ** 6)
+
+
+def test_an_epoch_is_steps_per_epoch_student_steps():
+    datamodule = DigitsDataModule(batch_size=8)
+    module = tiny_module(DAFL, datamodule, steps_per_epoch=3)
+    trainer = fit(module, datamodule, max_epochs=2)
+    assert trainer.num_training_batches == 3 and trainer.global_step == 6
+
+
+def test_image_grids_are_saved_as_png_and_recorded_by_wandb_offline(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "out"))
+    run(make_cfg("scheme=dafl", *SMALL, "scheme.steps_per_epoch=4", "trainer.limit_train_batches=4", "scheme.log_images_every_n_steps=2",
+                 "logger=wandb", "logger.wandb.offline=true"))
+    assert sorted(p.name for p in (tmp_path / "out" / "student" / "synthetic").glob("*.png")) == \
+        ["step_2.png", "step_4.png"]
+    student_run = max((tmp_path / "out" / "wandb").glob("offline-run-*"), key=lambda path: path.stat().st_mtime)
+    assert list(student_run.rglob("media/images/synthetic_*.png"))
+    assert b"synthetic" in next(student_run.glob("run-*.wandb")).read_bytes()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["scheme.generator.image_size=12"], r"makes images of shape \(1, 12, 12\).*teacher's input.*\(1, 8, 8\)"),
+    (["scheme.generator.channels=3"], r"makes images of shape \(3, 8, 8\)"),
+    (["scheme.generator.image_size=10"], "multiples of 4"),
+    (["distill=[crd]"], r"crd \(needs sample indices\).*distill=\[kd\]"),
+    (["distill=[ft]"], r"ft \(needs an initialisation stage"),
+    (["distill=[]"], "names none"),
+])
+def test_bad_data_free_configs_are_refused_with_the_fix(make_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run(make_cfg("scheme=dafl", *SMALL, *overrides))
+
+
+@pytest.mark.slow  # two gloo processes
+@pytest.mark.parametrize("scheme", ["dafl", "dfad"])
+def test_ddp_ranks_draw_their_own_noise_and_keep_generator_and_student_identical(tmp_path, scheme):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(root / "tests" / "_ddp_data_free.py"), scheme, str(tmp_path)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert rank0["global_step"] == rank1["global_step"] == 3  # 3 student steps per rank, not 3 shared
+    assert not torch.equal(rank0["first_batch"], rank1["first_batch"]), "both ranks drew the same noise"
+    trained = [k for k in rank0["state_dict"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert any(k.startswith("generator.") for k in trained) and any(k.startswith("student.") for k in trained)
+    for key in trained:
+        assert torch.equal(rank0["state_dict"][key], rank1["state_dict"][key]), f"ranks disagree on {key}"
+    moved = [k for k in trained if k.startswith("generator.") and not torch.equal(rank0["state_dict"][k], rank0["initial"][k])]
+    assert moved, "the generator did not train"
+
+
+def test_separate_generator_steps_under_ddp_need_unused_parameter_detection():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    with pytest.raises(ConfigError, match="trainer.strategy=ddp_find_unused_parameters_true"):
+        check_unused_parameter_detection(DDPStrategy(), 2, "DFAD")
+    check_unused_parameter_detection(DDPStrategy(find_unused_parameters=True), 2, "DFAD")
+    check_unused_parameter_detection(DDPStrategy(), 1, "DFAD")
+
+
+def test_the_untrained_generator_floor_keeps_its_initial_weights_while_the_student_trains():
+    L.seed_everything(0)
+    datamodule = DigitsDataModule(batch_size=8)
+    module = tiny_module(DAFL, datamodule, train_generator=False)
+    generator_before = {k: v.clone() for k, v in module.generator.named_parameters()}
+    student_before = {k: v.clone() for k, v in module.student.named_parameters()}
+    fit(module, datamodule, max_steps=3)
+    assert all(torch.equal(v, generator_before[k]) for k, v in module.generator.named_parameters())
+    assert not all(torch.equal(v, student_before[k]) for k, v in module.student.named_parameters())
