@@ -49,13 +49,14 @@ COMMON = ["teacher=lenet5", "student=lenet5_half", "baseline=false", "logger=non
           "trainer.enable_progress_bar=false"]
 
 
-def run_job(name: str, overrides: list[str], args: argparse.Namespace, out: Path) -> dict:
+def run_job(name: str, overrides: list[str], args: argparse.Namespace, out: Path, last: list[str] = ()) -> dict:
+    """One kd-train job; `last` comes after the command line's overrides, so it wins over them."""
     # A later override replaces an earlier one of the same key (a method's teacher= over the shared one).
     overrides = [o for i, o in enumerate(overrides)
                  if o.split("=")[0] not in {later.split("=")[0] for later in overrides[i + 1:]}]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     command = [sys.executable, "-m", "kd_lightning.train", *overrides, f"paths.cache_dir={out / 'cache'}",
-               f"hydra.run.dir={out / 'runs' / name}", *args.overrides]
+               f"hydra.run.dir={out / 'runs' / name}", *args.overrides, *last]
     (out / "logs").mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(out / "logs" / f"{name}.log", "w") as log:
@@ -112,8 +113,8 @@ def main() -> None:
     for data in args.datasets.split(","):
         shared = [*COMMON, *DATASETS[data]]
         # Trains and caches the teacher; the scheme's own settings do not enter the teacher's cache key.
-        warmup = run_job(f"{data}-teacher", [*shared, "scheme=datafree_noise", "scheme.steps_per_epoch=1",
-                                             "trainer.max_epochs=1"], args, out)
+        warmup = run_job(f"{data}-teacher", [*shared, "scheme=datafree_noise"], args, out,
+                         last=["scheme.steps_per_epoch=1", "trainer.max_epochs=1"])
         teacher = accuracy(warmup, "teacher")
         rows.append({"data": data, "method": "(warm-up: teacher training + job overhead)", "teacher": teacher,
                      "student": None, "rc": warmup["rc"], "wall_s": warmup["wall_s"]})
