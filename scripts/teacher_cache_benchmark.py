@@ -104,9 +104,13 @@ def epoch_benchmark(args: argparse.Namespace) -> None:
     base = seconds["student only (supervised)"]
     print(f"{args.teacher} → {args.student}, {args.train_size} images/epoch, batch {args.batch_size}, "
           f"median of {args.epochs} epochs, {torch.get_num_threads()} threads")
-    print("| arm | s / epoch | ratio to student only |\n| --- | --- | --- |")
+    print_ratios("arm", "s / epoch", "ratio to student only", seconds, base, digits=3)
+
+
+def print_ratios(arm: str, unit: str, ratio: str, seconds: dict[str, float], base: float, digits: int) -> None:
+    print(f"| {arm} | {unit} | {ratio} |\n| --- | --- | --- |")
     for name, value in seconds.items():
-        print(f"| {name} | {value:.3f} | {value / base:.3f} |")
+        print(f"| {name} | {value:.{digits}f} | {value / base:.3f} |")
 
 
 def sweep_benchmark(args: argparse.Namespace) -> None:
@@ -138,9 +142,7 @@ def sweep_benchmark(args: argparse.Namespace) -> None:
     base = totals["no cache"]
     print(f"digits + one-pixel shifts (9 views), {len(args.seeds)} seeds × {args.epochs} student epochs, teacher "
           f"trained beforehand, arms interleaved per seed")
-    print("| sweep | total s | ratio to no cache |\n| --- | --- | --- |")
-    for name, value in totals.items():
-        print(f"| {name} | {value:.1f} | {value / base:.3f} |")
+    print_ratios("sweep", "total s", "ratio to no cache", totals, base, digits=1)
 
 
 def main() -> None:
