@@ -68,20 +68,31 @@ def run_job(name: str, overrides: list[str], args: argparse.Namespace, out: Path
     return {"name": name, "rc": rc, "wall_s": wall, "command": shlex.join(command[3:]), "results": record}
 
 
-def accuracy(record: dict, stage: str) -> float | None:
-    value = record.get("results", {}).get("stages", {}).get(stage, {}).get("metrics", {}).get("test/acc")
+def accuracy(record: dict, stage: str, metric: str = "test/acc") -> float | None:
+    value = record.get("results", {}).get("stages", {}).get(stage, {}).get("metrics", {}).get(metric)
     return None if value is None else 100 * float(value)
+
+
+def held_out_accuracy(record: dict, stage: str) -> float | None:
+    """The stage's `val/acc` when the run held a validation split out of the training set, else None."""
+    fractions = [part.split("=", 1)[1] for part in shlex.split(record.get("command", ""))
+                 if part.lstrip("+").startswith("data.val_fraction=")]
+    held_out = bool(fractions) and float(fractions[-1]) > 0
+    return accuracy(record, stage, "val/acc") if held_out else None
 
 
 def render(rows: list[dict], meta: dict) -> str:
     lines = [f"## {MARK}", "", "```bash", meta["command"], "```", "", meta["note"], "",
-             "| data | method | teacher acc (%) | student acc (%) | ratio | wall (s) |", "|---|---|---|---|---|---|"]
+             "| data | method | teacher acc (%) | student val acc (%) | student acc (%) | ratio | wall (s) |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
-        teacher, student = row["teacher"], row["student"]
+        teacher, student, val = row["teacher"], row["student"], row.get("val")
         ratio = f"{student / teacher:.3f}" if teacher and student is not None else "–"
         shown = f"{student:.2f}" if student is not None else ("–" if row["rc"] == 0 else f"failed (exit {row['rc']})")
-        lines.append(f"| {row['data']} | {row['method']} | {teacher:.2f} | {shown} | {ratio} | {row['wall_s']} |"
-                     if teacher else f"| {row['data']} | {row['method']} | – | {shown} | – | {row['wall_s']} |")
+        # "–" without a held-out split (data.val_fraction=0 validates on the test split: not a selection metric).
+        held_out = f"{val:.2f}" if val is not None else "–"
+        lines.append(f"| {row['data']} | {row['method']} | {f'{teacher:.2f}' if teacher else '–'} | {held_out} | "
+                     f"{shown} | {ratio} | {row['wall_s']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -122,7 +133,8 @@ def main() -> None:
             slug = label.split(":")[-1].strip().replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
             job = run_job(f"{data}-{slug}", [*shared, *overrides], args, out)
             rows.append({"data": data, "method": label, "teacher": accuracy(job, "teacher"),
-                         "student": accuracy(job, "student"), "rc": job["rc"], "wall_s": job["wall_s"]})
+                         "student": accuracy(job, "student"), "val": held_out_accuracy(job, "student"),
+                         "rc": job["rc"], "wall_s": job["wall_s"]})
     meta = {"command": shlex.join(["python", "scripts/datafree_benchmark.py", *sys.argv[1:]]),
             "note": f"{datetime.date.today()}, {os.cpu_count()} CPU cores shared with other jobs, "
                     f"{args.threads} thread(s) per job, one job at a time."}

@@ -228,3 +228,33 @@ def test_the_untrained_generator_floor_keeps_its_initial_weights_while_the_stude
     fit(module, datamodule, max_steps=3)
     assert all(torch.equal(v, generator_before[k]) for k, v in module.generator.named_parameters())
     assert not all(torch.equal(v, student_before[k]) for k, v in module.student.named_parameters())
+
+
+def student_batches(module, steps: int) -> list[torch.Tensor]:
+    """The images each student step of a short fit distilled on."""
+    seen: list[torch.Tensor] = []
+    losses = module.student_losses
+    module.student_losses = lambda images, *rest: (seen.append(images.detach().clone()), losses(images, *rest))[1]
+    fit(module, DigitsDataModule(batch_size=8), max_steps=steps, max_epochs=5)
+    return seen
+
+
+def test_zskt_reuses_one_pseudo_batch_per_round_as_its_reference_and_dfad_draws_fresh_ones():
+    # ZSKT's LearnableLoader keeps z for n_repeat_batch = 1 G + n S calls; the generator does not move during
+    # the student steps, so the round's student batches are identical, and the next round's differ.
+    L.seed_everything(0)
+    datamodule = DigitsDataModule(batch_size=8)
+    zskt = tiny_module(ZSKT, datamodule, student_steps=3, steps_per_epoch=4)
+    latents: list[torch.Tensor] = []
+    zskt.generator.register_forward_pre_hook(lambda _, args: latents.append(args[0].clone()))
+    batches = student_batches(zskt, 6)
+    assert len(batches) == 6
+    assert all(torch.equal(batches[0], b) for b in batches[1:3])
+    assert all(torch.equal(batches[3], b) for b in batches[4:6])
+    assert not torch.allclose(batches[0], batches[3])
+    # The generator's step of a round (before its student steps) maximises the divergence on the same z.
+    assert len({tuple(z.flatten()[:4].tolist()) for z in latents[:4]}) == 1
+    L.seed_everything(0)
+    dfad = tiny_module(DFAD, datamodule, student_steps=3, steps_per_epoch=4)
+    batches = student_batches(dfad, 3)
+    assert not torch.allclose(batches[0], batches[1]) and not torch.allclose(batches[1], batches[2])

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd_lightning.data.resumable import global_seed
+from kd_lightning.data.steps import step_seed
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
 from kd_lightning.schemes.data_free import DataFree
@@ -83,18 +85,37 @@ def check_unused_parameter_detection(strategy: Any, world_size: int, scheme: str
 class Adversarial(DataFree):
     """The adversarial loop of DFAD and ZSKT: the student minimises its terms on generated batches, the
     generator maximises `disagreement` (through both networks) once every `student_steps` student steps —
-    after them (DFAD's 5 S then 1 G) or before them (ZSKT's 1 G then 10 S)."""
+    after them (DFAD's 5 S then 1 G) or before them (ZSKT's 1 G then 10 S). With `repeat_batch` one latent
+    serves a whole round (ZSKT's `n_repeat_batch`: the generator step and the round's student steps all see
+    G(z) of the same z); without it every step draws its own (DFAD)."""
 
     uses_generator = True
     generator_losses = ("generator_adversarial",)
     generator_first = False
 
-    def __init__(self, *args: Any, student_steps: int = 5, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, student_steps: int = 5, repeat_batch: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if int(student_steps) < 1:
             raise ConfigError(f"scheme.student_steps (student steps per generator step) must be >= 1, got "
                               f"{student_steps!r}.")
         self.student_steps = int(student_steps)
+        self.repeat_batch = bool(repeat_batch)
+        self._round_latent: tuple[int, Tensor] | None = None
+
+    def latent(self) -> Tensor:
+        if not self.repeat_batch:
+            return super().latent()
+        assert self.generator is not None
+        round_index = self.global_step // self.student_steps
+        if self._round_latent is None or self._round_latent[0] != round_index:
+            # Seeded by (run seed, round, rank) rather than kept from the round's first step, so a run resumed
+            # mid-round draws the uninterrupted run's latent without it being in the checkpoint. These seeds can
+            # equal step seeds of other (epoch, record) pairs, but a repeating scheme draws no per-step noise.
+            seed = torch.Generator(device=self.device).manual_seed(
+                step_seed(global_seed(), round_index, self.global_rank))
+            self._round_latent = (round_index, torch.randn(self.batch_size, self.generator.latent_dim,
+                                                           generator=seed, device=self.device))
+        return self._round_latent[1]
 
     def disagreement(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         raise NotImplementedError
@@ -144,12 +165,14 @@ class ZSKT(Adversarial):
     2019; solver.py): one generator step maximising KL(T‖S), then 10 student steps minimising KL + β·AT
     (`distill=[kd, at]`). The reference's `F.kl_div` default averages over batch *and* classes, i.e. the
     batch-mean KL / K: conf/scheme/zskt.yaml sets distill.kd.weight = 1/K (0.1 for 10 classes) at T=1,
-    and the generator maximises the same quantity."""
+    and the generator maximises the same quantity. One pseudo batch per round (`repeat_batch`, the
+    reference's `LearnableLoader` keeps z for n_repeat_batch = 1 + 10 calls), drawn after the generator step."""
 
     generator_first = True
 
-    def __init__(self, *args: Any, student_steps: int = 10, temperature: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(*args, student_steps=student_steps, **kwargs)
+    def __init__(self, *args: Any, student_steps: int = 10, temperature: float = 1.0, repeat_batch: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, student_steps=student_steps, repeat_batch=repeat_batch, **kwargs)
         self.temperature = float(temperature)
 
     def disagreement(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:

@@ -1,0 +1,45 @@
+"""scripts/datafree_benchmark.py end to end on digits at a tiny budget: the table's cells are the jobs' own
+numbers (held-out val and test accuracy, one cached teacher for every row)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.val_fraction=0.2", "teacher.max_epochs=1", "trainer.max_epochs=1", "scheme.steps_per_epoch=2",
+        "scheme.batch_size=8", "++scheme.generator.width=4", "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2"]
+
+
+def row(markdown: str, method: str) -> list[str]:
+    line = next(line for line in markdown.splitlines() if line.startswith(f"| digits | {method} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+@pytest.mark.slow
+def test_datafree_benchmark_reports_each_jobs_held_out_and_test_accuracy(tmp_path):
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n\nKept text.\n")
+    out = tmp_path / "bench"
+    command = [sys.executable, str(ROOT / "scripts" / "datafree_benchmark.py"), "--datasets", "digits", "--out",
+               str(out), "--methods", "ZSKT", "--markdown", str(markdown), "--", *TINY]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = markdown.read_text()
+    assert text.startswith("# Benchmarks\n\nKept text.\n") and text.count("<!-- benchmark:datafree:start -->") == 1
+    stages = json.loads((out / "runs" / "digits-ZSKT" / "results.json").read_text())["stages"]
+    teacher, val, student, ratio = row(text, "ZSKT")[2:6]
+    assert float(teacher) == pytest.approx(100 * stages["teacher"]["metrics"]["test/acc"], abs=0.006)
+    assert float(val) == pytest.approx(100 * stages["student"]["metrics"]["val/acc"], abs=0.006)
+    assert float(student) == pytest.approx(100 * stages["student"]["metrics"]["test/acc"], abs=0.006)
+    assert float(ratio) == pytest.approx(float(student) / float(teacher), abs=0.002)
+    # The warm-up trained the teacher the method's job loaded: one cached teacher, the same accuracy in both rows.
+    assert row(text, "(warm-up: teacher training + job overhead)")[2] == teacher
+    assert len(list((out / "cache" / "stages").glob("teacher-*.pt"))) == 1
