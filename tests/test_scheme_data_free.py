@@ -180,6 +180,11 @@ def test_image_grids_are_saved_as_png_and_recorded_by_wandb_offline(make_cfg, tm
     (["distill=[crd]"], r"crd \(needs sample indices\).*distill=\[kd\]"),
     (["distill=[ft]"], r"ft \(needs an initialisation stage"),
     (["distill=[]"], "names none"),
+    (["scheme.generator.width=0"], r"scheme.generator.width=0 must be a whole number >= 1"),
+    (["scheme.generator.width=2.5"], r"scheme.generator.width=2.5 must be a whole number"),
+    (["scheme.generator.latent_dim=-3"], r"scheme.generator.latent_dim=-3 must be"),
+    (["scheme.generator.channels=0"], r"scheme.generator.channels=0 must be"),
+    (["scheme.generator.bn_eps=0"], r"scheme.generator.bn_eps=0 must be a number > 0"),
 ])
 def test_bad_data_free_configs_are_refused_with_the_fix(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -228,3 +233,18 @@ def test_the_untrained_generator_floor_keeps_its_initial_weights_while_the_stude
     fit(module, datamodule, max_steps=3)
     assert all(torch.equal(v, generator_before[k]) for k, v in module.generator.named_parameters())
     assert not all(torch.equal(v, student_before[k]) for k, v in module.student.named_parameters())
+
+
+def test_a_resume_from_the_epochs_last_step_continues_the_epoch_schedule(tmp_path, monkeypatch):
+    # Lightning resumes from a checkpoint of an epoch's last batch without re-running the epoch-end hooks, so an
+    # epoch schedule stepped there would be lost: the ×0.1 after epoch 0 must already be in that checkpoint.
+    from test_resume import BATCHES_PER_EPOCH, compose_cfg, run_recording
+
+    settings = ["scheme=dfad", "scheme.batch_size=16", "scheme.generator.width=8", "scheme.student_steps=2",
+                "scheme.scheduled=true", "scheduler=multistep", "scheduler.milestones=[1]",
+                f"callbacks.last_checkpoint.every_n_train_steps={BATCHES_PER_EPOCH}"]
+    whole = run_recording(compose_cfg(tmp_path / "cache", tmp_path / "whole", *settings), monkeypatch)
+    checkpoint = tmp_path / "whole" / "student" / "checkpoints" / f"epoch=0-step={BATCHES_PER_EPOCH}.ckpt"
+    resumed = run_recording(compose_cfg(tmp_path / "cache", tmp_path / "resumed", *settings,
+                                        f"ckpt_path='{checkpoint}'"), monkeypatch)
+    assert resumed == {step: loss for step, loss in whole.items() if step > BATCHES_PER_EPOCH}
