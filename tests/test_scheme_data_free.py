@@ -238,13 +238,9 @@ def test_the_untrained_generator_floor_keeps_its_initial_weights_while_the_stude
 def test_a_resume_from_the_epochs_last_step_continues_the_epoch_schedule(tmp_path, monkeypatch):
     # Lightning resumes from a checkpoint of an epoch's last batch without re-running the epoch-end hooks, so an
     # epoch schedule stepped there would be lost: the ×0.1 after epoch 0 must already be in that checkpoint.
-    from test_resume import BATCHES_PER_EPOCH, compose_cfg, run_recording
+    from test_resume import resume_at_an_epoch_end
 
-    settings = ["scheme=dfad", "scheme.batch_size=16", "scheme.generator.width=8", "scheme.student_steps=2",
-                "scheme.scheduled=true", "scheduler=multistep", "scheduler.milestones=[1]",
-                f"callbacks.last_checkpoint.every_n_train_steps={BATCHES_PER_EPOCH}"]
-    whole = run_recording(compose_cfg(tmp_path / "cache", tmp_path / "whole", *settings), monkeypatch)
-    checkpoint = tmp_path / "whole" / "student" / "checkpoints" / f"epoch=0-step={BATCHES_PER_EPOCH}.ckpt"
-    resumed = run_recording(compose_cfg(tmp_path / "cache", tmp_path / "resumed", *settings,
-                                        f"ckpt_path='{checkpoint}'"), monkeypatch)
-    assert resumed == {step: loss for step, loss in whole.items() if step > BATCHES_PER_EPOCH}
+    whole, resumed = resume_at_an_epoch_end(tmp_path, monkeypatch, "scheme=dfad", "scheme.batch_size=16",
+                                            "scheme.generator.width=8", "scheme.student_steps=2",
+                                            "scheme.scheduled=true", "scheduler=multistep", "scheduler.milestones=[1]")
+    assert resumed == whole

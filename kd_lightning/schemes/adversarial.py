@@ -128,12 +128,7 @@ class Adversarial(Offline):
         return keep
 
     def _output_widths(self, example_input: Tensor) -> dict[str, int]:
-        was_training = self.student.training
-        self.student.eval()
-        with torch.no_grad():
-            self.student(example_input)
-            self.teacher(example_input)
-        self.student.train(was_training)
+        self.example_forward(example_input)
         outputs = {role: self.discriminated_outputs(role) for role in self._outputs}
         self.release_features()
         widths = {}

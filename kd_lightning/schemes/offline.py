@@ -69,13 +69,17 @@ class Offline(DistillationModule):
         self.nonfinite = NonFiniteWatch(["ce", *self.terms, *(f"{name}_init" for name in self.init_terms)])
         self._trainable = {id(p) for p in self.parameters() if p.requires_grad}
 
-    def _build_terms(self, example_input: Tensor, context: BuildContext) -> None:
+    def example_forward(self, example_input: Tensor) -> None:
+        """One eval-mode, no-grad forward of student and teacher, so the forward hooks record output shapes."""
         was_training = self.student.training
         self.student.eval()
         with torch.no_grad():
             self.student(example_input)
             self.teacher(example_input)
         self.student.train(was_training)
+
+    def _build_terms(self, example_input: Tensor, context: BuildContext) -> None:
+        self.example_forward(example_input)
         context.student_shapes = {name: tensor.shape for name, tensor in self.student_taps.features.items()}
         context.teacher_shapes = {name: tensor.shape for name, tensor in self.teacher_taps.features.items()}
         for name, term in self.terms.items():
