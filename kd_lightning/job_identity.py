@@ -50,6 +50,8 @@ def job_record(cfg: DictConfig) -> dict[str, Any]:
     """The part of results.json that lets a re-run sweep and `kd-report` recognise the job."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     record: dict[str, Any] = {"config_hash": config_hash(cfg), "overrides": overrides}
+    if cfg.get("optimized_metric"):  # what `kd-report` shows for search trials, which test nothing
+        record["optimized_metric"] = str(cfg.optimized_metric)
     if (wandb := wandb_settings(cfg)) is not None:
         record["wandb"] = wandb
     return record

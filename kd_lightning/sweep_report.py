@@ -3,6 +3,8 @@
 Jobs are grouped by their overrides minus `seed=...`, so each row is one configuration's last stage (the
 student, or each peer) with the mean ± sample std of test top-1 over its seeds. Δ is taken against the
 `baseline` stage of the same jobs, so a row is only compared with students trained on its own seeds.
+Search trials test nothing (`evaluate_test=false`): a sweep whose jobs hold no test top-1 is reported by
+the objective the trials were selected on (`optimized_metric`, e.g. `val/acc`), and labelled so.
 Failed jobs (their `error.json`, see kd_lightning/sweep.py) close the table with their error. A config
 run more than once (a re-run sweep, a retried seed) counts once. When the jobs logged to W&B, the table and
 plot also go to one W&B summary run in the sweep's group (kd_lightning/sweep_wandb.py).
@@ -21,18 +23,21 @@ from typing import Any, Sequence
 import yaml
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.objective import DEFAULT_METRIC
 from kd_lightning.report import _count
 from kd_lightning.sweep import ERROR_FILE
 from kd_lightning.sweep_wandb import log_summary_run
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "report.png"
+TEST_METRIC = "test/acc"
 
 
 @dataclass
 class Row:
     configuration: tuple[str, ...]
     stage: str
+    metric: str = TEST_METRIC  # what `accs` and `baselines` hold
     accs: list[float] = field(default_factory=list)  # percent, one per seed
     baselines: list[float] = field(default_factory=list)  # percent, from the same jobs as `accs`
     params: int | None = None
@@ -62,16 +67,30 @@ def seed_of(overrides: list[str]) -> str:
     return next((item.split("=", 1)[1] for item in overrides if item.lstrip("+~").startswith("seed=")), "default")
 
 
-def last_stage_rows(results: dict[str, Any]) -> list[tuple[str, float, int | None]]:
-    """(stage label, test top-1 %, params) for the last stage: one per peer when the stage logs each peer's
-    `test/<role>/acc` (as the closing table of kd_lightning.pipeline does), else one for the stage."""
+def report_metric(jobs: list[tuple[list[str], dict[str, Any]]]) -> str:
+    """Test top-1 when every job has it; else the search objective the jobs recorded (trials test nothing)."""
+    if all(TEST_METRIC in results["student_metrics"] for _, results in jobs):
+        return TEST_METRIC
+    return next((results["optimized_metric"] for _, results in jobs if results.get("optimized_metric")),
+                DEFAULT_METRIC)
+
+
+def metric_label(metric: str) -> str:
+    return "test top-1" if metric == TEST_METRIC else f"{metric} (search objective; trials skip test)"
+
+
+def last_stage_rows(results: dict[str, Any], metric: str = TEST_METRIC) -> list[tuple[str, float | None, int | None]]:
+    """(stage label, `metric` in %, params) for the last stage: one per peer when the stage logs each peer's
+    `test/<role>/acc` (as the closing table of kd_lightning.pipeline does), else one for the stage; None where
+    the job did not record `metric`."""
     record = list(results.get("stages", {}).values() or [{}])[-1]  # results written before stages were kept
     metrics, sizes = record.get("metrics") or results["student_metrics"], record.get("size", {})
-    if len(sizes) > 1 and all(f"test/{role}/acc" in metrics for role in sizes):
+    if metric == TEST_METRIC and len(sizes) > 1 and all(f"test/{role}/acc" in metrics for role in sizes):
         return [(f"{record['label']} ({role})", 100 * metrics[f"test/{role}/acc"], size.get("params"))
                 for role, size in sizes.items()]
     first = next(iter(sizes.values()), {})
-    return [(record.get("label", "student"), 100 * results["student_metrics"]["test/acc"], first.get("params"))]
+    value = results["student_metrics"].get(metric)
+    return [(record.get("label", "student"), None if value is None else 100 * value, first.get("params"))]
 
 
 def job_results(sweep_dir: Path) -> list[tuple[list[str], dict[str, Any]]]:
@@ -91,18 +110,22 @@ def job_results(sweep_dir: Path) -> list[tuple[list[str], dict[str, Any]]]:
 
 def collect(sweep_dir: Path) -> list[Row]:
     """Rows in the order their configurations first appear; a seed run twice counts once (the newest job)."""
+    jobs = job_results(sweep_dir)
+    metric = report_metric(jobs)
     newest: dict[tuple[tuple[str, ...], str], dict[str, Any]] = {}
-    for overrides, results in job_results(sweep_dir):
+    for overrides, results in jobs:
         newest[without_seed(overrides), seed_of(overrides)] = results
     rows: dict[tuple[tuple[str, ...], str], Row] = {}
     for (configuration, _), results in sorted(newest.items(), key=lambda item: item[0][1]):
         teacher_params = results.get("teacher", {}).get("size", {}).get("student", {}).get("params")
-        for stage, acc, params in last_stage_rows(results):
-            row = rows.setdefault((configuration, stage), Row(configuration, stage, params=params,
+        for stage, acc, params in last_stage_rows(results, metric):
+            if acc is None:  # a job that recorded neither test top-1 nor the objective: nothing to compare
+                continue
+            row = rows.setdefault((configuration, stage), Row(configuration, stage, metric, params=params,
                                                               teacher_params=teacher_params))
             row.accs.append(acc)
-            if "baseline" in results:
-                row.baselines.append(100 * results["baseline"]["test/acc"])
+            if metric in results.get("baseline", {}):
+                row.baselines.append(100 * results["baseline"][metric])
     order = list(dict.fromkeys(configuration for configuration, _ in newest))
     return sorted(rows.values(), key=lambda row: order.index(row.configuration))
 
@@ -140,12 +163,13 @@ def job_dir_name(sweep_dir: Path, record: dict[str, Any]) -> str:
 
 def render_markdown(sweep_dir: Path, rows: list[Row], failed: list[dict[str, Any]]) -> str:
     names = configuration_names(rows)
+    label = metric_label(rows[0].metric)
     lines = [f"# Sweep report: {sweep_dir.name}", "",
              f"{sum(len(row.accs) for row in rows)} results ({len(rows)} rows), {len(failed)} failed jobs. "
-             "Test top-1 is the mean ± sample std over seeds; Δ is against the mean of the `baseline` stage "
-             "of the same jobs." + (f" Every row also sets `{' '.join(shared_overrides(rows))}`."
-                                    if shared_overrides(rows) else ""), "",
-             "| configuration | stage | seeds | test top-1 (%) | Δ vs baseline (pp) | params | params / teacher |",
+             f"{label[0].upper() + label[1:]} is the mean ± sample std over seeds; Δ is against the mean of the "
+             "`baseline` stage of the same jobs." + (f" Every row also sets `{' '.join(shared_overrides(rows))}`."
+                                                     if shared_overrides(rows) else ""), "",
+             f"| configuration | stage | seeds | {label} (%) | Δ vs baseline (pp) | params | params / teacher |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         mean, std = mean_std(row.accs)
@@ -166,7 +190,7 @@ def render_markdown(sweep_dir: Path, rows: list[Row], failed: list[dict[str, Any
 
 
 def plot(bars: list[tuple[str, float, float, float | None]], lines: dict[str, float], path: Path,
-         title: str) -> None:
+         title: str, metric: str = "test top-1") -> None:
     """Horizontal bars (name, mean, std, own baseline or None) with the baseline of each bar as a black tick,
     and `lines` (name → value) as vertical reference lines across all bars."""
     import matplotlib
@@ -186,7 +210,7 @@ def plot(bars: list[tuple[str, float, float, float | None]], lines: dict[str, fl
     low, high = min(values), max(values)
     ax.set_xlim(low - 0.1 * (high - low + 1), high + 0.1 * (high - low + 1))
     ax.invert_yaxis()  # top to bottom in the table's order
-    ax.set_xlabel("test top-1 (%), mean ± std over seeds")
+    ax.set_xlabel(f"{metric} (%), mean ± std over seeds")
     ax.set_title(title)
     if own or lines:
         ax.legend(loc="best", fontsize=8)
@@ -221,12 +245,12 @@ def write_report(sweep_dir: Path, wandb_summary: bool = True) -> tuple[str, Path
         name = names[row.configuration] + (f" / {row.stage}" if rows_per_configuration[row.configuration] > 1 else "")
         bars.append((name if len(name) <= 60 else name[:57] + "...", mean, std or 0.0,
                      baseline))
-    plot(bars, {}, sweep_dir / PLOT_FILE, sweep_dir.name)
+    plot(bars, {}, sweep_dir / PLOT_FILE, sweep_dir.name, metric_label(rows[0].metric))
     (sweep_dir / REPORT_FILE).write_text(markdown + f"\n![{sweep_dir.name}]({PLOT_FILE})\n")
     settings = sweep_wandb_settings(sweep_dir) if wandb_summary else None
     if settings is None:
         return markdown, None
-    tables = {"report": (REPORT_COLUMNS, report_table_data(rows))}
+    tables = {"report": (report_columns(rows[0].metric), report_table_data(rows))}
     if failed:
         tables["failed_jobs"] = (["job dir", "overrides", "error"], [
             [job_dir_name(sweep_dir, record), " ".join(record.get("overrides", [])),
@@ -235,8 +259,10 @@ def write_report(sweep_dir: Path, wandb_summary: bool = True) -> tuple[str, Path
     return markdown, log_summary_run(settings, sweep_dir, tables, sweep_dir / PLOT_FILE, config)
 
 
-REPORT_COLUMNS = ["configuration", "stage", "seeds", "test top-1 mean (%)", "test top-1 std (%)",
-                  "delta vs baseline (pp)", "params", "params / teacher"]
+def report_columns(metric: str = TEST_METRIC) -> list[str]:
+    name = "test top-1" if metric == TEST_METRIC else metric
+    return ["configuration", "stage", "seeds", f"{name} mean (%)", f"{name} std (%)", "delta vs baseline (pp)",
+            "params", "params / teacher"]
 
 
 def report_table_data(rows: list[Row]) -> list[list[Any]]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 
+from kd_lightning.markdown_sections import write_marked_section
 from kd_lightning.sweep_report import job_results, mean_std, plot as plot_bars
 
 BASELINE = "baseline"
@@ -214,13 +215,7 @@ def render(out: Path, markdown: Path, plot_dir: Path) -> str:
         lines += ["", "Per-term overrides (every run containing the term): "
                   + "; ".join(f"`{item}`" for item in meta["term_overrides"]) + "."]
     lines += ["", table, "", f"![{name}]({os.path.relpath(png, markdown.parent)})"]
-    section = "\n".join([f"<!-- benchmark:{name}:start -->", *lines, f"<!-- benchmark:{name}:end -->"])
-    text = markdown.read_text() if markdown.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"<!-- benchmark:{re.escape(name)}:start -->.*?<!-- benchmark:{re.escape(name)}:end -->",
-                         re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    markdown.write_text(text)
-    return section
+    return write_marked_section(markdown, name, "\n".join(lines))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from kd_lightning.markdown_sections import write_marked_section
+
 MARK = "datafree"
 BN_PAIR = ["teacher=convnet_large", "student=convnet_tiny"]
 # (label, kd-train overrides). The floors show what a method adds over no synthesis and over a random generator.
@@ -96,17 +98,6 @@ def render(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(markdown: Path, section: str) -> None:
-    start, end = f"<!-- benchmark:{MARK}:start -->", f"<!-- benchmark:{MARK}:end -->"
-    text = markdown.read_text() if markdown.exists() else "# Benchmarks\n"
-    block = f"{start}\n{section}{end}"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    markdown.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/datafree"))
@@ -142,7 +133,7 @@ def main() -> None:
     (out / "datafree.md").write_text(section)
     print(section)
     if args.markdown:
-        write_section(args.markdown, section)
+        write_marked_section(args.markdown, MARK, section)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from kd_lightning.markdown_sections import write_marked_section
+
 MARK = "schemes"
 # (label, kd-train overrides). The offline KD row is the reference every scheme is read against.
 CASES: list[tuple[str, list[str]]] = [
@@ -131,17 +133,6 @@ def render(table: dict[str, dict[str, list[float]]], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(markdown: Path, section: str) -> None:
-    start, end = f"<!-- benchmark:{MARK}:start -->", f"<!-- benchmark:{MARK}:end -->"
-    text = markdown.read_text() if markdown.exists() else "# Benchmarks\n"
-    block = f"{start}\n{section}\n{end}"
-    if start in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    markdown.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -172,7 +163,7 @@ def main() -> None:
     section = "\n\n".join([render(collect(args.out), meta), *paired_lines(args.out)])
     print(section)
     if args.markdown:
-        write_section(args.markdown, section)
+        write_marked_section(args.markdown, MARK, section)
     sys.exit(0 if all(run["rc"] == 0 for run in runs) else 1)
 
 

@@ -106,3 +106,15 @@ def test_method_list_keeps_combinations_whole():
     assert alone == [(["at"], [*together[:1], "distill=at", *together[2:-1], "hydra.sweep.dir=/o/sweeps/at-alone"])]
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--term-set", "crd-nce_k"])
+
+
+def test_a_benchmark_section_is_replaced_in_place_and_the_others_are_kept(tmp_path):
+    from kd_lightning.markdown_sections import write_marked_section
+
+    markdown = tmp_path / "BENCHMARKS.md"
+    write_marked_section(markdown, "a", "first a\n")
+    write_marked_section(markdown, "b", "only b")
+    markdown.write_text(markdown.read_text() + "\nnotes by hand\n")
+    assert write_marked_section(markdown, "a", "second a") == "<!-- benchmark:a:start -->\nsecond a\n<!-- benchmark:a:end -->"
+    assert markdown.read_text() == ("# Benchmarks\n\n<!-- benchmark:a:start -->\nsecond a\n<!-- benchmark:a:end -->\n\n"
+                                    "<!-- benchmark:b:start -->\nonly b\n<!-- benchmark:b:end -->\n\nnotes by hand\n")

@@ -73,6 +73,17 @@ def run_recording(cfg, monkeypatch) -> dict[int, float]:
     return recorder.by_step
 
 
+def resume_at_an_epoch_end(tmp_path: Path, monkeypatch, *settings: str) -> tuple[dict[int, float], dict[int, float]]:
+    """(the losses after the first epoch of an uninterrupted run, those of a run resumed from the step
+    checkpoint of that epoch's last batch); Lightning resumes from it without the epoch-end hooks."""
+    settings = (*settings, f"callbacks.last_checkpoint.every_n_train_steps={BATCHES_PER_EPOCH}")
+    whole = run_recording(compose_cfg(tmp_path / "cache", tmp_path / "whole", *settings), monkeypatch)
+    checkpoint = tmp_path / "whole" / "student" / "checkpoints" / f"epoch=0-step={BATCHES_PER_EPOCH}.ckpt"
+    resumed = run_recording(compose_cfg(tmp_path / "cache", tmp_path / "resumed", *settings,
+                                        f"ckpt_path='{checkpoint}'"), monkeypatch)
+    return {step: loss for step, loss in whole.items() if step > BATCHES_PER_EPOCH}, resumed
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")  # one teacher for the whole file

@@ -151,15 +151,11 @@ def test_an_epoch_schedule_steps_once_per_epoch():
 def test_a_resume_from_the_epochs_last_step_continues_the_epoch_schedule(tmp_path, monkeypatch):
     # Lightning resumes from a checkpoint of an epoch's last batch without re-running the epoch-end hooks, so an
     # epoch schedule stepped there would be lost: the ×0.1 after epoch 0 must already be in that checkpoint.
-    from test_resume import BATCHES_PER_EPOCH, compose_cfg, run_recording
+    from test_resume import resume_at_an_epoch_end
 
-    settings = ["scheme=adversarial", "distill=[kd]", "scheduler=multistep", "scheduler.milestones=[1]",
-                f"callbacks.last_checkpoint.every_n_train_steps={BATCHES_PER_EPOCH}"]
-    whole = run_recording(compose_cfg(tmp_path / "cache", tmp_path / "whole", *settings), monkeypatch)
-    checkpoint = tmp_path / "whole" / "student" / "checkpoints" / f"epoch=0-step={BATCHES_PER_EPOCH}.ckpt"
-    resumed = run_recording(compose_cfg(tmp_path / "cache", tmp_path / "resumed", *settings,
-                                        f"ckpt_path='{checkpoint}'"), monkeypatch)
-    assert resumed == {step: loss for step, loss in whole.items() if step > BATCHES_PER_EPOCH}
+    whole, resumed = resume_at_an_epoch_end(tmp_path, monkeypatch, "scheme=adversarial", "distill=[kd]",
+                                            "scheduler=multistep", "scheduler.milestones=[1]")
+    assert resumed == whole
 
 
 def test_the_benchmark_pairs_each_adversarial_run_with_the_kd_run_of_its_seed(tmp_path):

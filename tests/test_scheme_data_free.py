@@ -180,6 +180,11 @@ def test_image_grids_are_saved_as_png_and_recorded_by_wandb_offline(make_cfg, tm
     (["distill=[crd]"], r"crd \(needs sample indices\).*distill=\[kd\]"),
     (["distill=[ft]"], r"ft \(needs an initialisation stage"),
     (["distill=[]"], "names none"),
+    (["scheme.generator.width=0"], r"scheme.generator.width=0 must be a whole number >= 1"),
+    (["scheme.generator.width=2.5"], r"scheme.generator.width=2.5 must be a whole number"),
+    (["scheme.generator.latent_dim=-3"], r"scheme.generator.latent_dim=-3 must be"),
+    (["scheme.generator.channels=0"], r"scheme.generator.channels=0 must be"),
+    (["scheme.generator.bn_eps=0"], r"scheme.generator.bn_eps=0 must be a number > 0"),
 ])
 def test_bad_data_free_configs_are_refused_with_the_fix(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -258,3 +263,14 @@ def test_zskt_reuses_one_pseudo_batch_per_round_as_its_reference_and_dfad_draws_
     dfad = tiny_module(DFAD, datamodule, student_steps=3, steps_per_epoch=4)
     batches = student_batches(dfad, 3)
     assert not torch.allclose(batches[0], batches[1]) and not torch.allclose(batches[1], batches[2])
+
+
+def test_a_resume_from_the_epochs_last_step_continues_the_epoch_schedule(tmp_path, monkeypatch):
+    # Lightning resumes from a checkpoint of an epoch's last batch without re-running the epoch-end hooks, so an
+    # epoch schedule stepped there would be lost: the ×0.1 after epoch 0 must already be in that checkpoint.
+    from test_resume import resume_at_an_epoch_end
+
+    whole, resumed = resume_at_an_epoch_end(tmp_path, monkeypatch, "scheme=dfad", "scheme.batch_size=16",
+                                            "scheme.generator.width=8", "scheme.student_steps=2",
+                                            "scheme.scheduled=true", "scheduler=multistep", "scheduler.milestones=[1]")
+    assert resumed == whole

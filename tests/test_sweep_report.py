@@ -196,3 +196,19 @@ def test_results_name_their_own_config_and_a_failure_fixed_elsewhere_is_not_list
     report = (tmp_path / "report.md").read_text()
     assert cells(report, "`(shared overrides only)`")[2:4] == ["2", f"30.00 ± {statistics.stdev([20, 40]):.2f}"]
     assert "Failed jobs" not in report and "0 failed jobs" in report
+
+
+def test_search_trials_without_test_metrics_are_reported_by_their_objective(tmp_path):
+    # Search trials run with evaluate_test=false: results.json holds val/acc (the objective) and no test/acc.
+    for job, (seed, lr, acc, baseline) in enumerate([(0, 0.1, 0.50, 0.40), (1, 0.1, 0.70, 0.50), (0, 0.2, 0.30, 0.40)]):
+        job_dir = tmp_path / str(job)
+        job_dir.mkdir()
+        (job_dir / "results.json").write_text(json.dumps({
+            "overrides": [f"optimizer.lr={lr}", f"seed={seed}"], "optimized_metric": "val/acc",
+            "stages": {"student": {"label": "student + kd", "metrics": {"val/acc": acc}, "size": {}}},
+            "student_metrics": {"val/acc": acc, "val/acc_best": acc}, "baseline": {"val/acc": baseline}}))
+    assert kd_report_entry_point()([str(tmp_path), "--no-wandb"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| val/acc (search objective; trials skip test) (%) |" in report and "test top-1 (%)" not in report
+    assert cells(report, "`optimizer.lr=0.1`")[2:5] == ["2", f"60.00 ± {statistics.stdev([50, 70]):.2f}", "+15.00"]
+    assert cells(report, "`optimizer.lr=0.2`")[2:5] == ["1", "30.00", "-10.00"]

@@ -3,7 +3,6 @@ student learns to fool it, in a real alternation of two optimizers under Lightni
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -15,13 +14,10 @@ from torch import Tensor, nn
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms.base import DistillTerm
 from kd_lightning.schemes.base import unpack_batch
+from kd_lightning.schemes.manual import step_schedulers, uncounted_step
 from kd_lightning.schemes.offline import Offline
 from kd_lightning.schemes.watch import NonFiniteWatch
 from kd_lightning.taps import FeatureTaps
-
-# Lightning suggests saving a pre-step copy for step checkpoints under manual optimisation; the state after the
-# step is what automatic optimisation saves too, and what an exact resume needs.
-warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 LOGITS = "logits"
 STRATEGIES_WITHOUT_UNUSED = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
@@ -83,11 +79,8 @@ class Adversarial(Offline):
     a Hydra partial; constant rate, as MEAL-V2's `d_lr` was meant to be) and the student minimises the
     non-saturating −log D(student). MEAL-V2's student also drops the hard labels; set `scheme.ce_weight=0`.
 
-    Lightning counts every LightningOptimizer.step as a global step (Lightning #17958), which would make
-    `max_steps`, step-interval schedules, checkpoint cadence and EMA averaging run (1 + discriminator_steps)×
-    fast; the discriminator is therefore stepped through the strategy (precision plugin and gradient scaler
-    included) without the step counter, so `global_step` counts student steps. The student's scheduler is
-    stepped by hand where automatic optimisation would step it. Trainer gradient clipping and accumulation
+    `global_step` counts student steps and the student's scheduler is stepped by hand where automatic
+    optimisation would step it, by the mechanism the data-free schemes share (`schemes.manual`). Trainer gradient clipping and accumulation
     are refused (Lightning does not apply them under manual optimisation). Terms with an init stage get it
     first, as under `Offline` (one optimizer, the discriminators frozen).
     """
@@ -135,7 +128,7 @@ class Adversarial(Offline):
         return keep
 
     def _output_widths(self, example_input: Tensor) -> dict[str, int]:
-        self.probe(example_input)
+        self.example_forward(example_input)
         outputs = {role: self.discriminated_outputs(role) for role in self._outputs}
         self.release_features()
         widths = {}
@@ -191,13 +184,7 @@ class Adversarial(Offline):
             self.nonfinite.record("adversarial", adversarial, self.global_step)
             losses["adversarial"] = self.adversarial_weight * adversarial
             total = self._step(student_optimizer, self.log_training_losses(losses, len(images)))
-        # Where automatic optimisation steps them: after each batch, an epoch schedule after the epoch's last
-        # batch, both before on_train_batch_end, so a step checkpoint taken there already holds the stepped one
-        # (Lightning skips the epoch-end hooks when it resumes from such a checkpoint).
-        last_batch = (batch_idx + 1 >= self.trainer.num_training_batches
-                      or self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
-        if self.scheduler_factory is not None and (self.scheduler_interval == "step" or last_batch):
-            self.lr_schedulers().step()
+        step_schedulers(self)
         return total
 
     def _train_discriminators(self, optimizer: Any, teacher: Mapping[str, Tensor], student: Mapping[str, Tensor],
@@ -209,8 +196,7 @@ class Adversarial(Offline):
             self.nonfinite.record("discriminator", loss, self.global_step)
             optimizer.zero_grad()
             self.manual_backward(loss)
-            # Not optimizer.step(): a LightningOptimizer's step counts as a global step.
-            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=no_closure)
+            uncounted_step(self, optimizer)
         self.log("train/discriminator", loss.detach(), batch_size=batch_size)
 
     def _step(self, optimizer: Any, loss: Tensor) -> Tensor:
@@ -226,10 +212,6 @@ class Adversarial(Offline):
         steps = f", {steps} discriminator steps per student step" if steps > 1 else ""
         return (f"{super().loss_summary()} + {self.adversarial_weight}·adversarial"
                 f"({'+'.join(self.discriminated)}{steps})")
-
-
-def no_closure() -> None:
-    """The discriminator's gradients are already computed when its optimizer steps."""
 
 
 def key(output: str) -> str:

@@ -15,7 +15,7 @@ and Fast-Datafree build on it). Its interface, kept stable:
   uninterrupted run's.
 * `global_step` counts student steps only (`schemes.manual`): `max_steps`, checkpoint and logging cadences
   and step schedules follow the student. Schedulers (the run's `scheduler`, one per optimizer) are stepped
-  by hand at their interval.
+  by hand after each training step, as automatic optimisation would (`schemes.manual.step_schedulers`).
 * The generator, the terms' adapters and all optimizers and schedulers are in the checkpoint; the teacher
   stays outside it (`Offline`), frozen and in eval mode while gradients flow through it to the images.
 * Every `log_images_every_n_steps` student steps a grid of the remembered batch goes to
@@ -62,6 +62,21 @@ def check_data_free_terms(terms: Mapping[str, DistillTerm], scheme: str) -> None
     if not terms:
         raise ConfigError(f"scheme={scheme} distils the student from the teacher through its `distill` terms, but "
                           f"distill=[] names none. Use distill=[kd] (the references' KL on logits).")
+
+
+def check_generator_sizes(options: Mapping[str, Any]) -> None:
+    """Refuse sizes torch would only reject deep inside a layer's constructor or forward (or accept and NaN)."""
+    for name in ("latent_dim", "width", "channels"):
+        value = options.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or int(value) != value or value < 1):
+            raise ConfigError(f"scheme.generator.{name}={value!r} must be a whole number >= 1 (the references: "
+                              f"latent_dim 100 for DAFL/DFAD, 256 for Fast-Datafree; width 64; channels null = the "
+                              f"data's). Set scheme.generator.{name} to a positive integer.")
+    eps = options.get("bn_eps")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
+        raise ConfigError(f"scheme.generator.bn_eps={eps!r} must be a number > 0: BatchNorm divides by "
+                          f"sqrt(var + eps). DAFL uses 0.8, DFAD the default 1e-5.")
 
 
 class DataFree(Offline):
@@ -155,7 +170,6 @@ class DataFree(Offline):
             uncounted_step(self, generator_opt)
         if student_loss is not None:
             student_opt.step()
-            step_schedulers(self, "step")
 
     def student_and_generator_optimizers(self) -> tuple[Any, Any]:
         """(the student's LightningOptimizer, the generator's or None)."""
@@ -178,6 +192,7 @@ class DataFree(Offline):
         self._noise = torch.Generator(device=self.device).manual_seed(
             step_seed(global_seed(), self.current_epoch, self._record))
         losses = self.data_free_step()
+        step_schedulers(self)
         student = torch.stack([losses[name].float() for name in losses if not name.startswith("generator")]).sum()
         self.log("train/loss", student, batch_size=self.batch_size)
         for name, value in losses.items():
@@ -192,9 +207,6 @@ class DataFree(Offline):
         every = self.log_images_every_n_steps
         if every and self.global_step % every == 0 and self._shown is not None and self.trainer.is_global_zero:
             self.log_image_grid(self._shown[:GRID_IMAGES])
-
-    def on_train_epoch_end(self) -> None:
-        step_schedulers(self, "epoch")
 
     def log_image_grid(self, images: Tensor) -> Path:
         """Save `images` as a PNG grid under the stage directory and send it to every image-taking logger."""
@@ -234,6 +246,7 @@ class DataFree(Offline):
         options["image_size"] = (height, width) if size is None else (
             (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size))
         options.setdefault("latent_dim", 100)
+        check_generator_sizes(options)
         try:
             generator = ImageGenerator(**options)
         except TypeError as error:

@@ -69,8 +69,8 @@ class Offline(DistillationModule):
         self.nonfinite = NonFiniteWatch(["ce", *self.terms, *(f"{name}_init" for name in self.init_terms)])
         self._trainable = {id(p) for p in self.parameters() if p.requires_grad}
 
-    def probe(self, example_input: Tensor) -> None:
-        """One eval-mode forward of both networks without gradients, so the forward hooks see output shapes."""
+    def example_forward(self, example_input: Tensor) -> None:
+        """One eval-mode, no-grad forward of student and teacher, so the forward hooks record output shapes."""
         was_training = self.student.training
         self.student.eval()
         with torch.no_grad():
@@ -79,7 +79,7 @@ class Offline(DistillationModule):
         self.student.train(was_training)
 
     def _build_terms(self, example_input: Tensor, context: BuildContext) -> None:
-        self.probe(example_input)
+        self.example_forward(example_input)
         context.student_shapes = {name: tensor.shape for name, tensor in self.student_taps.features.items()}
         context.teacher_shapes = {name: tensor.shape for name, tensor in self.teacher_taps.features.items()}
         for name, term in self.terms.items():
