@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_benchmark_script import cells
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.val_fraction=0.2", "teacher.max_epochs=1", "trainer.max_epochs=1", "scheme.steps_per_epoch=2",
@@ -18,8 +19,7 @@ TINY = ["data.val_fraction=0.2", "teacher.max_epochs=1", "trainer.max_epochs=1",
 
 
 def row(markdown: str, method: str) -> list[str]:
-    line = next(line for line in markdown.splitlines() if line.startswith(f"| digits | {method} |"))
-    return [cell.strip() for cell in line.strip("|").split("|")]
+    return cells(markdown, f"digits | {method}")
 
 
 @pytest.mark.slow

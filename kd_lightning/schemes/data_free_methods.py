@@ -118,7 +118,7 @@ class Adversarial(DataFree):
         return self._round_latent[1]
 
     def disagreement(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement disagreement()")
 
     def setup(self, stage: str) -> None:
         check_unused_parameter_detection(self.trainer.strategy, self.trainer.world_size, type(self).__name__)

@@ -57,6 +57,16 @@ def balanced_labels(batch_size: int, num_classes: int) -> Tensor:
     return torch.arange(batch_size) % num_classes
 
 
+
+def keep_best(best: tuple[Tensor, Tensor] | None, loss: Tensor, candidate: Tensor) -> tuple[Tensor, Tensor]:
+    """(loss, batch) of the lower loss so far, as the references' `if loss.item() < best_loss` chooses it,
+    but on the device: a synthesis round of thousands of steps waits for no host copy."""
+    loss, candidate = loss.detach(), candidate.detach()
+    if best is None:
+        return loss, candidate.clone()
+    better = loss < best[0]  # a NaN loss is never better, as in the host comparison
+    return torch.where(better, loss, best[0]), torch.where(better, candidate, best[1])
+
 class DeepInversionSynthesizer:
     """One `synthesize` call = one batch: Gaussian inputs, `iterations` Adam steps, the lowest-loss batch kept.
 
@@ -104,16 +114,13 @@ class DeepInversionSynthesizer:
         labels = self._labels().to(device)
         inputs = torch.randn((self.batch_size, *self.image_shape), generator=self.rng).to(device).requires_grad_()
         optimizer = torch.optim.Adam([inputs], lr=self.lr, betas=self.betas)
-        best_loss, best_inputs, parts = float("inf"), inputs.detach().clone(), {}
+        best, parts = (torch.tensor(float("inf"), device=device), inputs.detach().clone()), {}
         with synthesis_mode(self.teacher, student if self.adi_weight else None), self.statistics:
             for _ in range(self.iterations):
                 view = jitter_flip(inputs, self.jitter, self.flip, self.rng)
                 parts = self._loss_parts(view, labels, student)
                 loss = sum(parts.values())
-                # Compared on the host like the reference's `loss.item()`: the best batch is a choice
-                # made every step, and synthesis is not on the student step's sync-free path.
-                if loss.item() < best_loss:
-                    best_loss, best_inputs = loss.item(), inputs.detach().clone()
+                best = keep_best(best, loss, inputs)
                 (gradient,) = torch.autograd.grad(loss, [inputs])
                 inputs.grad = gradient
                 optimizer.step()
@@ -122,7 +129,7 @@ class DeepInversionSynthesizer:
                         inputs.copy_(torch.maximum(torch.minimum(inputs, self.bounds[1].to(device)),
                                                    self.bounds[0].to(device)))
         self.rounds += 1
-        return best_inputs, labels, {name: value.detach() for name, value in parts.items()}
+        return best[1], labels, {name: value.detach() for name, value in parts.items()}
 
     def _loss_parts(self, view: Tensor, labels: Tensor, student: nn.Module | None) -> dict[str, Tensor]:
         teacher_logits = self.teacher(view)

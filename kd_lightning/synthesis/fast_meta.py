@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.synthesis.augment import crop_flip
-from kd_lightning.synthesis.deep_inversion import synthesis_mode
+from kd_lightning.synthesis.deep_inversion import keep_best, synthesis_mode
 from kd_lightning.synthesis.losses import BatchNormStatistics, agreement_adversarial
 
 META_UPDATES = ("fomaml", "reptile")
@@ -77,15 +77,15 @@ class FastMetaSynthesizer:
         optimizer = torch.optim.Adam([{"params": fast_parameters}, {"params": [latent], "lr": self.lr_latent}],
                                      lr=self.lr_generator, betas=(0.5, 0.999))
         meta_gradients = [torch.zeros_like(p) for p in fast_parameters]
-        best_loss, best_images, parts = float("inf"), None, {}
+        best: tuple[Tensor, Tensor] | None = None
+        parts: dict[str, Tensor] = {}
         with synthesis_mode(self.teacher, student if adversarial else None), self.statistics:
             for _ in range(self.steps):
                 images = self._normalise(fast(latent))
                 view = crop_flip(images, self.crop_padding, self.rng)
                 parts = self._loss_parts(view, labels, student if adversarial else None)
                 loss = sum(parts.values())
-                if loss.item() < best_loss:
-                    best_loss, best_images = loss.item(), images.detach().clone()
+                best = keep_best(best, loss, images)
                 gradients = torch.autograd.grad(loss, fast_parameters + [latent])
                 for parameter, gradient in zip(fast_parameters + [latent], gradients):
                     parameter.grad = gradient
@@ -95,8 +95,8 @@ class FastMetaSynthesizer:
         self.statistics.end_round()
         self._meta_step(fast, meta_gradients, meta_optimizer or self.meta_optimizer)
         self.rounds += 1
-        assert best_images is not None
-        return best_images, labels, {name: value.detach() for name, value in parts.items()}
+        assert best is not None
+        return best[1], labels, {name: value.detach() for name, value in parts.items()}
 
     def _fast_copy(self) -> nn.Module:
         """The round's fast generator: a copy of the meta generator (weights and BN buffers), in train mode."""
