@@ -224,6 +224,38 @@ def test_separate_generator_steps_under_ddp_need_unused_parameter_detection():
     check_unused_parameter_detection(DDPStrategy(), 1, "DFAD")
 
 
+def test_class_priors_add_dafls_one_hot_and_entropy_to_the_adversarial_generator_loss():
+    L.seed_everything(0)
+    datamodule = DigitsDataModule(batch_size=8)
+    module = tiny_module(DFAD, datamodule, student_steps=1, class_priors={"one_hot": 0.5, "information_entropy": 3.0})
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    student_forward = module.student.forward
+    # The generator step's own forward of the student and the teacher on the same images (the last of the step).
+    def recording_forward(x):
+        logits = student_forward(x)
+        calls.append((x.detach().clone(), logits.detach().clone()))
+        return logits
+
+    module.student.forward = recording_forward
+    trainer = fit(module, datamodule, max_steps=1)
+    images, student_logits = calls[-1]
+    with torch.no_grad():
+        teacher_logits = module.teacher.model(images).double().numpy()
+    s, t = student_logits.double().numpy(), teacher_logits
+    p = softmax64(t)
+    one_hot = -np.mean([math.log(p[i, t[i].argmax()]) for i in range(len(t))])
+    entropy = sum(q * math.log10(q) for q in p.mean(0))
+    metrics = trainer.callback_metrics
+    assert metrics["train/generator_adversarial"].item() == pytest.approx(-np.abs(s - t).mean(), rel=1e-4)
+    assert metrics["train/generator_one_hot"].item() == pytest.approx(0.5 * one_hot, rel=1e-4)
+    assert metrics["train/generator_information_entropy"].item() == pytest.approx(3.0 * entropy, rel=1e-4)
+    # Off by default (the references): the generator's loss is the adversarial term alone.
+    reference = tiny_module(DFAD, datamodule, student_steps=1)
+    assert "train/generator_one_hot" not in fit(reference, datamodule, max_steps=1).callback_metrics
+    with pytest.raises(ConfigError, match=r"class_priors takes non-negative weights.*'balance'"):
+        tiny_module(DFAD, datamodule, class_priors={"balance": 1.0})
+
+
 def test_the_untrained_generator_floor_keeps_its_initial_weights_while_the_student_trains():
     L.seed_everything(0)
     datamodule = DigitsDataModule(batch_size=8)

@@ -6,6 +6,7 @@ settings. Student losses are the `distill` terms; the generator's losses are the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,16 +21,21 @@ from kd_lightning.schemes.data_free import DataFree
 from kd_lightning.taps import FeatureTaps
 
 
-def dafl_generator_losses(teacher_logits: Tensor, teacher_features: Tensor) -> dict[str, Tensor]:
-    """DAFL's three unweighted generator losses (Chen et al., "Data-Free Learning of Student Networks", ICCV
-    2019; DAFL_train.py): one-hot CE of the teacher against its own argmax, the information entropy
-    Σ_k p̄_k log10 p̄_k of the batch-mean softmax (minimised: balanced classes; log10 as the code, whose
-    weights were tuned with it), and −mean|f_T| of the teacher's features (activation)."""
+def class_prior_losses(teacher_logits: Tensor) -> dict[str, Tensor]:
+    """DAFL's two unweighted losses on the teacher's logits alone (Chen et al., "Data-Free Learning of Student
+    Networks", ICCV 2019; DAFL_train.py): one-hot CE of the teacher against its own argmax, and the information
+    entropy Σ_k p̄_k log10 p̄_k of the batch-mean softmax (minimised: balanced classes; log10 as the code, whose
+    weights were tuned with it)."""
     logits = teacher_logits.float()
     mean_probability = logits.softmax(1).mean(0)
     return {"one_hot": F.cross_entropy(logits, logits.argmax(1)),
-            "information_entropy": (mean_probability * torch.log10(mean_probability)).sum(),
-            "activation": -teacher_features.float().abs().mean()}
+            "information_entropy": (mean_probability * torch.log10(mean_probability)).sum()}
+
+
+def dafl_generator_losses(teacher_logits: Tensor, teacher_features: Tensor) -> dict[str, Tensor]:
+    """DAFL's three unweighted generator losses: the class priors and −mean|f_T| of the teacher's features
+    (activation)."""
+    return {**class_prior_losses(teacher_logits), "activation": -teacher_features.float().abs().mean()}
 
 
 def zskt_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -87,17 +93,28 @@ class Adversarial(DataFree):
     generator maximises `disagreement` (through both networks) once every `student_steps` student steps —
     after them (DFAD's 5 S then 1 G) or before them (ZSKT's 1 G then 10 S). With `repeat_batch` one latent
     serves a whole round (ZSKT's `n_repeat_batch`: the generator step and the round's student steps all see
-    G(z) of the same z); without it every step draws its own (DFAD)."""
+    G(z) of the same z); without it every step draws its own (DFAD).
+
+    `class_priors` adds DAFL's one-hot and information-entropy losses (weights; 0 = off, the references) to
+    the generator's loss: the adversarial term alone may lead the generator to inputs far from the teacher's
+    classes, on which the student learns little that transfers (DFQ and CMI add the same two priors)."""
 
     uses_generator = True
-    generator_losses = ("generator_adversarial",)
+    generator_losses = ("generator_adversarial", "generator_one_hot", "generator_information_entropy")
     generator_first = False
 
-    def __init__(self, *args: Any, student_steps: int = 5, repeat_batch: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, student_steps: int = 5, repeat_batch: bool = False,
+                 class_priors: Mapping[str, float] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if int(student_steps) < 1:
             raise ConfigError(f"scheme.student_steps (student steps per generator step) must be >= 1, got "
                               f"{student_steps!r}.")
+        priors = dict(class_priors or {})
+        unknown = sorted(set(priors) - {"one_hot", "information_entropy"})
+        if unknown or any(float(weight) < 0 for weight in priors.values()):
+            raise ConfigError(f"scheme.class_priors takes non-negative weights for one_hot and information_entropy "
+                              f"(0 = off), got {priors!r}.")
+        self.class_priors = {name: float(weight) for name, weight in priors.items() if float(weight) > 0}
         self.student_steps = int(student_steps)
         self.repeat_batch = bool(repeat_batch)
         self._round_latent: tuple[int, Tensor] | None = None
@@ -123,24 +140,30 @@ class Adversarial(DataFree):
     def setup(self, stage: str) -> None:
         check_unused_parameter_detection(self.trainer.strategy, self.trainer.world_size, type(self).__name__)
 
-    def generator_step(self) -> Tensor:
+    def generator_step(self) -> dict[str, Tensor]:
         assert self.generator is not None
         # Toggled before the forward, so the student's parameters record no graph and get no gradient.
         with self.toggled_optimizer(self.student_and_generator_optimizers()[1]):
             images = self.generator(self.latent())
             teacher_logits = self.teacher_with_grad(images)
-            loss = -self.disagreement(self.student(images), teacher_logits)
-            self.nonfinite.record("generator_adversarial", loss, self.global_step)
+            adversarial = -self.disagreement(self.student(images), teacher_logits)
+            self.nonfinite.record("generator_adversarial", adversarial, self.global_step)
+            losses = {"generator_adversarial": adversarial}
+            if self.class_priors:
+                priors = class_prior_losses(teacher_logits)
+                for name, weight in self.class_priors.items():
+                    losses[f"generator_{name}"] = weight * priors[name]
+                    self.nonfinite.record(f"generator_{name}", losses[f"generator_{name}"], self.global_step)
             self.release_features()
-            self.optimise(generator_loss=loss)
-        return loss.detach()
+            self.optimise(generator_loss=torch.stack(list(losses.values())).sum())
+        return {name: value.detach() for name, value in losses.items()}
 
     def data_free_step(self) -> dict[str, Tensor]:
         assert self.generator is not None
         position = self.global_step % self.student_steps  # student steps done in this round
         losses: dict[str, Tensor] = {}
         if self.generator_first and position == 0:
-            losses["generator_adversarial"] = self.generator_step()
+            losses.update(self.generator_step())
         with torch.no_grad():
             images = self.generator(self.latent())
         self.remember(images)
@@ -148,7 +171,7 @@ class Adversarial(DataFree):
         self.optimise(student_loss=torch.stack([v.float() for v in student.values()]).sum())
         losses.update(student)
         if not self.generator_first and position == self.student_steps - 1:
-            losses["generator_adversarial"] = self.generator_step()
+            losses.update(self.generator_step())
         return losses
 
 
@@ -191,4 +214,4 @@ class NoiseInputs(DataFree):
         return student
 
 
-__all__ = ["DAFL", "DFAD", "NoiseInputs", "ZSKT", "dafl_generator_losses", "zskt_divergence"]
+__all__ = ["DAFL", "DFAD", "NoiseInputs", "ZSKT", "class_prior_losses", "dafl_generator_losses", "zskt_divergence"]
