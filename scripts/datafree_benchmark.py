@@ -7,7 +7,8 @@ Per data set (DATASETS) a cheap first job trains and caches the LeNet-5 teacher 
 image, on the same machine, one job at a time, so the wall times compare. Rows: teacher-relative accuracy
 (student test top-1 / the run's own teacher's), the wall time of the job (start-up, loading the cached
 teacher and the test evaluation included; the warm-up job's time is that overhead). Adding a method is one
-line in METHODS. The section goes between `<!-- benchmark:datafree:start/end -->` in `--markdown`.
+line in METHODS. Rows accumulate in `<out>/rows.json` across invocations with the same `--out` (a rerun of a
+method replaces its row). The section goes between `<!-- benchmark:datafree:start/end -->` in `--markdown`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ BN_PAIR = ["teacher=convnet_large", "student=convnet_tiny"]
 METHODS: list[tuple[str, list[str]]] = [
     ("DAFL", ["scheme=dafl", "scheme.activation_tap=stage3"]),
     ("DFAD", ["scheme=dfad"]),
+    # The generator's loss with DAFL's one-hot and information-entropy priors (DAFL's MNIST weights), chosen
+    # on val/acc over the reference DFAD (BENCHMARKS.md `datafree`, "Tried").
+    ("DFAD + class priors", ["scheme=dfad", "scheme.class_priors.one_hot=1", "scheme.class_priors.information_entropy=5"]),
     ("ZSKT", ["scheme=zskt"]),
     ("floor: N(0,1) inputs", ["scheme=datafree_noise"]),
     ("floor: untrained generator", ["scheme=dafl", "scheme.activation_tap=stage3", "scheme.train_generator=false"]),
@@ -83,8 +87,22 @@ def held_out_accuracy(record: dict, stage: str) -> float | None:
     return accuracy(record, stage, "val/acc") if held_out else None
 
 
+def merged_rows(store: Path, rows: list[dict]) -> list[dict]:
+    """This invocation's rows over those earlier ones left in `store` (same `--out`: same cached teacher), so
+    methods run in separate invocations (one per core, or added later) form one table; a rerun replaces its row."""
+    earlier = json.loads(store.read_text()) if store.is_file() else []
+    fresh = {(row["data"], row["method"]) for row in rows}
+    merged = [row for row in earlier if (row["data"], row["method"]) not in fresh] + rows
+    order = [label for label, _ in METHODS]
+    merged.sort(key=lambda row: (row["data"], order.index(row["method"]) if row["method"] in order else -1))
+    store.write_text(json.dumps(merged, indent=1))
+    return merged
+
+
 def render(rows: list[dict], meta: dict) -> str:
-    lines = [f"## {MARK}", "", "```bash", meta["command"], "```", "", meta["note"], "",
+    # Every invocation whose rows the table holds, in order (rows merged from earlier ones keep theirs).
+    commands = list(dict.fromkeys(row.get("invocation", meta["command"]) for row in rows))
+    lines = [f"## {MARK}", "", "```bash", *commands, "```", "", meta["note"], "",
              "| data | method | teacher acc (%) | student val acc (%) | student acc (%) | ratio | wall (s) |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -106,19 +124,24 @@ def main() -> None:
                                                             "(default: all)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per job")
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--render-only", action="store_true", help="run no job: write the section from the rows "
+                                                                       "earlier invocations left in <out>/rows.json")
     parser.add_argument("overrides", nargs="*", help="kd-train overrides for every job (after --)")
     args = parser.parse_args()
     out = args.out.resolve()
     methods = dict(METHODS)
     chosen = [(label, methods[label]) for label in args.methods.split(";")] if args.methods else METHODS
     rows = []
-    for data in args.datasets.split(","):
+    for data in [] if args.render_only else args.datasets.split(","):
         shared = [*COMMON, *DATASETS[data]]
         # Trains and caches the teacher; the scheme's own settings do not enter the teacher's cache key.
         warmup = run_job(f"{data}-teacher", [*shared, "scheme=datafree_noise"], args, out,
                          last=["scheme.steps_per_epoch=1", "trainer.max_epochs=1"])
         teacher = accuracy(warmup, "teacher")
-        rows.append({"data": data, "method": "(warm-up: teacher training + job overhead)", "teacher": teacher,
+        source = warmup["results"].get("stages", {}).get("teacher", {}).get("source", "")
+        warmup_label = ("(warm-up: job overhead, cached teacher)" if source.startswith("cache")
+                        else "(warm-up: teacher training + job overhead)")
+        rows.append({"data": data, "method": warmup_label, "teacher": teacher,
                      "student": None, "rc": warmup["rc"], "wall_s": warmup["wall_s"]})
         for label, overrides in chosen:
             slug = label.split(":")[-1].strip().replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
@@ -128,8 +151,10 @@ def main() -> None:
                          "rc": job["rc"], "wall_s": job["wall_s"]})
     meta = {"command": shlex.join(["python", "scripts/datafree_benchmark.py", *sys.argv[1:]]),
             "note": f"{datetime.date.today()}, {os.cpu_count()} CPU cores shared with other jobs, "
-                    f"{args.threads} thread(s) per job, one job at a time."}
-    section = render(rows, meta)
+                    f"{args.threads} thread(s) per job, one job at a time per invocation."}
+    for row in rows:
+        row["invocation"] = meta["command"]
+    section = render(merged_rows(out / "rows.json", rows), meta)
     (out / "datafree.md").write_text(section)
     print(section)
     if args.markdown:

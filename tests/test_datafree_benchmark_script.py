@@ -43,3 +43,20 @@ def test_datafree_benchmark_reports_each_jobs_held_out_and_test_accuracy(tmp_pat
     # The warm-up trained the teacher the method's job loaded: one cached teacher, the same accuracy in both rows.
     assert row(text, "(warm-up: teacher training + job overhead)")[2] == teacher
     assert len(list((out / "cache" / "stages").glob("teacher-*.pt"))) == 1
+    # A second invocation on the same --out adds its method to the table and keeps the first one's rows.
+    command[command.index("--methods") + 1] = "floor: N(0,1) inputs"
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    again = markdown.read_text()
+    assert row(again, "ZSKT") == row(text, "ZSKT")
+    assert row(again, "floor: N(0,1) inputs")[2] == teacher
+    assert row(again, "(warm-up: job overhead, cached teacher)")[2] == teacher
+    assert row(again, "(warm-up: teacher training + job overhead)") == row(text, "(warm-up: teacher training + job overhead)")
+    # --render-only rebuilds the same section from the rows, running nothing.
+    markdown.write_text("# Benchmarks\n")
+    rendered = subprocess.run([sys.executable, str(ROOT / "scripts" / "datafree_benchmark.py"), "--out", str(out),
+                               "--render-only", "--markdown", str(markdown)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, env=env)
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    assert row(markdown.read_text(), "ZSKT") == row(text, "ZSKT")
+    assert markdown.read_text().count("scripts/datafree_benchmark.py --datasets digits") == 2
