@@ -254,6 +254,9 @@ def test_class_priors_add_dafls_one_hot_and_entropy_to_the_adversarial_generator
     assert "train/generator_one_hot" not in fit(reference, datamodule, max_steps=1).callback_metrics
     with pytest.raises(ConfigError, match=r"class_priors takes non-negative weights.*'balance'"):
         tiny_module(DFAD, datamodule, class_priors={"balance": 1.0})
+    for bad in ({"one_hot": -1.0}, {"one_hot": "abc"}, {"information_entropy": float("nan")}):
+        with pytest.raises(ConfigError, match="class_priors takes non-negative weights"):
+            tiny_module(DFAD, datamodule, class_priors=bad)
 
 
 def test_the_untrained_generator_floor_keeps_its_initial_weights_while_the_student_trains():

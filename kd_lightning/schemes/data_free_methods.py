@@ -32,6 +32,22 @@ def class_prior_losses(teacher_logits: Tensor) -> dict[str, Tensor]:
             "information_entropy": (mean_probability * torch.log10(mean_probability)).sum()}
 
 
+def class_prior_weights(priors: dict[str, Any]) -> dict[str, float]:
+    """The positive `scheme.class_priors` weights by name; anything but non-negative numbers for the two priors
+    is refused with the fix."""
+    problem = ConfigError(f"scheme.class_priors takes non-negative weights for one_hot and information_entropy "
+                          f"(0 = off), got {priors!r}.")
+    if set(priors) - {"one_hot", "information_entropy"}:
+        raise problem
+    try:
+        weights = {name: float(weight) for name, weight in priors.items()}
+    except (TypeError, ValueError):
+        raise problem from None
+    if any(not weight >= 0 for weight in weights.values()):  # `not >=` also refuses NaN
+        raise problem
+    return {name: weight for name, weight in weights.items() if weight > 0}
+
+
 def dafl_generator_losses(teacher_logits: Tensor, teacher_features: Tensor) -> dict[str, Tensor]:
     """DAFL's three unweighted generator losses: the class priors and −mean|f_T| of the teacher's features
     (activation)."""
@@ -109,12 +125,7 @@ class Adversarial(DataFree):
         if int(student_steps) < 1:
             raise ConfigError(f"scheme.student_steps (student steps per generator step) must be >= 1, got "
                               f"{student_steps!r}.")
-        priors = dict(class_priors or {})
-        unknown = sorted(set(priors) - {"one_hot", "information_entropy"})
-        if unknown or any(float(weight) < 0 for weight in priors.values()):
-            raise ConfigError(f"scheme.class_priors takes non-negative weights for one_hot and information_entropy "
-                              f"(0 = off), got {priors!r}.")
-        self.class_priors = {name: float(weight) for name, weight in priors.items() if float(weight) > 0}
+        self.class_priors = class_prior_weights(dict(class_priors or {}))
         self.student_steps = int(student_steps)
         self.repeat_batch = bool(repeat_batch)
         self._round_latent: tuple[int, Tensor] | None = None
