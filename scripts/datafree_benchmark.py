@@ -28,6 +28,8 @@ from kd_lightning.markdown_sections import write_marked_section
 MARK = "datafree"
 BN_PAIR = ["teacher=convnet_large", "student=convnet_tiny"]
 CLASS_PRIORS = ["scheme.class_priors.one_hot=1", "scheme.class_priors.information_entropy=5"]
+# MB-DFKD's memory: earlier generated images (batch/8 every 10 student steps) replayed in every student batch.
+REPLAY = ["scheme.replay.capacity=8192"]
 # (label, kd-train overrides). The floors show what a method adds over no synthesis and over a random generator.
 METHODS: list[tuple[str, list[str]]] = [
     ("DAFL", ["scheme=dafl", "scheme.activation_tap=stage3"]),
@@ -35,8 +37,10 @@ METHODS: list[tuple[str, list[str]]] = [
     # The generator's loss with DAFL's one-hot and information-entropy priors (DAFL's MNIST weights): the
     # reference DFAD collapses on Fashion-MNIST (BENCHMARKS.md `datafree`, "Tried").
     ("DFAD + class priors", ["scheme=dfad", *CLASS_PRIORS]),
+    ("DFAD + class priors + replay", ["scheme=dfad", *CLASS_PRIORS, *REPLAY]),
     ("ZSKT", ["scheme=zskt"]),
     ("ZSKT + class priors", ["scheme=zskt", *CLASS_PRIORS]),
+    ("ZSKT + replay", ["scheme=zskt", *REPLAY]),
     ("floor: N(0,1) inputs", ["scheme=datafree_noise"]),
     ("floor: untrained generator", ["scheme=dafl", "scheme.activation_tap=stage3", "scheme.train_generator=false"]),
     # BN-statistics inversion needs a teacher with BatchNorm (LeNet-5 has none): these rows bring their own, trained

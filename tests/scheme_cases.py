@@ -33,10 +33,12 @@ SCHEME_CASES: dict[str, list[list[str]]] = {
     # Two discriminator steps per student step, a step-interval schedule: both must resume exactly.
     "adversarial": [["distill=[kd]", "scheme.discriminator_steps=2", "+scheme.scheduler_interval=step"]],
     # Data-free: small generators and batches; generator rounds short enough that a resume lands inside one.
-    # DFAD with its generator's class priors on (ZSKT runs without: both generator losses resume exactly).
+    # DFAD with its generator's class priors on (ZSKT runs without: both generator losses resume exactly);
+    # ZSKT with a replay pool small enough to wrap before the resume point.
     "dafl": [DATA_FREE], "dfad": [[*DATA_FREE, "scheme.student_steps=2", "scheme.class_priors.one_hot=1",
                                    "scheme.class_priors.information_entropy=5"]],
-    "zskt": [[*DATA_FREE, "scheme.student_steps=2"]], "datafree_noise": [["scheme.batch_size=16"]],
+    "zskt": [[*DATA_FREE, "scheme.student_steps=2", "scheme.replay.capacity=6", "scheme.replay.push_every_n_steps=1",
+              "scheme.replay.push_images=4", "scheme.replay.batch_size=3"]], "datafree_noise": [["scheme.batch_size=16"]],
     # Pool schemes: a synthesis round at steps 0, 3, 6 (one at the resume point), a pool that wraps, every
     # synthesis part switched on.
     "deep_inversion": [[*POOL, "scheme.synthesis.iterations=3", "scheme.synthesis.adi_weight=1.0",

@@ -300,6 +300,31 @@ def test_zskt_reuses_one_pseudo_batch_per_round_as_its_reference_and_dfad_draws_
     assert not torch.allclose(batches[0], batches[1]) and not torch.allclose(batches[1], batches[2])
 
 
+def test_replay_appends_earlier_generated_images_to_each_student_batch():
+    L.seed_everything(0)
+    datamodule = DigitsDataModule(batch_size=8)
+    module = tiny_module(DFAD, datamodule, student_steps=1,
+                         replay={"capacity": 64, "push_every_n_steps": 2, "push_images": 4, "batch_size": 3})
+    batches = student_batches(module, 5)
+    # Step 0 has nothing to replay; steps 0, 2, 4 push their first 4 fresh images (the generator moves in between).
+    assert [len(b) for b in batches] == [8, 11, 11, 11, 11]
+    pushed = {0: batches[0][:4], 2: batches[2][:4]}
+    for step, batch in enumerate(batches[1:], start=1):
+        earlier = torch.cat([images for pushed_at, images in pushed.items() if pushed_at < step])
+        for image in batch[8:]:  # each replayed image is one pushed before this step, unchanged
+            assert any(torch.equal(image, old) for old in earlier)
+        assert not any(torch.equal(batch[0], old) for old in earlier)  # the fresh part is new
+    assert len(module.replay_pool) == 12
+    L.seed_everything(0)
+    assert [len(b) for b in student_batches(tiny_module(DFAD, datamodule, student_steps=1), 3)] == [8, 8, 8]
+    # Null sizes: an eighth of the fresh batch (MB-DFKD's memory slices).
+    assert tiny_module(DFAD, datamodule, batch_size=64, replay={"capacity": 8}).replay.batch_size == 8
+    for bad in ({"capacity": -1}, {"capacity": 8, "push_images": 0}, {"capacity": 8, "every": 3},
+                {"capacity": "many"}, {"capacity": 8, "batch_size": 2.5}):
+        with pytest.raises(ConfigError, match=r"not a replay config.*scheme.replay.capacity=8192"):
+            tiny_module(ZSKT, datamodule, replay=bad)
+
+
 def test_a_resume_from_the_epochs_last_step_continues_the_epoch_schedule(tmp_path, monkeypatch):
     # Lightning resumes from a checkpoint of an epoch's last batch without re-running the epoch-end hooks, so an
     # epoch schedule stepped there would be lost: the ×0.1 after epoch 0 must already be in that checkpoint.

@@ -7,6 +7,7 @@ settings. Student losses are the `distill` terms; the generator's losses are the
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from kd_lightning.data.steps import step_seed
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
 from kd_lightning.schemes.data_free import DataFree
+from kd_lightning.synthesis.pool import SyntheticPool
 from kd_lightning.taps import FeatureTaps
 
 
@@ -46,6 +48,36 @@ def class_prior_weights(priors: dict[str, Any]) -> dict[str, float]:
     if any(not weight >= 0 for weight in weights.values()):  # `not >=` also refuses NaN
         raise problem
     return {name: weight for name, weight in weights.items() if weight > 0}
+
+
+CHECKPOINT_REPLAY = "replay_pool"
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    """`scheme.replay` of DFAD/ZSKT: pool capacity (images; 0 = off); every `push_every_n_steps` student steps
+    `push_images` of the step's batch join the pool; `batch_size` pool images join every student batch.
+    `push_images` and `batch_size` null: an eighth of the fresh batch, as MB-DFKD's memory slices."""
+
+    capacity: int
+    push_every_n_steps: int
+    push_images: int
+    batch_size: int
+
+    @classmethod
+    def from_config(cls, options: dict[str, Any], fresh_batch: int) -> "ReplaySettings":
+        eighth = max(1, fresh_batch // 8)
+        defaults = {"capacity": 0, "push_every_n_steps": 10, "push_images": eighth, "batch_size": eighth}
+        chosen = {**defaults, **{name: value for name, value in options.items() if value is not None}}
+        minimum = {"capacity": 0, "push_every_n_steps": 1, "push_images": 1, "batch_size": 1}
+        if set(options) - set(defaults) or any(
+                isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value
+                or value < minimum[name] for name, value in chosen.items()):
+            raise ConfigError(
+                f"scheme.replay={options!r} is not a replay config: it takes capacity (images, >= 0; 0 = off), "
+                f"push_every_n_steps, push_images and batch_size (whole numbers >= 1; push_images and batch_size "
+                f"null = scheme.batch_size / 8), e.g. scheme.replay.capacity=8192.")
+        return cls(**{name: int(value) for name, value in chosen.items()})
 
 
 def dafl_generator_losses(teacher_logits: Tensor, teacher_features: Tensor) -> dict[str, Tensor]:
@@ -113,19 +145,28 @@ class Adversarial(DataFree):
 
     `class_priors` adds DAFL's one-hot and information-entropy losses (weights; 0 = off, the references) to
     the generator's loss: the adversarial term alone may lead the generator to inputs far from the teacher's
-    classes, on which the student learns little that transfers (DFQ and CMI add the same two priors)."""
+    classes, on which the student learns little that transfers (DFQ and CMI add the same two priors).
+
+    `replay` (capacity 0 = off, the references) keeps a bounded pool of earlier generated images and appends
+    `batch_size` of them to every student batch: the generator's distribution moves, and a student that only
+    sees its latest output forgets what it learnt on the earlier ones (MB-DFKD, Binici et al., WACV 2022, whose
+    memory holds batch/8-image slices of past batches). Every `push_every_n_steps` student steps the first
+    `push_images` images of the step's batch join the pool; it is in the checkpoint."""
 
     uses_generator = True
     generator_losses = ("generator_adversarial", "generator_one_hot", "generator_information_entropy")
     generator_first = False
 
     def __init__(self, *args: Any, student_steps: int = 5, repeat_batch: bool = False,
-                 class_priors: Mapping[str, float] | None = None, **kwargs: Any) -> None:
+                 class_priors: Mapping[str, float] | None = None, replay: Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if int(student_steps) < 1:
             raise ConfigError(f"scheme.student_steps (student steps per generator step) must be >= 1, got "
                               f"{student_steps!r}.")
         self.class_priors = class_prior_weights(dict(class_priors or {}))
+        self.replay = ReplaySettings.from_config(dict(replay or {}), self.batch_size)
+        self.replay_pool = SyntheticPool(self.replay.capacity) if self.replay.capacity else None
         self.student_steps = int(student_steps)
         self.repeat_batch = bool(repeat_batch)
         self._round_latent: tuple[int, Tensor] | None = None
@@ -178,12 +219,40 @@ class Adversarial(DataFree):
         with torch.no_grad():
             images = self.generator(self.latent())
         self.remember(images)
-        student = self.student_losses(images)
+        student = self.student_losses(self.with_replay(images))
         self.optimise(student_loss=torch.stack([v.float() for v in student.values()]).sum())
         losses.update(student)
         if not self.generator_first and position == self.student_steps - 1:
             losses.update(self.generator_step())
         return losses
+
+
+    def with_replay(self, images: Tensor) -> Tensor:
+        """`images` followed by a replay batch from the pool (drawn before this batch joins it, so a batch is
+        never replayed in its own step); `images` alone while replay is off or the pool is empty."""
+        if self.replay_pool is None:
+            return images
+        pool = self.replay_pool.to(self.device)
+        batch = images
+        if len(pool):
+            batch = torch.cat([images, pool.sample(self.replay.batch_size, self._noise)[0].to(images)])
+        if self.global_step % self.replay.push_every_n_steps == 0:
+            pool.add(images[: self.replay.push_images].float())
+        return batch
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.replay_pool is not None:
+            checkpoint[CHECKPOINT_REPLAY] = self.replay_pool.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.replay_pool is None:
+            return
+        if CHECKPOINT_REPLAY not in checkpoint:
+            raise ConfigError("This checkpoint has no replay pool: it was written with scheme.replay.capacity=0. "
+                              "Resume with the replay settings it was trained with, or start without ckpt_path.")
+        self.replay_pool.load_state_dict(checkpoint[CHECKPOINT_REPLAY])
 
 
 class DFAD(Adversarial):
@@ -225,4 +294,4 @@ class NoiseInputs(DataFree):
         return student
 
 
-__all__ = ["DAFL", "DFAD", "NoiseInputs", "ZSKT", "class_prior_losses", "dafl_generator_losses", "zskt_divergence"]
+__all__ = ["DAFL", "DFAD", "NoiseInputs", "ReplaySettings", "ZSKT", "class_prior_losses", "dafl_generator_losses", "zskt_divergence"]
