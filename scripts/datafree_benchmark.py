@@ -105,10 +105,10 @@ def merged_rows(store: Path, rows: list[dict]) -> list[dict]:
     return merged
 
 
-def render(rows: list[dict], meta: dict) -> str:
+def render(rows: list[dict], meta: dict, section: str = MARK) -> str:
     # Every invocation whose rows the table holds, in order (rows merged from earlier ones keep theirs).
     commands = list(dict.fromkeys(row.get("invocation", meta["command"]) for row in rows))
-    lines = [f"## {MARK}", "", "```bash", *commands, "```", "", meta["note"], "",
+    lines = [f"## {section}", "", "```bash", *commands, "```", "", meta["note"], "",
              "| data | method | teacher acc (%) | student val acc (%) | student acc (%) | ratio | wall (s) |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -130,6 +130,8 @@ def main() -> None:
                                                             "(default: all)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per job")
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--section", default=MARK, help="the BENCHMARKS.md section to write (one per budget: "
+                                                         "another --out and --section keep both tables)")
     parser.add_argument("--render-only", action="store_true", help="run no job: write the section from the rows "
                                                                        "earlier invocations left in <out>/rows.json")
     parser.add_argument("overrides", nargs="*", help="kd-train overrides for every job (after --)")
@@ -160,11 +162,11 @@ def main() -> None:
                     f"{args.threads} thread(s) per job, one job at a time per invocation."}
     for row in rows:
         row["invocation"] = meta["command"]
-    section = render(merged_rows(out / "rows.json", rows), meta)
+    section = render(merged_rows(out / "rows.json", rows), meta, args.section)
     (out / "datafree.md").write_text(section)
     print(section)
     if args.markdown:
-        write_marked_section(args.markdown, MARK, section)
+        write_marked_section(args.markdown, args.section, section)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,11 @@ def test_datafree_benchmark_reports_each_jobs_held_out_and_test_accuracy(tmp_pat
     assert rendered.returncode == 0, rendered.stderr[-3000:]
     assert row(markdown.read_text(), "ZSKT") == row(text, "ZSKT")
     assert markdown.read_text().count("scripts/datafree_benchmark.py --datasets digits") == 2
+    # Another budget's table goes into its own section (--section) and leaves this one alone.
+    rendered = subprocess.run([sys.executable, str(ROOT / "scripts" / "datafree_benchmark.py"), "--out", str(out),
+                               "--render-only", "--markdown", str(markdown), "--section", "datafree-long"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    both = markdown.read_text()
+    assert both.count("<!-- benchmark:datafree:start -->") == 1 and "## datafree-long" in both
+    assert both.count("<!-- benchmark:datafree-long:start -->") == 1
