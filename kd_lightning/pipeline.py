@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kd_lightning.acceleration import accelerate
 from kd_lightning.errors import ConfigError
 from kd_lightning.job_identity import job_record, sweep_name
-from kd_lightning.report import format_table, network_size
+from kd_lightning.report import collapse_warning, format_table, network_size
 from kd_lightning.schemes import Supervised
 from kd_lightning.schemes.base import DistillationModule
 from kd_lightning.stages import Stage, plan_stages
@@ -30,6 +31,8 @@ from kd_lightning.teacher_cache import OFF_SWITCH, cache_options
 from kd_lightning.teachers import (CHECKPOINT_KEY, export_student, load_products, load_weights, read_metrics,
                                    recipe_key, save_products)
 from kd_lightning.validate import check_settings
+
+log = logging.getLogger(__name__)
 
 GPU_ACCELERATORS = {"gpu", "cuda"}
 
@@ -370,6 +373,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         records[stage.name].update(label=stage.label, models=dict(stage.networks), key=keys[stage.name],
                                    size={role: network_size(net, datamodule.example_input())
                                          for role, net in products[stage.name].items()})
+        warning = collapse_warning(stage.name, records[stage.name]["metrics"], datamodule.num_classes)
+        if warning:
+            records[stage.name]["warning"] = warning
+            log.warning(warning)
     last = stages[-1]
     results: dict[str, Any] = {**job, "student": OmegaConf.to_container(cfg.student, resolve=True), "stages": records,
                                "student_metrics": records[last.name]["metrics"], "loss": records[last.name].get("loss"),
@@ -386,4 +393,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         rows = [row for stage in stages for row in table_rows(stage, records[stage.name], products[stage.name])]
         teacher = records.get("teacher", {}).get("size", {}).get("student", {}).get("params")
         print(format_table(rows, cfg.get("task_name", "train"), reference_params=teacher))
+        for record in records.values():
+            if "warning" in record:
+                print(f"WARNING: {record['warning']}")
     return results

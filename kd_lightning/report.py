@@ -9,6 +9,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 Row = tuple[str, str, Mapping[str, float], Mapping[str, int]]
+# Below this many times chance (1/K) a network predicts nearly one class for every input.
+COLLAPSE_FACTOR = 1.5
 
 
 def network_size(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
@@ -46,6 +48,19 @@ def format_table(rows: Iterable[Row], title: str = "results", reference_params: 
         if index == 0:
             text.append(rule)
     return "\n".join(text)
+
+
+def collapse_warning(stage: str, metrics: Mapping[str, float], num_classes: int) -> str | None:
+    """A warning when a stage ends near chance accuracy (its test accuracy, else its validation accuracy):
+    such a run finishes without error, its table row is a number like any other, and it is wrong."""
+    split = next((split for split in ("test", "val") if f"{split}/acc" in metrics), None)
+    if split is None or num_classes < 2 or metrics[f"{split}/acc"] >= COLLAPSE_FACTOR / num_classes:
+        return None
+    return (f"Stage {stage!r} ended at {100 * metrics[f'{split}/acc']:.2f}% {split} accuracy, chance level for "
+            f"{num_classes} classes ({100 / num_classes:.2f}%): its training collapsed to a near-constant "
+            f"prediction, and its numbers say nothing about the method. The usual cause is a learning rate too "
+            f"large for the loss's gradient scale (KD's T² factor at T=4 on a network without BatchNorm does it "
+            f"on Fashion-MNIST at SGD 0.05): lower optimizer.lr (e.g. 5-10x) and compare with the baseline stage.")
 
 
 def _percent(value: float | None) -> str:

@@ -8,6 +8,7 @@ import torch
 
 from kd_lightning.models import build_model
 from kd_lightning.pipeline import construct, evaluate, run
+from kd_lightning.report import collapse_warning
 from kd_lightning.teachers import load_weights, read_weights
 
 
@@ -90,6 +91,20 @@ def test_supervised_scheme_trains_one_network_without_a_teacher(make_cfg, tmp_pa
     assert "teacher" not in results and "baseline" not in results
     assert not (tmp_path / "cache").exists()
     assert results["student_metrics"]["test/acc"] >= 0.9  # two epochs on digits; chance is 0.1
+    assert "warning" not in results["stages"]["student"]
+
+
+def test_a_stage_that_ends_at_chance_accuracy_is_reported_with_the_fix(make_cfg, capsys):
+    # A network that never learns (lr 1e-9) stands in for a collapsed one: the run finishes, and must say so.
+    results = run(make_cfg("scheme=supervised", "student=convnet_tiny", "optimizer.lr=1e-9",
+                           "trainer.limit_test_batches=null"))
+    assert results["student_metrics"]["test/acc"] < 0.15
+    warning = results["stages"]["student"]["warning"]
+    assert "chance level for 10 classes" in warning and "lower optimizer.lr" in warning
+    assert f"WARNING: {warning}" in capsys.readouterr().out
+    assert collapse_warning("student", {"test/acc": 0.149, "val/acc": 0.9}, 10)  # test accuracy decides
+    assert collapse_warning("student", {"val/acc": 0.151}, 10) is None
+    assert collapse_warning("student", {"val/acc": 0.0014}, 1000) and not collapse_warning("s", {"test/acc": 0.5}, 1)
 
 
 def test_bf16_mixed_precision_on_cpu_follows_the_fp32_run(make_cfg, recorded_losses):
