@@ -226,7 +226,6 @@ class Adversarial(DataFree):
             losses.update(self.generator_step())
         return losses
 
-
     def with_replay(self, images: Tensor) -> Tensor:
         """`images` followed by a replay batch from the pool (drawn before this batch joins it, so a batch is
         never replayed in its own step); `images` alone while replay is off or the pool is empty."""
@@ -294,4 +293,5 @@ class NoiseInputs(DataFree):
         return student
 
 
-__all__ = ["DAFL", "DFAD", "NoiseInputs", "ReplaySettings", "ZSKT", "class_prior_losses", "dafl_generator_losses", "zskt_divergence"]
+__all__ = ["DAFL", "DFAD", "NoiseInputs", "ReplaySettings", "ZSKT", "class_prior_losses", "dafl_generator_losses",
+           "zskt_divergence"]
