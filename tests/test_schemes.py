@@ -10,8 +10,13 @@ import pytest
 import torch
 from torch import nn
 
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
 from kd_lightning import pipeline
 from kd_lightning.pipeline import run
+from kd_lightning.schemes.data_free import DataFree
+from kd_lightning.schemes.online import MutualLearning
 from kd_lightning.stages import plan_stages
 from scheme_cases import CONF_DIR, SCHEME_CASES
 
@@ -20,6 +25,21 @@ SCHEMES = sorted(SCHEME_CASES)
 
 def test_every_scheme_config_has_a_case():
     assert sorted(path.stem for path in (CONF_DIR / "scheme").glob("*.yaml")) == SCHEMES
+
+
+@pytest.mark.parametrize("base, abstract, arguments", [(DataFree, "data_free_step", ()),
+                                                       (MutualLearning, "partner_logits", ([], None))])
+def test_abstract_bases_are_trained_resumed_and_run_under_ddp_through_their_registered_subclasses(base, abstract,
+                                                                                                 arguments):
+    # The bases are no scheme of their own: every walk (train, resume, bf16, DDP) runs them through the scheme
+    # configs whose target subclasses them, so those must exist and have cases; the base itself refuses to run.
+    targets = {path.stem: get_class(target) for path in (CONF_DIR / "scheme").glob("*.yaml")
+               if (target := OmegaConf.select(OmegaConf.load(path), "scheme._target_"))}
+    subclassed = sorted(name for name, cls in targets.items() if issubclass(cls, base))
+    assert len(subclassed) >= 2 and set(subclassed) <= set(SCHEME_CASES)
+    assert base not in targets.values()
+    with pytest.raises(NotImplementedError, match=abstract):
+        getattr(base, abstract)(object.__new__(base), *arguments)
 
 
 def unregistered_modules(module: nn.Module) -> list[nn.Module]:

@@ -7,7 +7,7 @@ settings. Student losses are the `distill` terms; the generator's losses are the
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
