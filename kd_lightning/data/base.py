@@ -168,10 +168,10 @@ class KDDataModule(L.LightningDataModule):
 
     # --- what subclasses provide -------------------------------------------------------------------------
     def load_train_pool(self) -> Dataset:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement load_train_pool()")
 
     def load_test(self) -> Dataset:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement load_test()")
 
     def load_val(self) -> Dataset | None:
         return None
