@@ -9,8 +9,9 @@ image, on the same machine, one job at a time, so the wall times compare. Rows: 
 teacher and the test evaluation included; the warm-up job's time is that overhead). Adding a method is one
 line in METHODS. `--seeds 0,1,2` repeats the methods per run seed (`seed=`: the student's and generator's
 initialisation and noise; the teacher has its own `teacher.seed`, so every seed distils from the same cached
-teacher) and the table adds each method's mean ± std over its seeds. Rows accumulate in
-`<out>/rows.json` across invocations with the same `--out` (a rerun of a method and seed replaces its row). The section goes between `<!-- benchmark:datafree:start/end -->` in `--markdown`.
+teacher) and the table adds each method's mean ± std over its seeds. Rows accumulate in `<out>/rows.json`
+across invocations with the same `--out` (a rerun of a method and seed replaces its row). The section goes
+between `<!-- benchmark:datafree:start/end -->` in `--markdown`.
 """
 
 from __future__ import annotations
