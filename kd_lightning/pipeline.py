@@ -21,6 +21,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.acceleration import accelerate
+from kd_lightning.checkpoint_selection import check_test_weights, restore_best, weight_choice_recipe
 from kd_lightning.errors import ConfigError
 from kd_lightning.job_identity import job_record, sweep_name
 from kd_lightning.report import collapse_warning, format_table, network_size
@@ -121,6 +122,8 @@ def fit_and_test(cfg: DictConfig, module: L.LightningModule, datamodule: Any, ph
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     # Read before testing: `trainer.test` replaces the callback metrics, and `val/acc` is the search objective.
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/acc")}
+    if test and cfg.get("test_weights", "last") == "best":  # not after an init phase: the main phase follows
+        metrics.update(restore_best(trainer, module))
     if test and cfg.get("evaluate_test", True):
         trainer.test(module, datamodule=datamodule, verbose=False)
         metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()
@@ -187,7 +190,8 @@ def stage_recipe(stage_cfg: DictConfig, stage: Stage, teacher_keys: dict[str, st
               "seed": stage.seed, "data": data, "trainer": trainer,
               "optimizer": OmegaConf.to_container(stage_cfg.optimizer, resolve=True),
               "scheduler": OmegaConf.to_container(scheduler, resolve=True) if scheduler else None,
-              "teachers": {name: teacher_keys[name] for name in stage.teacher_names()}}
+              "teachers": {name: teacher_keys[name] for name in stage.teacher_names()},
+              **weight_choice_recipe(stage_cfg)}
     cache = cache_options(stage_cfg)
     if stage.teachers and cache is not None and not cache.lossless:
         recipe["teacher_outputs"] = cache.dtype  # rounded teacher outputs train a (slightly) different network
@@ -349,6 +353,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_accelerator(cfg.trainer)
     job = job_record(cfg)  # before the stages: they must not change what identifies the job
     datamodule = construct(cfg.data)
+    check_test_weights(cfg, datamodule)
     stages = plan_stages(cfg)
     if cache_options(cfg) and not any(stage.teachers for stage in stages):
         raise ConfigError(f"teacher_cache={cfg.teacher_cache.storage} caches a frozen teacher's outputs, but no stage "
