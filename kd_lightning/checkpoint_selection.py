@@ -29,6 +29,11 @@ def _monitored_checkpoint_configs(cfg: DictConfig) -> list[DictConfig]:
             if str(node.get("_target_", "")).endswith("ModelCheckpoint") and node.get("monitor")]
 
 
+def _weight_averaging_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    return {name: node for name, node in _callback_configs(cfg).items()
+            if str(node.get("_target_", "")).rsplit(".", 1)[-1] in WEIGHT_AVERAGING}
+
+
 def check_test_weights(cfg: DictConfig, datamodule: Any) -> None:
     """Refuse a `test_weights` that cannot be honoured, before anything trains."""
     choice = cfg.get("test_weights", "last")
@@ -41,6 +46,12 @@ def check_test_weights(cfg: DictConfig, datamodule: Any) -> None:
                           "(it monitors val/acc), add one, e.g. "
                           "+callbacks.best=\"{_target_: lightning.pytorch.callbacks.ModelCheckpoint, monitor: val/acc, "
                           "mode: max}\", or set test_weights=last.")
+    averaging = _weight_averaging_configs(cfg)
+    if choice == "best" and averaging:
+        raise ConfigError(f"test_weights=best with the weight-averaging callback(s) {sorted(averaging)}: the callback "
+                          f"swaps its own running average in for the test and the export, so the best checkpoint "
+                          f"loaded after training would not be what is tested. Use one: test_weights=last keeps the "
+                          f"average, or drop the callback (e.g. callbacks=default) to keep the best checkpoint.")
     if choice == "best" and datamodule.validates_on_test:
         raise ConfigError(f"test_weights=best chooses weights on the validation split, and {type(datamodule).__name__} "
                           f"validates on the test split (data.val_fraction=0), so the reported test accuracy would "
@@ -49,7 +60,10 @@ def check_test_weights(cfg: DictConfig, datamodule: Any) -> None:
 
 def restore_best(trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
     """Load the best-ranked checkpoint's weights into `module`; returns {monitored metric: its best value}."""
-    callback = next(c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor)
+    callback = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+    if callback is None:
+        raise ConfigError("test_weights=best needs a ModelCheckpoint with `monitor:` set among the trainer's "
+                          "callbacks; use callbacks=default or set test_weights=last.")
     if not callback.best_model_path:
         raise ConfigError(f"test_weights=best found no checkpoint ranked on {callback.monitor}: validation never "
                           f"logged it during training (trainer.check_val_every_n_epoch larger than max_epochs, or "
@@ -64,8 +78,8 @@ def weight_choice_recipe(cfg: DictConfig) -> dict[str, Any]:
     recipe: dict[str, Any] = {}
     if cfg.get("test_weights", "last") == "best":
         recipe["test_weights"] = "best"
-    averaging = {name: OmegaConf.to_container(node, resolve=True) for name, node in _callback_configs(cfg).items()
-                 if str(node.get("_target_", "")).rsplit(".", 1)[-1] in WEIGHT_AVERAGING}
+    averaging = {name: OmegaConf.to_container(node, resolve=True)
+                 for name, node in _weight_averaging_configs(cfg).items()}
     if averaging:  # an EMA teacher is a different teacher: it must not be served from the plain one's cache
         recipe["weight_averaging"] = averaging
     return recipe

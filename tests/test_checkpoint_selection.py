@@ -78,6 +78,8 @@ def test_the_exported_student_is_the_best_checkpoint_of_a_real_run(make_cfg, tmp
     (["test_weights=final"], "not one of"),
     (["test_weights=best", "callbacks=none"], "callbacks=default"),
     (["test_weights=best", "callbacks=default", "data=fashion_mnist"], "data.val_fraction=0.1"),
+    (["test_weights=best", "callbacks=ema", "+callbacks.best={_target_: lightning.pytorch.callbacks.ModelCheckpoint,"
+      " monitor: val/acc, mode: max}"], "weight-averaging"),
 ])
 def test_a_test_weights_choice_that_cannot_be_honoured_is_refused_before_training(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
