@@ -40,19 +40,21 @@ def check_test_weights(cfg: DictConfig, datamodule: Any) -> None:
     if choice not in CHOICES:
         raise ConfigError(f"test_weights={choice!r} is not one of {list(CHOICES)}: `last` tests the weights training "
                           f"ended with, `best` the checkpoint with the best monitored validation metric.")
-    if choice == "best" and not _monitored_checkpoint_configs(cfg):
+    if choice == "last":
+        return
+    if not _monitored_checkpoint_configs(cfg):
         raise ConfigError("test_weights=best loads the checkpoint a monitored ModelCheckpoint ranked best, but the "
                           "run's callbacks have none (a ModelCheckpoint with `monitor:` set). Use callbacks=default "
                           "(it monitors val/acc), add one, e.g. "
                           "+callbacks.best=\"{_target_: lightning.pytorch.callbacks.ModelCheckpoint, monitor: val/acc, "
                           "mode: max}\", or set test_weights=last.")
     averaging = _weight_averaging_configs(cfg)
-    if choice == "best" and averaging:
+    if averaging:
         raise ConfigError(f"test_weights=best with the weight-averaging callback(s) {sorted(averaging)}: the callback "
                           f"swaps its own running average in for the test and the export, so the best checkpoint "
                           f"loaded after training would not be what is tested. Use one: test_weights=last keeps the "
                           f"average, or drop the callback (e.g. callbacks=default) to keep the best checkpoint.")
-    if choice == "best" and datamodule.validates_on_test:
+    if datamodule.validates_on_test:
         raise ConfigError(f"test_weights=best chooses weights on the validation split, and {type(datamodule).__name__} "
                           f"validates on the test split (data.val_fraction=0), so the reported test accuracy would "
                           f"be chosen on the test set. Set data.val_fraction=0.1 or test_weights=last.")
