@@ -23,10 +23,11 @@ from kd_lightning.job_identity import job_record
 from kd_lightning.report import collapse_warning, format_table, network_size
 from kd_lightning.stage_build import (CONTEXT, build_model, build_stage_module, build_terms, constructor_parameters,
                                       construct, scheme_kwargs, stage_config, teacher_arguments)
-from kd_lightning.stage_cache import stage_file, stage_recipe
+from kd_lightning.stage_cache import (file_version, load_cached, single_process, stage_file, stage_lock,
+                                      stage_recipe)
 from kd_lightning.stages import Stage, plan_stages
 from kd_lightning.teacher_cache import OFF_SWITCH, cache_options
-from kd_lightning.teachers import export_student, load_products, load_weights, read_metrics, recipe_key, save_products
+from kd_lightning.teachers import export_student, load_weights, recipe_key, save_products
 from kd_lightning.trainer_setup import (build_callbacks, build_loggers, check_accelerator, checkpoint_record, evaluate,
                                         fit_and_test, resumed_wandb_run_id)
 from kd_lightning.validate import check_settings
@@ -54,14 +55,38 @@ def run_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, products: di
         source = f"checkpoint {stage.checkpoint}" if stage.checkpoint else f"torchvision weights {network.kd_spec.get('weights')}"
         return networks, {"metrics": evaluate(stage_cfg, network, datamodule, stage.name), "source": source}, None
     cache_file = stage_file(stage_cfg, stage, key)
-    if stage.cache and ckpt_path is None and cache_file.is_file():
-        networks = build_stage_module(stage_cfg, stage, datamodule, teachers).products()
-        load_products(networks, cache_file)
-        metrics = read_metrics(cache_file)
-        if len(networks) == 1 and not any(key.startswith("test/") for key in metrics):
-            # Trained by a search trial, which tests nothing: a run that reports test metrics computes them now.
-            metrics.update(evaluate(stage_cfg, next(iter(networks.values())), datamodule, stage.name))
-        return networks, {"metrics": metrics, "source": f"cache {cache_file}"}, None
+    if not stage.cache or ckpt_path is not None:  # a resumed stage trains on from its checkpoint
+        return train_stage(stage_cfg, stage, datamodule, teachers, cache_file, ckpt_path)
+    seen = file_version(cache_file)
+    cached = cached_stage(stage_cfg, stage, datamodule, teachers, cache_file)
+    if cached is not None:
+        return cached
+    with stage_lock(cache_file, enabled=single_process(stage_cfg)):
+        # Written by the job that held the lock while this one waited: read it. The same (damaged or no) file
+        # as before: this job trains the stage.
+        if file_version(cache_file) != seen:
+            cached = cached_stage(stage_cfg, stage, datamodule, teachers, cache_file)
+        return cached if cached is not None else train_stage(stage_cfg, stage, datamodule, teachers, cache_file)
+
+
+def cached_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, teachers: dict[str, Any],
+                 cache_file: Path) -> tuple[dict[str, torch.nn.Module], dict[str, Any], None] | None:
+    """The stage's products read from the stage cache; None when the file is missing or damaged."""
+    if not cache_file.is_file():
+        return None
+    networks = build_stage_module(stage_cfg, stage, datamodule, teachers).products()
+    metrics = load_cached(networks, cache_file)
+    if metrics is None:
+        return None
+    if len(networks) == 1 and not any(key.startswith("test/") for key in metrics):
+        # Trained by a search trial, which tests nothing: a run that reports test metrics computes them now.
+        metrics.update(evaluate(stage_cfg, next(iter(networks.values())), datamodule, stage.name))
+    return networks, {"metrics": metrics, "source": f"cache {cache_file}"}, None
+
+
+def train_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, teachers: dict[str, Any], cache_file: Path,
+                ckpt_path: str | None = None) -> tuple[dict[str, torch.nn.Module], dict[str, Any], L.Trainer]:
+    """Train the stage (its init phase first), test it, and store it in the stage cache when it is cached."""
     L.seed_everything(stage.seed, workers=True)
     module = build_stage_module(stage_cfg, stage, datamodule, teachers)
     module.stage_name = stage.name
