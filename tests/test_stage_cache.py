@@ -96,3 +96,17 @@ def test_two_jobs_with_a_cold_stage_cache_train_the_teacher_once(make_cfg, tmp_p
     assert sources == ["cache", "trained,"]  # one job trained the teacher, the other read its file
     assert results[0]["teacher"]["metrics"]["test/acc"] == results[1]["teacher"]["metrics"]["test/acc"]
     assert len(list((tmp_path / "cache" / "stages").glob("teacher-*.pt"))) == 1
+
+
+def test_only_single_process_runs_take_the_stage_lock():
+    from omegaconf import OmegaConf
+
+    from kd_lightning.stage_cache import single_process
+
+    def trainer(**settings):
+        return OmegaConf.create({"trainer": {"devices": 1, "num_nodes": 1, **settings}})
+
+    assert all(single_process(trainer(devices=devices)) for devices in (1, "1", [0]))
+    # A DDP job's ranks train the stage together: one rank waiting on another's lock would never start.
+    assert not any(single_process(trainer(devices=devices)) for devices in (2, "auto", [0, 1], -1))
+    assert not single_process(trainer(num_nodes=2))
