@@ -25,14 +25,16 @@ a cache heals itself. Jobs that fill one file at once are safe on one machine: a
 its row, and two writers of an entry write the same teacher output.
 
 Exactness: a miss returns what a later hit of that entry will: the teacher's output rounded to `dtype`
-(float16 rounds to 11 significant bits; float32 is the forward's values bit for bit). So a run's numbers do
-not depend on how full a shared file was when it started, nor on which other jobs filled it. In float32,
-a step whose samples are all misses runs the teacher on the whole batch, as without the cache, so the
-first epoch's losses are those of an uncached run. A hit may come from a forward in a batch of another size: on CPU,
-oneDNN picks convolution kernels by batch size, which moves the last bits of the teacher's logits (up to
-3e-6 on resnet20 logits for batches under 17, none measured between 17 and 64), so later epochs match a
-run without the cache to that rounding, not bit for bit, and a run resumed with `storage=memory`
-(which starts empty: the cache is derived state, not checkpointed) likewise.
+(float16 rounds to 11 significant bits; float32 is the forward's values bit for bit). So whether an entry
+was filled when a run reached it does not change the run: a job on an empty shared file and the same job
+on the file it filled train bit for bit alike. In float32, a step whose samples are all misses runs the
+teacher on the whole batch, as without the cache, so the first epoch's losses are those of an uncached run.
+What remains is which forward filled an entry: one in a batch of another size (another job's misses,
+`precompute`'s batches of 256) can differ in the last bits, because on CPU oneDNN picks convolution
+kernels by batch size (up to 3e-6 on resnet20 logits for batches under 17, none measured between 17 and
+64). float32 later epochs therefore match a run without the cache to that rounding, not bit for bit, as
+does a run resumed with `storage=memory` (which starts empty: the cache is derived state, not
+checkpointed); float16 rounding hides such differences except for a value that sits at a rounding boundary.
 
 On a GPU each step with misses copies their outputs to the host (one device sync), and the lookup needs
 the indices and views in host memory (a loader that yields them on the device costs one more).
