@@ -38,9 +38,10 @@ def test_epoch_and_sweep_measurements_print_their_ratios():
                        "--batch-size", "16", "--epochs", "3")
     # Interleaved rounds: per arm the median epoch, the median of its per-round ratios, and their range.
     found = re.findall(r"^\| ([^|]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)–([\d.]+) \|$", epoch, flags=re.MULTILINE)
-    assert [name.strip() for name, *_ in found] == ["student only (supervised)",
-                                                    "KD, cache warm (all 162 views precomputed)", "KD, no cache"]
-    assert [float(value) for value in found[0][2:]] == [1.0, 1.0, 1.0]
+    arms = ["student only (supervised)", "KD, cache warm (all 162 views precomputed)", "KD, no cache"]
+    assert [name.strip() for name, *_ in found] == arms * 2  # one table by CPU time, one by wall time
+    assert "| arm (CPU time) |" in epoch and "| arm (wall time) |" in epoch
+    assert [float(value) for value in found[0][2:]] == [1.0, 1.0, 1.0] == [float(value) for value in found[3][2:]]
     for _, seconds, median, low, high in found:
         assert float(seconds) > 0 and float(low) <= float(median) <= float(high)
     assert "3 interleaved rounds" in epoch
