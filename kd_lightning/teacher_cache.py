@@ -16,18 +16,25 @@ all 162 views, float16: 50,000 × 162 × 100 × 2 B = 1.62 GB.
 How it fills: the host batch's (index, view) pairs are looked up before the batch moves to the device
 (`lookup`, from `Offline.on_before_batch_transfer`), the teacher runs on the misses only, and their rows
 are written. `precompute` fills every view of every sample before training. `storage="mmap"` keeps the
-table in `<directory>/<teacher>-<key>.bin` (and which entries are filled in `.filled`), keyed by the
-teacher's weights, the data split, the views, the stored outputs and the precision, so every job of a
-sweep with that teacher reuses it. Jobs that fill one file at once are safe on one machine: an entry's
-flag is set after its row, and two writers of an entry write the same teacher output.
+table in `<directory>/<teacher>-<key>.bin`, keyed by the teacher's weights, the data split, the views, the
+stored outputs and the precision, so every job of a sweep with that teacher reuses it. The file is a
+header (what it holds, as JSON), a filled flag per entry, then the table; it is created under a temporary
+name and linked into place, so a job never maps half a header. A file whose header or size is not what
+this run expects (truncated, or of an older layout) is replaced by an empty one, with a one-line warning:
+a cache heals itself. Jobs that fill one file at once are safe on one machine: an entry's flag is set after
+its row, and two writers of an entry write the same teacher output.
 
-Exactness: a hit returns the stored values, which in float32 are bit for bit the ones the miss computed.
-A step whose samples are all misses runs the teacher on the whole batch, as without the cache, so the
-first epoch's losses are identical. A hit may come from a forward in a batch of another size: on CPU,
-oneDNN picks convolution kernels by batch size, which moves the last bits of the teacher's logits (up to
-3e-6 on resnet20 logits for batches under 17, none measured between 17 and 64), so later epochs match a
-run without the cache to that rounding, not bit for bit, and a run resumed with `storage=memory`
-(which starts empty: the cache is derived state, not checkpointed) likewise.
+Exactness: a miss returns what a later hit of that entry will: the teacher's output rounded to `dtype`
+(float16 rounds to 11 significant bits; float32 is the forward's values bit for bit). So whether an entry
+was filled when a run reached it does not change the run: a job on an empty shared file and the same job
+on the file it filled train bit for bit alike. In float32, a step whose samples are all misses runs the
+teacher on the whole batch, as without the cache, so the first epoch's losses are those of an uncached run.
+What remains is which forward filled an entry: one in a batch of another size (another job's misses,
+`precompute`'s batches of 256) can differ in the last bits, because on CPU oneDNN picks convolution
+kernels by batch size (up to 3e-6 on resnet20 logits for batches under 17, none measured between 17 and
+64). float32 later epochs therefore match a run without the cache to that rounding, not bit for bit, as
+does a run resumed with `storage=memory` (which starts empty: the cache is derived state, not
+checkpointed); float16 rounding hides such differences except for a value that sits at a rounding boundary.
 
 On a GPU each step with misses copies their outputs to the host (one device sync), and the lookup needs
 the indices and views in host memory (a loader that yields them on the device costs one more).
@@ -38,11 +45,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,9 +62,12 @@ log = logging.getLogger(__name__)
 
 STORAGES = ("memory", "mmap")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
+NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
 LOGITS = "logits"
 PRECOMPUTE_BATCH = 256
 OFF_SWITCH = "teacher_cache=none"
+FILE_FORMAT = "kd_lightning.teacher_outputs/2"
+HEADER_BYTES = 4096  # the JSON header, zero-padded; the flags and the table start on page boundaries
 
 TeacherForward = Callable[[Tensor], dict[str, Tensor]]
 
@@ -183,12 +195,10 @@ class TeacherOutputCache:
             self.filled = torch.zeros(count, size, dtype=torch.uint8)
         else:
             path = self.options.directory / f"{key}.bin"
-            path.parent.mkdir(parents=True, exist_ok=True)
             where = f"mmap {path}"
-            self.table = torch.from_file(str(path), shared=True, size=count * size * self.width,
-                                         dtype=DTYPES[self.options.dtype]).view(count, size, self.width)
-            self.filled = torch.from_file(str(path.with_suffix(".filled")), shared=True, size=count * size,
-                                          dtype=torch.uint8).view(count, size)
+            self.filled, self.table = map_table(path, {"format": FILE_FORMAT, "key": key, "samples": count,
+                                                       "views": size, "width": self.width,
+                                                       "dtype": self.options.dtype})
         self.key = key
         if rank == 0:
             log.info(f"teacher cache: {count} × {size} views × {described} {self.options.dtype} = "
@@ -253,16 +263,18 @@ class TeacherOutputCache:
             raise RuntimeError("TeacherOutputCache.outputs needs the lookup of this batch first (Offline does it in "
                                "on_before_batch_transfer).")
         if len(lookup.misses) == len(images):
-            computed = forward(images)  # the whole batch, exactly as without the cache
+            computed = self._as_stored(forward(images))  # the whole batch, as without the cache
             self._store(lookup, computed)
-            return {name: computed[name] for name in self.slices}
+            return computed
         device = images.device
-        hits = lookup.hits.to(device, non_blocking=True)
         rows = lookup.rows.to(device, non_blocking=True)
+        if not len(lookup.misses):  # a warm cache: the rows are the batch, in order; no scatter needed
+            return {name: rows[:, columns].to(self.dtypes[name]).contiguous() for name, columns in self.slices.items()}
+        hits = lookup.hits.to(device, non_blocking=True)
         fresh = None
         if len(lookup.misses):
             misses = lookup.misses.to(device, non_blocking=True)
-            fresh = forward(images[misses])
+            fresh = self._as_stored(forward(images[misses]))
             self._store(lookup, fresh)
         result = {}
         for name, columns in self.slices.items():
@@ -273,6 +285,15 @@ class TeacherOutputCache:
                 out[misses] = fresh[name]
             result[name] = out
         return result
+
+    def _as_stored(self, computed: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The outputs as a later hit will return them: rounded to the table's dtype, in the forward's dtype.
+        Without this a float16 cache trained a run on exact outputs for its misses and rounded ones for its
+        hits, so the result depended on how full a shared file was."""
+        if self.options.lossless:
+            return {name: computed[name] for name in self.slices}
+        dtype = DTYPES[self.options.dtype]
+        return {name: computed[name].to(dtype).to(computed[name].dtype) for name in self.slices}
 
     def _store(self, lookup: _Lookup, computed: Mapping[str, Tensor]) -> None:
         assert self.table is not None and self.filled is not None
@@ -303,6 +324,54 @@ class TeacherOutputCache:
                     computed = forward(training_inputs(train_set, images[empty], view).to(device))
                     self._store(_Lookup(missing, torch.full_like(missing, view), torch.empty(0, dtype=torch.long),
                                         torch.arange(len(missing)), torch.empty(0)), computed)
+
+
+def map_table(path: Path, header: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """The (filled flags, table) of the shared file at `path`, created empty if missing and replaced by an
+    empty one (with a warning) if its header or size is not `header`'s."""
+    count, size, width = header["samples"], header["views"], header["width"]
+    dtype = DTYPES[header["dtype"]]
+    table_at = HEADER_BYTES + -(-count * size // HEADER_BYTES) * HEADER_BYTES
+    nbytes = table_at + count * size * width * dtype.itemsize
+    encoded = json.dumps(header, sort_keys=True).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    problem = _file_problem(path, encoded, nbytes)
+    if problem is not None:
+        fresh = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        with open(fresh, "wb") as file:
+            file.write(encoded)
+            file.truncate(nbytes)  # sparse: the flags read as 0 (not filled) and cost no disk until written
+        if problem == "missing":
+            try:
+                os.link(fresh, path)  # fails if another job created it meanwhile: then that file is the one
+            except FileExistsError:
+                pass
+            problem = _file_problem(path, encoded, nbytes)
+        if problem is None:
+            os.unlink(fresh)
+        else:
+            log.warning(f"teacher cache: {path} is damaged ({problem}); replacing it with an empty table")
+            os.replace(fresh, path)
+            path.with_suffix(".filled").unlink(missing_ok=True)  # an older layout's flags, beside the table
+    elements = count * size * width
+    flags = np.memmap(path, dtype=np.uint8, mode="r+", offset=HEADER_BYTES, shape=(count * size,))
+    table = np.memmap(path, dtype=NUMPY_DTYPES[header["dtype"]], mode="r+", offset=table_at, shape=(elements,))
+    return torch.from_numpy(flags).view(count, size), torch.from_numpy(table).view(count, size, width)
+
+
+def _file_problem(path: Path, header: bytes, nbytes: int) -> str | None:
+    """Why the file at `path` is not a table of this layout: "missing", a size or a header mismatch; None if it is."""
+    try:
+        with open(path, "rb") as file:
+            found = file.read(HEADER_BYTES)
+            actual = os.fstat(file.fileno()).st_size
+    except FileNotFoundError:
+        return "missing"
+    if actual != nbytes:
+        return f"{actual} bytes, expected {nbytes}"
+    if found.rstrip(b"\0") != header:
+        return "its header does not describe this table"
+    return None
 
 
 def stored_inputs(train_set: Any, positions: list[int]) -> Tensor:

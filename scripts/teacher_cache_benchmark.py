@@ -1,13 +1,18 @@
 """What the exact teacher-output cache saves (kd_lightning/teacher_cache.py), measured in one process.
 
-    nice python scripts/teacher_cache_benchmark.py epoch --teacher resnet20 --student resnet8 --train-size 128
+    nice python scripts/teacher_cache_benchmark.py epoch --teacher resnet20 --student resnet8 --train-size 640 --epochs 9
     nice python scripts/teacher_cache_benchmark.py sweep --seeds 0 1 2 --epochs 10 [-- <Hydra overrides>]
 
 `epoch`: CIFAR-shaped synthetic uint8 images (3×32×32, 100 classes) with CIFAR's pad-4 crop + flip (162 views),
 the teacher randomly initialised (its weights do not change the cost). Times training epochs of the student
-alone (supervised), of KD with every (sample, view) of the cache precomputed, and of KD without the cache,
-each the median of `--epochs` epochs after one untimed epoch; prints one markdown row per arm with its ratio
-to the student-only epoch.
+alone (supervised), of KD with every (sample, view) of the cache precomputed, and of KD without the cache.
+The arms are interleaved: each of `--epochs` rounds (after one untimed round, which also precomputes the
+cache) trains one epoch of every arm, in an order that rotates per round, so a change in the load of a
+shared machine reaches all arms alike; each arm's ratio to the student-only epoch of the same round is one
+sample. Prints two tables, one per clock, with one row per arm: median seconds per epoch, median ratio, and
+the ratios' range. CPU time (the process's, all in one thread: `--threads 1`, no loader workers) counts
+the work an epoch does and is barely moved by other processes on a shared machine; wall time is what a
+user waits, and on a loaded machine mostly measures the load.
 `sweep`: the default digits job with its one-pixel-shift augmentation (9 views), `--seeds` jobs in a row,
 without the cache, with a lazily filled shared file (teacher_cache=mmap), and with it precomputed by the first
 job; the teacher stage is trained once before the timing and read from the stage cache by every job. Prints
@@ -64,24 +69,31 @@ class CifarShaped(KDDataModule):
         return ViewedTransform(self.train_views, after=lambda image: (image - mean) / std)
 
 
+CLOCKS = {"CPU": time.process_time, "wall": time.perf_counter}
+
+
 class EpochTimer(L.Callback):
     def __init__(self) -> None:
-        self.durations: list[float] = []
+        self.durations: list[dict[str, float]] = []
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        self.start = time.perf_counter()
+        self.start = {name: clock() for name, clock in CLOCKS.items()}
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        self.durations.append(time.perf_counter() - self.start)
+        self.durations.append({name: clock() - self.start[name] for name, clock in CLOCKS.items()})
 
 
-def time_epochs(module: L.LightningModule, data: KDDataModule, epochs: int) -> float:
+def time_epoch(module: L.LightningModule, data: KDDataModule) -> dict[str, float]:
+    """One training epoch of `module` (a new Trainer, the module's weights carried on): seconds by clock."""
     timer = EpochTimer()
-    trainer = L.Trainer(max_epochs=epochs + 1, accelerator="cpu", devices=1, logger=False, callbacks=[timer],
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[timer],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=data)
-    return statistics.median(timer.durations[1:])
+    return timer.durations[0]
+
+
+STUDENT_ONLY = "student only (supervised)"
 
 
 def epoch_benchmark(args: argparse.Namespace) -> None:
@@ -98,13 +110,24 @@ def epoch_benchmark(args: argparse.Namespace) -> None:
                            train_size=args.train_size, teacher_cache=cache, optimizer=optimizer)
 
         warm = TeacherCacheOptions(storage="memory", directory=Path(directory), precompute=True)
-        arms = {"student only (supervised)": module(False), "KD, cache warm (all 162 views precomputed)": module(warm),
+        arms = {STUDENT_ONLY: module(False), "KD, cache warm (all 162 views precomputed)": module(warm),
                 "KD, no cache": module(None)}
-        seconds = {name: time_epochs(arm, data, args.epochs) for name, arm in arms.items()}
-    base = seconds["student only (supervised)"]
+        names = list(arms)
+        seconds: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+        for round_ in range(args.epochs + 1):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                seconds[name].append(time_epoch(arms[name], data))
     print(f"{args.teacher} → {args.student}, {args.train_size} images/epoch, batch {args.batch_size}, "
-          f"median of {args.epochs} epochs, {torch.get_num_threads()} threads")
-    print_ratios("arm", "s / epoch", "ratio to student only", seconds, base, digits=3)
+          f"{args.epochs} interleaved rounds, {torch.get_num_threads()} threads")
+    for clock in CLOCKS:
+        timed = {name: [epoch[clock] for epoch in values[1:]] for name, values in seconds.items()}  # round 0: warm-up
+        ratios = {name: [value / base for value, base in zip(values, timed[STUDENT_ONLY])]
+                  for name, values in timed.items()}
+        print(f"\n| arm ({clock} time) | s / epoch (median) | ratio to student only (median) | ratio range |\n"
+              f"| --- | --- | --- | --- |")
+        for name in names:
+            print(f"| {name} | {statistics.median(timed[name]):.3f} | {statistics.median(ratios[name]):.3f} | "
+                  f"{min(ratios[name]):.3f}–{max(ratios[name]):.3f} |")
 
 
 def print_ratios(arm: str, unit: str, ratio: str, seconds: dict[str, float], base: float, digits: int) -> None:
@@ -155,7 +178,7 @@ def main() -> None:
     epoch.add_argument("--student", default="resnet8")
     epoch.add_argument("--train-size", type=int, default=128)
     epoch.add_argument("--batch-size", type=int, default=64)
-    epoch.add_argument("--epochs", type=int, default=3, help="timed epochs per arm (after one untimed)")
+    epoch.add_argument("--epochs", type=int, default=5, help="timed rounds, one epoch per arm (after one untimed)")
     sweep = commands.add_parser("sweep", help="a seed sweep's wall time with and without the cache")
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     sweep.add_argument("--epochs", type=int, default=10, help="student epochs per job")

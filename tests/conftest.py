@@ -65,6 +65,6 @@ def recorded_losses(monkeypatch) -> dict[str, list[float]]:
 
     losses: dict[str, list[float]] = {}
     original = pipeline.build_callbacks
-    monkeypatch.setattr(pipeline, "build_callbacks",
+    monkeypatch.setattr("kd_lightning.trainer_setup.build_callbacks",
                         lambda cfg, has_logger: [*original(cfg, has_logger), _LossRecorder(losses)])
     return losses

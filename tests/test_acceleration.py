@@ -61,7 +61,7 @@ def student_losses(make_cfg, monkeypatch, *overrides: str) -> list[float]:
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
             losses.append(float(outputs["loss"]))
 
-    monkeypatch.setattr(pipeline, "build_callbacks", lambda *args: [Record()])
+    monkeypatch.setattr("kd_lightning.trainer_setup.build_callbacks", lambda *args: [Record()])
     cfg = make_cfg("trainer.limit_train_batches=3", *overrides)
     torch.manual_seed(0)
     module = student_module(make_cfg, *overrides)

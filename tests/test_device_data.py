@@ -189,7 +189,7 @@ def test_augmented_device_batches_do_not_wait_for_the_device(make_cfg, monkeypat
                    "callbacks=default", "trainer.limit_train_batches=6", "trainer.log_every_n_steps=50",
                    "trainer.limit_val_batches=1", fast=False)
     counter = SyncCounter(monkeypatch)
-    monkeypatch.setattr(pipeline, "build_callbacks", lambda *args: [counter])
+    monkeypatch.setattr("kd_lightning.trainer_setup.build_callbacks", lambda *args: [counter])
     datamodule = pipeline.construct(cfg.data)
     student_stage = pipeline.plan_stages(cfg)[-1]
     module = pipeline.build_stage_module(pipeline.stage_config(cfg, student_stage), student_stage, datamodule,

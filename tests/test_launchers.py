@@ -198,7 +198,7 @@ def test_a_requeued_job_resumes_from_its_last_checkpoint(monkeypatch, tmp_path):
             steps.append(trainer.global_step)
 
     original = pipeline.build_callbacks
-    monkeypatch.setattr(pipeline, "build_callbacks", lambda cfg, has_logger: [*original(cfg, has_logger), Watch()])
+    monkeypatch.setattr("kd_lightning.trainer_setup.build_callbacks", lambda cfg, has_logger: [*original(cfg, has_logger), Watch()])
     monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the pre-emption reaches the test instead of Hydra's exit(1)
     common = ["baseline=false", "trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",

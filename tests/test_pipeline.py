@@ -138,14 +138,14 @@ def test_resume_continues_at_the_next_epoch_with_the_saved_optimizer_state(make_
                 state = trainer.optimizers[0].state_dict()["state"]
                 Record.momentum = state[0]["momentum_buffer"].clone()
 
-    import kd_lightning.pipeline as pipeline
+    import kd_lightning.trainer_setup as trainer_setup
 
-    original = pipeline.build_callbacks
-    pipeline.build_callbacks = lambda cfg, has_logger: original(cfg, has_logger) + [Record()]
+    original = trainer_setup.build_callbacks
+    trainer_setup.build_callbacks = lambda cfg, has_logger: original(cfg, has_logger) + [Record()]
     try:
         run(make_cfg("scheme=supervised", "trainer.max_epochs=2", f"ckpt_path={checkpoint_path}"))
     finally:
-        pipeline.build_callbacks = original
+        trainer_setup.build_callbacks = original
     assert Record.epochs == [1]
     assert torch.equal(Record.momentum, saved["optimizer_states"][0]["state"][0]["momentum_buffer"])
 
@@ -162,15 +162,15 @@ def test_kd_export_extracts_the_student_from_a_scheme_checkpoint(make_cfg, tmp_p
 
 
 def test_teacher_max_epochs_also_sets_its_schedule_length(make_cfg, tmp_path):
-    import kd_lightning.pipeline as pipeline
+    import kd_lightning.stage_build as stage_build
 
     seen = []
-    original = pipeline.scheme_kwargs
-    pipeline.scheme_kwargs = lambda cfg, dm: seen.append(cfg.scheduler.T_max) or original(cfg, dm)
+    original = stage_build.scheme_kwargs
+    stage_build.scheme_kwargs = lambda cfg, dm: seen.append(cfg.scheduler.T_max) or original(cfg, dm)
     try:
         run(make_cfg("baseline=false", "teacher.max_epochs=2", "trainer.max_epochs=1"))
     finally:
-        pipeline.scheme_kwargs = original
+        stage_build.scheme_kwargs = original
     assert 2 in seen and 1 in seen  # the teacher's cosine spans its own 2 epochs, the student's its 1
 
 

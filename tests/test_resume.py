@@ -67,9 +67,9 @@ class StageLosses(Callback):
 def run_recording(cfg, monkeypatch) -> dict[int, float]:
     recorder = StageLosses(plan_stages(cfg)[-1].name)
     original = pipeline.build_callbacks
-    monkeypatch.setattr(pipeline, "build_callbacks", lambda cfg, has_logger: [*original(cfg, has_logger), recorder])
+    monkeypatch.setattr("kd_lightning.trainer_setup.build_callbacks", lambda cfg, has_logger: [*original(cfg, has_logger), recorder])
     run(cfg)
-    monkeypatch.setattr(pipeline, "build_callbacks", original)
+    monkeypatch.setattr("kd_lightning.trainer_setup.build_callbacks", original)
     return recorder.by_step
 
 

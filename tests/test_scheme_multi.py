@@ -233,7 +233,7 @@ class CaptureStudentModule(L.Callback):
 def test_multi_teacher_run_distils_from_each_trained_cached_teacher(make_cfg, tmp_path, monkeypatch, capsys):
     modules: dict = {}
     original = pipeline.build_callbacks
-    monkeypatch.setattr(pipeline, "build_callbacks",
+    monkeypatch.setattr("kd_lightning.trainer_setup.build_callbacks",
                         lambda cfg, has_logger: [*original(cfg, has_logger), CaptureStudentModule(modules)])
     results = run(make_cfg("scheme=multi_teacher", "teachers=[convnet_large,convnet_large,convnet_small]",
                            "distill=[kd,fitnet]", "scheme.ce_weight=0.1"))
@@ -268,7 +268,7 @@ def test_born_again_run_lists_every_generation_and_each_learns_from_the_previous
                                                                                         capsys):
     modules: dict = {}
     original = pipeline.build_callbacks
-    monkeypatch.setattr(pipeline, "build_callbacks",
+    monkeypatch.setattr("kd_lightning.trainer_setup.build_callbacks",
                         lambda cfg, has_logger: [*original(cfg, has_logger), CaptureStudentModule(modules)])
     results = run(make_cfg("scheme=born_again", "plan.generations=2"))
     table = capsys.readouterr().out

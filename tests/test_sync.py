@@ -120,7 +120,7 @@ def count_syncs(make_cfg, monkeypatch, distill: str) -> dict[int, list[str]]:
                    *(["distill.crd.nce_k=256"] if distill == "crd" else []), fast=False)
     counter = SyncCounter(monkeypatch)
     real_callbacks = pipeline.build_callbacks
-    monkeypatch.setattr(pipeline, "build_callbacks", lambda *args: [counter, *real_callbacks(*args)])
+    monkeypatch.setattr("kd_lightning.trainer_setup.build_callbacks", lambda *args: [counter, *real_callbacks(*args)])
     datamodule = pipeline.construct(cfg.data)
     teacher = pipeline.build_model(cfg.teacher.model, datamodule)
     student_stage = plan_stages(cfg)[-1]

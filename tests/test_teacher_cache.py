@@ -155,3 +155,77 @@ def test_what_the_cache_cannot_serve_is_refused_with_the_fix(tmp_path, make_cfg)
         run(make_cfg("scheme=multi_teacher", "teacher_cache=memory"))
     with pytest.raises(ConfigError, match="no stage of this run distils from a trained teacher"):
         run(make_cfg("scheme=dml", "teacher_cache=memory"))
+
+
+def test_a_float16_miss_returns_the_bits_a_later_hit_of_it_will(tmp_path):
+    data = digits()
+    module = offline(data, options(tmp_path, dtype="float16"))
+    cache = opened(module, data)
+    positions = torch.arange(32)
+    raw = stored_inputs(data.train_set, positions.tolist())
+    views = data.train_views.draw(32, torch.Generator().manual_seed(0))
+    other = views.clone()
+    other[16:] = (views[16:] + 1) % data.train_views.count
+    for served_views in (views, other):  # all misses; then half hits, half misses
+        images = data.train_views.crop_flip(raw, served_views)
+        cache.lookup(positions, served_views)
+        missed_logits, missed_features = module.teacher_logits_and_features(images)
+        cache.lookup(positions, served_views)
+        hit_logits, hit_features = module.teacher_logits_and_features(images)
+        assert torch.equal(missed_logits, hit_logits)
+        assert torch.equal(missed_features["penultimate"], hit_features["penultimate"])
+        assert missed_logits.dtype == torch.float32  # rounded to float16's values, served in the forward's dtype
+    assert not torch.equal(missed_logits, fresh(module, images)[0])  # float16 did round them
+
+
+def test_a_run_on_an_empty_shared_file_and_one_on_the_file_it_filled_train_alike(make_cfg, recorded_losses,
+                                                                                 monkeypatch):
+    misses = []
+    original = TeacherOutputCache.lookup
+
+    def counting(self, indices, views):
+        original(self, indices, views)
+        misses.append(len(self._pending.misses))
+
+    monkeypatch.setattr(TeacherOutputCache, "lookup", counting)
+    common = ("data.augment=true", "+data.train_subset=256", "trainer.max_epochs=3",
+              "trainer.limit_train_batches=null", "baseline=false", "teacher.max_epochs=1", "teacher_cache=mmap")
+    run(make_cfg(*common))  # the default float16, on an empty file
+    on_empty = recorded_losses.pop("student")
+    assert sum(misses) > 0
+    misses.clear()
+    run(make_cfg(*common))  # the same job again: every entry it reads, the first run stored
+    on_full = recorded_losses.pop("student")
+    assert sum(misses) == 0 and len(misses) == len(on_full)
+    assert on_full == on_empty  # bit for bit
+
+
+def test_a_damaged_shared_file_is_replaced_by_an_empty_one_with_a_one_line_warning(tmp_path, caplog):
+    data = digits()
+    opened(offline(data, options(tmp_path, storage="mmap", precompute=True)), data)
+    [path] = (tmp_path / "outputs").glob("*.bin")
+    size = path.stat().st_size
+    view = 4
+    inputs = training_inputs(data.train_set, stored_inputs(data.train_set, list(range(8))), view)
+
+    def truncate() -> None:
+        with open(path, "r+b") as file:
+            file.truncate(size // 2)
+
+    def overwrite_header() -> None:
+        with open(path, "r+b") as file:
+            file.write(b"\xff" * 64)
+
+    for damage in (truncate, overwrite_header):
+        damage()
+        caplog.clear()
+        module = offline(data, options(tmp_path, storage="mmap"))
+        with caplog.at_level(logging.WARNING, logger="kd_lightning.teacher_cache"):
+            cache = opened(module, data)
+        warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and str(path) in warnings[0] and "damaged" in warnings[0], warnings
+        assert path.stat().st_size == size and not bool(cache.filled.any())
+        cache.lookup(torch.arange(8), torch.full((8,), view))
+        served, _ = module.teacher_logits_and_features(inputs)
+        assert (cache.hits, cache.misses) == (0, 8) and torch.equal(served, fresh(module, inputs)[0])
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left behind
