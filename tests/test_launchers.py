@@ -17,9 +17,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from kd_lightning import best, train
+from kd_lightning import train
+from kd_lightning.sweeps import best
 from kd_lightning.errors import ConfigError
-from kd_lightning.sweep_checks import check_launcher, check_sweep
+from kd_lightning.sweeps.checks import check_launcher, check_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")

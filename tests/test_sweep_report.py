@@ -83,7 +83,7 @@ def test_report_of_a_real_sweep_matches_the_jobs(tmp_path, capsys):
 
 def test_a_directory_without_results_is_refused_in_one_paragraph(tmp_path):
     (tmp_path / "sweep" / "0").mkdir(parents=True)
-    result = subprocess.run([sys.executable, "-m", "kd_lightning.sweep_report", str(tmp_path / "sweep")],
+    result = subprocess.run([sys.executable, "-m", "kd_lightning.sweeps.report", str(tmp_path / "sweep")],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -171,7 +171,7 @@ def test_a_wandb_summary_that_cannot_start_is_refused_in_one_paragraph_after_the
     (tmp_path / "sweep" / "0" / "results.json").write_text(json.dumps({**results, "wandb": wandb}))
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), WANDB_MODE="online", WANDB_SILENT="true")  # online, and never logged in
-    result = subprocess.run([sys.executable, "-m", "kd_lightning.sweep_report", str(tmp_path / "sweep")],
+    result = subprocess.run([sys.executable, "-m", "kd_lightning.sweeps.report", str(tmp_path / "sweep")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     message = result.stderr.strip().splitlines()[-1]

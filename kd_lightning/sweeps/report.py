@@ -5,9 +5,9 @@ student, or each peer) with the mean ± sample std of test top-1 over its seeds.
 `baseline` stage of the same jobs, so a row is only compared with students trained on its own seeds.
 Search trials test nothing (`evaluate_test=false`): a sweep whose jobs hold no test top-1 is reported by
 the objective the trials were selected on (`optimized_metric`, e.g. `val/acc`), and labelled so.
-Failed jobs (their `error.json`, see kd_lightning/sweep.py) close the table with their error. A config
+Failed jobs (their `error.json`, see kd_lightning/sweeps/failures.py) close the table with their error. A config
 run more than once (a re-run sweep, a retried seed) counts once. When the jobs logged to W&B, the table and
-plot also go to one W&B summary run in the sweep's group (kd_lightning/sweep_wandb.py).
+plot also go to one W&B summary run in the sweep's group (kd_lightning/sweeps/wandb_summary.py).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any, Sequence
 import yaml
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.objective import DEFAULT_METRIC
+from kd_lightning.sweeps.objective import DEFAULT_METRIC
 from kd_lightning.report import _count
-from kd_lightning.sweep import ERROR_FILE
-from kd_lightning.sweep_wandb import log_summary_run
+from kd_lightning.sweeps.failures import ERROR_FILE
+from kd_lightning.sweeps.wandb_summary import log_summary_run
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "report.png"
