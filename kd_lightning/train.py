@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,10 +17,9 @@ from kd_lightning.cli_checks import check_command_line
 from kd_lightning.errors import ConfigError
 from kd_lightning.sweeps.objective import check_search_objective, is_search, objective_values
 from kd_lightning.sweeps.failures import JobFailed, finish_sweep
+from kd_lightning.sweeps.identity import job_record
+from kd_lightning.sweeps.pruned import PrunedTrial, TrialStopped, record_pruned
 from kd_lightning.sweeps.resume import reuse_finished_job
-
-if TYPE_CHECKING:  # Lightning loads only once a job runs, so `kd-train --help` stays fast
-    from kd_lightning.sweeps.pruning import PrunedTrial, TrialStopped
 
 
 # An absolute path: relative ones are resolved as a Python package when run as the `kd-train` console script.
@@ -52,7 +50,6 @@ def train_job(cfg: DictConfig) -> float | None:
         if previous is not None:  # checked before torch is imported, so a sweep of finished jobs takes seconds
             return objective_values(cfg, previous)
     from kd_lightning.pipeline import construct, run  # after Hydra parsed the arguments, so --help stays fast
-    from kd_lightning.sweeps.pruning import TrialStopped
 
     quiet_lightning_console()
     if checkpoint := requeued_checkpoint(cfg):
@@ -81,9 +78,6 @@ def train_job(cfg: DictConfig) -> float | None:
 
 def pruned_trial(cfg: DictConfig, stopped: TrialStopped) -> PrunedTrial:
     """Record a pruned trial in its job directory and hand the sweeper the `PrunedTrial` it tells the study."""
-    from kd_lightning.sweeps.identity import job_record
-    from kd_lightning.sweeps.pruning import record_pruned
-
     record_pruned(Path(cfg.paths.output_dir), job_record(cfg), stopped.pruned)
     print(f"kd-train: {stopped}", file=sys.stderr)
     return stopped.pruned

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.sweeps.objective import check_search_objective, is_search, objective_names
-from kd_lightning.sweeps.pruning import SWEEPER, check_pruning_metric
+from kd_lightning.sweeps.study import SWEEPER
 
 SUBMITIT = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
 # Strategies that run one process per device and so can use a SLURM allocation's tasks.
@@ -114,6 +114,18 @@ def check_optuna_search(config: DictConfig) -> None:
         check_pruning_metric(objectives[0], config.get("trainer"))
 
 
+def check_pruning_metric(metric: str, trainer_cfg: Any) -> None:
+    """Refuse pruning on a metric that no validation epoch logs, before the first trial."""
+    if not metric.startswith("val/"):
+        raise ConfigError(f"Pruning (hydra.sweeper.pruner.name) compares trials epoch by epoch on optimized_metric, "
+                          f"but {metric} is not logged at the end of every validation epoch: only val/* metrics "
+                          f"are (val/acc, val/acc_best, val/loss). Set optimized_metric=val/acc, or "
+                          f"hydra.sweeper.pruner.name=none.")
+    if trainer_cfg is not None and trainer_cfg.get("limit_val_batches", 1) in (0, 0.0):
+        raise ConfigError(f"Pruning on {metric} needs a validation epoch, but trainer.limit_val_batches=0 switches "
+                          f"validation off. Remove that setting, or set hydra.sweeper.pruner.name=none.")
+
+
 def check_launcher(config: DictConfig) -> None:
     """A submitit job's tasks are Lightning's processes: one per device on every node, under a DDP strategy."""
     launcher = config.hydra.launcher
@@ -148,4 +160,4 @@ def check_launcher(config: DictConfig) -> None:
                           f"hydra.launcher.gpus_per_node={devices}.")
 
 
-__all__ = ["CheckSweep", "check_launcher", "check_optuna_search", "check_search_params", "check_sweep"]
+__all__ = ["CheckSweep", "check_launcher", "check_optuna_search", "check_pruning_metric", "check_search_params", "check_sweep"]

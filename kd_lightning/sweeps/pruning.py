@@ -4,52 +4,20 @@ The trial runs in its own process (a launcher's job), so `ReportToTrial` opens t
 (kd_lightning/sweeps/study.py) and reports to the trial the sweeper asked for (`hydra.sweeper.trial`). It is
 added only to the fit of the run's last stage — the network the search is about; a teacher or baseline trained
 on the way would report someone else's accuracy. A pruned trial raises `TrialStopped` out of the fit; `kd-train`
-writes `<job>/pruned.json` and returns a `PrunedTrial` to the sweeper, which tells the study PRUNED (not FAIL),
-and `kd-report` lists it as pruned.
+writes `<job>/pruned.json` and returns a `PrunedTrial` to the sweeper (kd_lightning/sweeps/pruned.py), which tells
+the study PRUNED (not FAIL), and `kd-report` lists it as pruned.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import ConfigError
-
-PRUNED_FILE = "pruned.json"
-SWEEPER = "hydra_plugins.kd_optuna_sweeper.kd_optuna_sweeper.KDOptunaSweeper"
-
-
-@dataclass(frozen=True)
-class PrunedTrial:
-    """What a pruned job returns to the sweeper (pickled across processes by parallel launchers)."""
-
-    trial: int
-    epoch: int
-    value: float
-
-
-class TrialStopped(Exception):
-    def __init__(self, pruned: PrunedTrial) -> None:
-        super().__init__(f"trial {pruned.trial} pruned after epoch {pruned.epoch} ({pruned.value:.4f})")
-        self.pruned = pruned
-
-
-def check_pruning_metric(metric: str, trainer_cfg: Any) -> None:
-    """Refuse pruning on a metric that no validation epoch logs, before the first trial."""
-    if not metric.startswith("val/"):
-        raise ConfigError(f"Pruning (hydra.sweeper.pruner.name) compares trials epoch by epoch on optimized_metric, "
-                          f"but {metric} is not logged at the end of every validation epoch: only val/* metrics "
-                          f"are (val/acc, val/acc_best, val/loss). Set optimized_metric=val/acc, or "
-                          f"hydra.sweeper.pruner.name=none.")
-    if trainer_cfg is not None and trainer_cfg.get("limit_val_batches", 1) in (0, 0.0):
-        raise ConfigError(f"Pruning on {metric} needs a validation epoch, but trainer.limit_val_batches=0 switches "
-                          f"validation off. Remove that setting, or set hydra.sweeper.pruner.name=none.")
-
+from kd_lightning.sweeps.pruned import PrunedTrial, TrialStopped
+from kd_lightning.sweeps.study import SWEEPER
 
 def search_trial(cfg: DictConfig) -> dict[str, Any] | None:
     """The sweeper settings of a pruned search's trial job, or None for any other run."""
@@ -63,7 +31,8 @@ def search_trial(cfg: DictConfig) -> dict[str, Any] | None:
         return None
     if str((sweeper.get("pruner") or {}).get("name", "none")) == "none":
         return None
-    return {"storage": sweeper.storage, "study_name": sweeper.study_name, "trial": int(sweeper.trial)}
+    return {"storage": sweeper.storage, "study_name": sweeper.study_name, "trial": int(sweeper.trial),
+            "pruner": OmegaConf.to_container(sweeper.pruner, resolve=True)}
 
 
 def pruning_callbacks(cfg: DictConfig, phase: str) -> list:
@@ -79,15 +48,18 @@ def pruning_callbacks(cfg: DictConfig, phase: str) -> list:
 
 
 class ReportToTrial(L.Callback):
-    def __init__(self, storage: str, study_name: str, trial: int, monitor: str) -> None:
+    def __init__(self, storage: str, study_name: str, trial: int, monitor: str, pruner: dict[str, Any]) -> None:
         self.storage, self.study_name, self.number, self.monitor = storage, study_name, trial, monitor
+        self.pruner = pruner
         self._trial = None
 
     def trial(self) -> Any:
         if self._trial is None:
-            from kd_lightning.sweeps.study import load_study, open_storage, trial_of
+            from kd_lightning.sweeps.study import build_pruner, load_study, open_storage, trial_of
 
-            self._trial = trial_of(load_study(open_storage(self.storage), self.study_name), self.number)
+            # Optuna keeps the pruner with the Study object, not in the storage: this process builds the same one.
+            study = load_study(open_storage(self.storage), self.study_name, pruner=build_pruner(self.pruner))
+            self._trial = trial_of(study, self.number)
         return self._trial
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
@@ -110,11 +82,4 @@ class ReportToTrial(L.Callback):
             raise TrialStopped(PrunedTrial(trial=self.number, epoch=epoch, value=value))
 
 
-def record_pruned(output_dir: Path, record: dict[str, Any], pruned: PrunedTrial) -> None:
-    """`<job>/pruned.json`: the job's identity and where the pruner stopped it, for `kd-report`."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / PRUNED_FILE).write_text(json.dumps({**record, "pruned": asdict(pruned)}, indent=2))
-
-
-__all__ = ["PRUNED_FILE", "PrunedTrial", "ReportToTrial", "TrialStopped", "check_pruning_metric",
-           "pruning_callbacks", "record_pruned", "search_trial"]
+__all__ = ["ReportToTrial", "pruning_callbacks", "search_trial"]

@@ -5,7 +5,8 @@ student, or each peer) with the mean ± sample std of test top-1 over its seeds.
 `baseline` stage of the same jobs, so a row is only compared with students trained on its own seeds.
 Search trials test nothing (`evaluate_test=false`): a sweep whose jobs hold no test top-1 is reported by
 the objective the trials were selected on (`optimized_metric`, e.g. `val/acc`), and labelled so.
-Failed jobs (their `error.json`, see kd_lightning/sweeps/failures.py) close the table with their error. A config
+Failed jobs (their `error.json`, see kd_lightning/sweeps/failures.py) close the table with their error; trials a
+search's pruner stopped (their `pruned.json`, kd_lightning/sweeps/pruning.py) are listed as pruned, not failed. A config
 run more than once (a re-run sweep, a retried seed) counts once. When the jobs logged to W&B, the table and
 plot also go to one W&B summary run in the sweep's group (kd_lightning/sweeps/wandb_summary.py).
 """
@@ -26,6 +27,7 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.sweeps.objective import DEFAULT_METRIC
 from kd_lightning.report import _count
 from kd_lightning.sweeps.failures import ERROR_FILE
+from kd_lightning.sweeps.pruned import PRUNED_FILE
 from kd_lightning.sweeps.wandb_summary import log_summary_run
 
 REPORT_FILE = "report.md"
@@ -143,6 +145,14 @@ def failures(sweep_dir: Path) -> list[dict[str, Any]]:
     return [record for record in records if not has_result(record)]
 
 
+def pruned(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Trials the search's pruner stopped, by trial number; a config that later finished is not listed."""
+    finished = {results.get("config_hash") for _, results in job_results(sweep_dir)} - {None}
+    records = [json.loads(path.read_text()) | {"dir": str(path.parent)} for path in sweep_dir.rglob(PRUNED_FILE)]
+    return sorted((record for record in records if record.get("config_hash") not in finished),
+                  key=lambda record: record["pruned"]["trial"])
+
+
 def shared_overrides(rows: list[Row]) -> list[str]:
     every = [set(row.configuration) for row in rows]
     shared = set.intersection(*every) if len(every) > 1 else set()
@@ -161,11 +171,13 @@ def job_dir_name(sweep_dir: Path, record: dict[str, Any]) -> str:
     return str(job_dir.relative_to(sweep_dir)) if job_dir.is_relative_to(sweep_dir) else str(job_dir)
 
 
-def render_markdown(sweep_dir: Path, rows: list[Row], failed: list[dict[str, Any]]) -> str:
+def render_markdown(sweep_dir: Path, rows: list[Row], failed: list[dict[str, Any]],
+                    stopped: list[dict[str, Any]] = ()) -> str:
     names = configuration_names(rows)
     label = metric_label(rows[0].metric)
     lines = [f"# Sweep report: {sweep_dir.name}", "",
-             f"{sum(len(row.accs) for row in rows)} results ({len(rows)} rows), {len(failed)} failed jobs. "
+             f"{sum(len(row.accs) for row in rows)} results ({len(rows)} rows), {len(failed)} failed jobs"
+             + (f", {len(stopped)} pruned trials. " if stopped else ". ") +
              f"{label[0].upper() + label[1:]} is the mean ± sample std over seeds; Δ is against the mean of the "
              "`baseline` stage of the same jobs." + (f" Every row also sets `{' '.join(shared_overrides(rows))}`."
                                                      if shared_overrides(rows) else ""), "",
@@ -180,6 +192,15 @@ def render_markdown(sweep_dir: Path, rows: list[Row], failed: list[dict[str, Any
                      f"{mean:.2f}{'' if std is None else f' ± {std:.2f}'} | "
                      f"{'–' if delta is None else f'{delta:+.2f}'} | "
                      f"{'–' if row.params is None else _count(row.params)} | {ratio} |")
+    if stopped:
+        shared = set(shared_overrides(rows))
+        lines += ["", "## Pruned trials", "", "Stopped by the search's pruner; their value is the last epoch's.", "",
+                  f"| trial | job dir | overrides | pruned after epoch | {rows[0].metric} (%) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for record in stopped:
+            overrides = " ".join(item for item in record.get("overrides", []) if item not in shared)
+            lines.append(f"| {record['pruned']['trial']} | {job_dir_name(sweep_dir, record)} | `{overrides}` | "
+                         f"{record['pruned']['epoch']} | {100 * record['pruned']['value']:.2f} |")
     if failed:
         lines += ["", "## Failed jobs", "", "| job dir | overrides | error |", "| --- | --- | --- |"]
         for record in failed:
@@ -227,14 +248,14 @@ def write_report(sweep_dir: Path, wandb_summary: bool = True) -> tuple[str, Path
     if not sweep_dir.is_dir():
         raise ConfigError(f"{sweep_dir} is not a directory. Pass the sweep directory of a `kd-train -m` run "
                           f"(its hydra.sweep.dir, e.g. multirun/<date>/<time>).")
-    rows, failed = collect(sweep_dir), failures(sweep_dir)
+    rows, failed, stopped = collect(sweep_dir), failures(sweep_dir), pruned(sweep_dir)
     if not rows:
         why = (f": all {len(failed)} of its recorded jobs failed (see {sweep_dir / 'failures.json'})" if failed
-               else " and no failed job either")
+               else f": all {len(stopped)} of its trials were pruned" if stopped else " and no failed job either")
         raise ConfigError(f"{sweep_dir} holds no results.json in any job directory{why}. Pass the "
                           f"hydra.sweep.dir of a `kd-train -m` sweep whose jobs have finished, e.g. "
                           f"`kd-report multirun/<date>/<time>`.")
-    markdown = render_markdown(sweep_dir, rows, failed)
+    markdown = render_markdown(sweep_dir, rows, failed, stopped)
     names = configuration_names(rows)
     rows_per_configuration = {configuration: sum(row.configuration == configuration for row in rows)
                               for configuration in names}
@@ -255,7 +276,8 @@ def write_report(sweep_dir: Path, wandb_summary: bool = True) -> tuple[str, Path
         tables["failed_jobs"] = (["job dir", "overrides", "error"], [
             [job_dir_name(sweep_dir, record), " ".join(record.get("overrides", [])),
              f"{record.get('error_type', 'error')}: {record.get('message', '')}"] for record in failed])
-    config = {"sweep_dir": str(sweep_dir), "results": sum(len(row.accs) for row in rows), "failed_jobs": len(failed)}
+    config = {"sweep_dir": str(sweep_dir), "results": sum(len(row.accs) for row in rows), "failed_jobs": len(failed),
+              "pruned_trials": len(stopped)}
     return markdown, log_summary_run(settings, sweep_dir, tables, sweep_dir / PLOT_FILE, config)
 
 

@@ -4,7 +4,7 @@ Hydra's own Optuna sweeper is tied to optuna 2.x, so this is the project's, on O
 finds it as a plugin through `hydra_plugins/kd_optuna_sweeper`, which only forwards here.
 
 - The search space is `hydra.sweeper.params` plus the command line's sweeps, in Hydra's override syntax:
-  `interval(a, b)` (float, or int when both ends are ints), `tag(log, interval(a, b))`, `choice(...)`, `range(...)`;
+  `interval(a, b)` (float), `int(interval(a, b))`, `tag(log, interval(a, b))`, `choice(...)`, `range(...)`;
   any other value is a fixed setting of every trial.
 - The study lives in `hydra.sweeper.storage` (kd_lightning/sweeps/study.py); a rerun with the same storage and
   study name continues it. A trial is launched as job number = its trial number, so a continued study's jobs get
@@ -34,7 +34,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.sweeps.pruning import PrunedTrial
+from kd_lightning.sweeps.pruned import PrunedTrial
 from kd_lightning.sweeps.study import build_pruner, build_sampler, open_storage
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from kd_lightning.errors import ConfigError
 
+SWEEPER = "hydra_plugins.kd_optuna_sweeper.kd_optuna_sweeper.KDOptunaSweeper"  # hydra.sweeper._target_
 JOURNAL = "journal://"
 STORAGE_FORMS = ("sqlite:///<file> (one machine), journal:///<file on a shared filesystem> (several nodes), "
                  "or an RDB URL such as postgresql://user:password@host/database (several nodes; its driver, "
@@ -106,10 +107,12 @@ def open_storage(url: str | None) -> Any:
                           f"docs/cluster.md.") from None
 
 
-def load_study(storage: Any, study_name: str) -> Any:
+def load_study(storage: Any, study_name: str, pruner: Any = None) -> Any:
     import optuna
 
-    return optuna.load_study(study_name=study_name, storage=storage)
+    # The sampler stays with the sweeper, which asks the trials; a trial process only reports and asks to prune.
+    return optuna.load_study(study_name=study_name, storage=storage, pruner=pruner,
+                             sampler=optuna.samplers.RandomSampler())
 
 
 def trial_of(study: Any, number: int) -> Any:
@@ -120,5 +123,5 @@ def trial_of(study: Any, number: int) -> Any:
     return optuna.trial.Trial(study, trial_id)
 
 
-__all__ = ["MULTI_OBJECTIVE_SAMPLERS", "PRUNERS", "SAMPLERS", "build_pruner", "build_sampler", "load_study",
+__all__ = ["MULTI_OBJECTIVE_SAMPLERS", "PRUNERS", "SAMPLERS", "SWEEPER", "build_pruner", "build_sampler", "load_study",
            "open_storage", "pruner_name", "trial_of"]
