@@ -145,3 +145,17 @@ def test_kd_train_search_with_a_test_objective_fails_before_training(tmp_path):
     assert "kd-train: error: optimized_metric=test/acc is the objective of a SearchSweeper search" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "sweep" / "0").exists()
     assert not (tmp_path / "cache").exists(), "the search must be refused before any teacher trains"
+
+
+def test_a_multi_objective_trial_returns_its_objective_and_its_students_size():
+    from kd_lightning.sweeps.objective import objective_values
+
+    results = {"student_metrics": {"val/acc": 0.8},
+               "stages": {"teacher": {"size": {"student": {"params": 999, "flops": 9999}}},
+                          "student": {"size": {"student": {"params": 12, "flops": 340}}}}}
+    assert objective_values(OmegaConf.create({"optimized_metric": "val/acc"}), results) == 0.8
+    assert objective_values(OmegaConf.create({"optimized_metric": "val/acc", "second_objective": "student/flops"}),
+                            results) == [0.8, 340]
+    with pytest.raises(ConfigError, match="second_objective=student/size is not an objective"):
+        objective_values(OmegaConf.create({"optimized_metric": "val/acc", "second_objective": "student/size"}),
+                         results)

@@ -294,3 +294,23 @@ def test_a_killed_parallel_search_resumes_and_asks_its_lost_trials_again(tmp_pat
     assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
     assert [t.params for t in trials[2:]] == [t.params for t in lost]  # the lost points, trained this time
     assert all((sweep / str(t.number) / "results.json").is_file() for t in trials[2:])
+
+
+@pytest.mark.slow
+def test_a_multi_objective_search_trades_validation_accuracy_against_student_parameters(tmp_path):
+    sweep = tmp_path / "sweep"
+    search = kd_train(tmp_path, "hparams_search=kd_optuna_pareto", "hydra.sweeper.n_trials=3",
+                      "hydra.sweeper.params.student='choice(convnet_tiny, convnet_small)'", f"hydra.sweep.dir={sweep}",
+                      "data.val_fraction=0.1", "trainer.max_epochs=1", *TINY)
+    output = search.communicate(timeout=900)[0]
+    assert search.returncode == 0, output
+    study = optuna.load_study(study_name="kd_optuna_pareto", storage=open_storage(f"sqlite:///{sweep}/optuna.db"))
+    for trial in study.trials:  # each trial returned (val/acc, the student's parameters) from its own results
+        results = json.loads((sweep / str(trial.number) / "results.json").read_text())
+        assert trial.values == pytest.approx([results["student_metrics"]["val/acc"],
+                                              results["stages"]["student"]["size"]["student"]["params"]])
+    solutions = OmegaConf.load(sweep / "optimization_results.yaml").solutions
+    assert sorted(s.trial for s in solutions) == sorted(t.number for t in study.best_trials)
+    report = subprocess.run([sys.executable, "-m", "kd_lightning.sweeps.report", str(sweep), "--no-wandb"],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0 and "## Pareto front" in report.stdout, report.stderr

@@ -4,7 +4,9 @@ Jobs are grouped by their overrides minus `seed=...`, so each row is one configu
 student, or each peer) with the mean ± sample std of test top-1 over its seeds. Δ is taken against the
 `baseline` stage of the same jobs, so a row is only compared with students trained on its own seeds.
 Search trials test nothing (`evaluate_test=false`): a sweep whose jobs hold no test top-1 is reported by
-the objective the trials were selected on (`optimized_metric`, e.g. `val/acc`), and labelled so.
+the objective the trials were selected on (`optimized_metric`, e.g. `val/acc`), and labelled so. A
+multi-objective search (`second_objective`: the student's params or FLOPs) also gets its Pareto front: every
+trial's objective against its size, the non-dominated ones in a table and highlighted in `pareto.png`.
 Failed jobs (their `error.json`, see kd_lightning/sweeps/failures.py) close the table with their error; trials a
 search's pruner stopped (their `pruned.json`, kd_lightning/sweeps/pruning.py) are listed as pruned, not failed. A config
 run more than once (a re-run sweep, a retried seed) counts once. When the jobs logged to W&B, the table and
@@ -32,6 +34,7 @@ from kd_lightning.sweeps.wandb_summary import log_summary_run
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "report.png"
+PARETO_PLOT_FILE = "pareto.png"
 TEST_METRIC = "test/acc"
 
 
@@ -153,6 +156,68 @@ def pruned(sweep_dir: Path) -> list[dict[str, Any]]:
                   key=lambda record: record["pruned"]["trial"])
 
 
+@dataclass
+class Point:
+    """One trial of a multi-objective search: its objective (%, higher is better) and size (lower is better)."""
+
+    overrides: list[str]
+    value: float
+    size: int
+    front: bool = False
+
+
+def pareto_points(sweep_dir: Path) -> tuple[str, str, list[Point]] | None:
+    """(objective, size objective, points with the front marked) of a multi-objective search, else None."""
+    from kd_lightning.sweeps.objective import SIZE_OBJECTIVES
+
+    jobs = [(overrides, results) for overrides, results in job_results(sweep_dir) if results.get("second_objective")]
+    if not jobs:
+        return None
+    metric, second = jobs[0][1].get("optimized_metric", DEFAULT_METRIC), jobs[0][1]["second_objective"]
+    points = []
+    for overrides, results in jobs:
+        value = results["student_metrics"].get(metric)
+        size = next(iter(list(results["stages"].values())[-1].get("size", {}).values()), {}).get(
+            SIZE_OBJECTIVES[second])
+        if value is not None and size is not None:
+            points.append(Point(overrides, 100 * value, int(size)))
+    for point in points:
+        point.front = not any(other.value >= point.value and other.size <= point.size
+                              and (other.value > point.value or other.size < point.size) for other in points)
+    return metric, second, points
+
+
+def render_pareto(metric: str, second: str, points: list[Point], shared: set[str]) -> list[str]:
+    front = sorted((p for p in points if p.front), key=lambda p: p.size)
+    lines = ["", "## Pareto front", "",
+             f"{len(front)} of {len(points)} trials are not beaten on both {metric} and {second}.", "",
+             f"| overrides | {metric} (%) | {second} |", "| --- | --- | --- |"]
+    for point in front:
+        overrides = " ".join(item for item in point.overrides if item not in shared)
+        lines.append(f"| `{overrides}` | {point.value:.2f} | {_count(point.size)} |")
+    return lines + ["", f"![Pareto front]({PARETO_PLOT_FILE})"]
+
+
+def plot_pareto(metric: str, second: str, points: list[Point], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rest = [p for p in points if not p.front]
+    front = sorted((p for p in points if p.front), key=lambda p: p.size)
+    ax.scatter([p.size for p in rest], [p.value for p in rest], color="#999999", label="trial")
+    ax.plot([p.size for p in front], [p.value for p in front], "o-", color="#c44e52", label="Pareto front")
+    ax.set_xlabel(second)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def shared_overrides(rows: list[Row]) -> list[str]:
     every = [set(row.configuration) for row in rows]
     shared = set.intersection(*every) if len(every) > 1 else set()
@@ -267,6 +332,9 @@ def write_report(sweep_dir: Path, wandb_summary: bool = True) -> tuple[str, Path
         bars.append((name if len(name) <= 60 else name[:57] + "...", mean, std or 0.0,
                      baseline))
     plot(bars, {}, sweep_dir / PLOT_FILE, sweep_dir.name, metric_label(rows[0].metric))
+    if (pareto := pareto_points(sweep_dir)) is not None:
+        markdown += "\n".join(render_pareto(*pareto, set(shared_overrides(rows)))) + "\n"
+        plot_pareto(*pareto, sweep_dir / PARETO_PLOT_FILE, sweep_dir.name)
     (sweep_dir / REPORT_FILE).write_text(markdown + f"\n![{sweep_dir.name}]({PLOT_FILE})\n")
     settings = sweep_wandb_settings(sweep_dir) if wandb_summary else None
     if settings is None:
