@@ -109,10 +109,17 @@ def test_bad_search_settings_are_refused_before_the_first_trial(tmp_path, overri
         check_sweep(search_cfg(tmp_path, "data.val_fraction=0.1", *overrides))
 
 
-def test_good_search_settings_pass_and_open_the_study_storage(tmp_path):
+def test_good_search_settings_pass_without_creating_the_study_storage(tmp_path):
     check_sweep(search_cfg(tmp_path, "data.val_fraction=0.1", "hydra.sweeper.pruner.name=median",
                            f"hydra.sweeper.storage=journal:///{tmp_path}/shared/study.log"))
-    assert (tmp_path / "shared").is_dir()
+    assert not (tmp_path / "shared").exists()
+
+
+def test_a_file_storage_where_no_directory_can_be_made_is_refused(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"a_file is not a directory this user can write"):
+        check_sweep(search_cfg(tmp_path, "data.val_fraction=0.1",
+                               f"hydra.sweeper.storage=journal:///{tmp_path}/a_file/study.log"))
 
 
 def test_kd_train_refuses_an_unknown_pruner_in_one_paragraph(tmp_path):

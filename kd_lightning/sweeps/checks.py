@@ -46,10 +46,10 @@ def check_sweep(config: DictConfig) -> None:
 
         check_search_objective(sweeper, config, construct(config.data))
     check_launcher(config)
-    if sweeper == SWEEPER:  # last: opening a file storage creates it (and the sweep directory)
-        from kd_lightning.sweeps.study import open_storage
+    if sweeper == SWEEPER:  # last: a database server is the slowest thing to ask
+        from kd_lightning.sweeps.study import check_storage
 
-        open_storage(config.hydra.sweeper.get("storage"))
+        check_storage(config.hydra.sweeper.get("storage"))
 
 
 def config_keys(node: Any, prefix: str = "") -> list[str]:

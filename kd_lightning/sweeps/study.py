@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -107,6 +108,22 @@ def open_storage(url: str | None) -> Any:
                           f"docs/cluster.md.") from None
 
 
+def check_storage(url: str | None) -> None:
+    """Refuse a storage the sweep could not open, without creating it: a file storage's directory must be one that
+    can be made and written; any other URL is opened (connecting to its server) and closed."""
+    url = str(url or "")
+    for prefix in (JOURNAL, "sqlite:///"):
+        if url.startswith(prefix):
+            directory = Path(url[len(prefix):]).parent.absolute()
+            existing = next(path for path in (directory, *directory.parents) if path.exists())
+            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+                raise ConfigError(f"hydra.sweeper.storage={url} cannot be opened: {existing} is not a directory this "
+                                  f"user can write, so {directory} cannot hold the study. Point the storage at a "
+                                  f"writable place; it takes {STORAGE_FORMS} (docs/cluster.md).")
+            return
+    open_storage(url)
+
+
 def load_study(storage: Any, study_name: str, pruner: Any = None) -> Any:
     import optuna
 
@@ -123,5 +140,5 @@ def trial_of(study: Any, number: int) -> Any:
     return optuna.trial.Trial(study, trial_id)
 
 
-__all__ = ["MULTI_OBJECTIVE_SAMPLERS", "PRUNERS", "SAMPLERS", "SWEEPER", "build_pruner", "build_sampler", "load_study",
+__all__ = ["MULTI_OBJECTIVE_SAMPLERS", "PRUNERS", "SAMPLERS", "SWEEPER", "build_pruner", "build_sampler", "check_storage", "load_study",
            "open_storage", "pruner_name", "trial_of"]
