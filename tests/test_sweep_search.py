@@ -321,3 +321,21 @@ def test_a_multi_objective_search_trades_validation_accuracy_against_student_par
     report = subprocess.run([sys.executable, "-m", "kd_lightning.sweeps.report", str(sweep), "--no-wandb"],
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0 and "## Pareto front" in report.stdout, report.stderr
+
+
+def test_each_job_outcome_is_told_to_the_study_and_a_failure_does_not_stop_the_search():
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from kd_lightning.sweeps.pruned import PrunedTrial
+    from kd_lightning.sweeps.search import tell
+
+    study = optuna.create_study(direction="maximize")
+    outcomes = [JobReturn(status=JobStatus.COMPLETED, _return_value=0.8),
+                JobReturn(status=JobStatus.COMPLETED, _return_value=PrunedTrial(trial=1, epoch=2, value=0.3)),
+                JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("out of memory")),
+                JobReturn(status=JobStatus.COMPLETED, _return_value=None)]  # the objective was never logged
+    for job in outcomes:
+        tell(study, study.ask({"x": FloatDistribution(0, 1)}), job)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
+                                               TrialState.FAIL]
+    assert study.best_value == 0.8
