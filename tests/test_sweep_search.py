@@ -339,3 +339,18 @@ def test_each_job_outcome_is_told_to_the_study_and_a_failure_does_not_stop_the_s
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
                                                TrialState.FAIL]
     assert study.best_value == 0.8
+
+
+def test_kd_best_reruns_the_pareto_trial_it_is_told_and_asks_for_one_otherwise(tmp_path):
+    from kd_lightning.sweeps.best import best_overrides
+
+    (tmp_path / "0" / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(["hparams_search=kd_optuna_pareto", "data=digits", "student=resnet8",
+                                     "distill.kd.weight=0.3"]), tmp_path / "0" / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"name": "optuna", "directions": ["maximize", "minimize"], "solutions": [
+        {"trial": 0, "params": {"student": "resnet8", "distill.kd.weight": 0.3}, "values": [0.9, 78000]},
+        {"trial": 3, "params": {"student": "convnet_tiny", "distill.kd.weight": 0.7}, "values": [0.8, 590]}]}),
+        tmp_path / "optimization_results.yaml")
+    assert best_overrides(tmp_path, 3) == (["data=digits", "student=convnet_tiny", "distill.kd.weight=0.7"], 0.8)
+    with pytest.raises(ConfigError, match=r"Pareto front \(trial 0: values \[0.9, 78000\]; trial 3: .*--trial"):
+        best_overrides(tmp_path)
