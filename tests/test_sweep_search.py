@@ -103,10 +103,19 @@ def test_samplers_and_pruners_are_built_by_name_with_their_options():
     (["+second_objective=student/params", "hydra.sweeper.direction=[maximize,minimize]",
       "hydra.sweeper.pruner.name=median"], r"prunes single-objective studies only"),
     (["hydra.sweeper.storage=nosuchdb://x/y"], r"storage=nosuchdb://x/y cannot be opened"),
+    (["hydra.sweeper.direction=maximise"], r"direction names \['maximise'\]; each direction is maximize or minimize"),
 ])
 def test_bad_search_settings_are_refused_before_the_first_trial(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         check_sweep(search_cfg(tmp_path, "data.val_fraction=0.1", *overrides))
+
+
+def test_a_sweep_optuna_cannot_sample_is_refused_with_the_kinds_it_can(tmp_path):
+    cfg = search_cfg(tmp_path, "data.val_fraction=0.1")
+    with open_dict(cfg):
+        cfg.hydra.sweeper.params["student"] = "glob(resnet*)"
+    with pytest.raises(ConfigError, match=r"student=glob\(resnet\*\) is a sweep Optuna cannot sample.*interval"):
+        check_sweep(cfg)
 
 
 def test_good_search_settings_pass_without_creating_the_study_storage(tmp_path):

@@ -88,10 +88,11 @@ def check_search_params(config: DictConfig) -> None:
 
 def check_optuna_search(config: DictConfig) -> None:
     """Sampler, pruner, directions, objectives and storage of `hydra/sweeper=kd_optuna`, each opened once."""
-    from kd_lightning.sweeps.search import directions_of
+    from kd_lightning.sweeps.search import directions_of, search_space
     from kd_lightning.sweeps.study import MULTI_OBJECTIVE_SAMPLERS, build_pruner, build_sampler, pruner_name
 
     sweeper = config.hydra.sweeper
+    search_space(sweeper.get("params"), [str(text) for text in config.hydra.overrides.task])
     directions = directions_of(sweeper.direction)
     build_sampler(sweeper.get("sampler"))
     build_pruner(sweeper.get("pruner"))
