@@ -215,6 +215,24 @@ def test_trials_left_running_by_a_dead_sweeper_on_this_host_are_failed_and_asked
     assert again.params == orphan.params
 
 
+def test_a_continued_seeded_study_asks_new_points_and_the_same_ones_when_repeated(tmp_path):
+    from kd_lightning.sweeps.search import OptunaSearch
+
+    space = {"x": FloatDistribution(0, 1)}
+
+    def run(storage: str, trials: int) -> list[float]:
+        study = OptunaSearch(sampler={"name": "random", "seed": 7}, storage=storage).open_study()
+        points = [study.ask(space) for _ in range(trials)]
+        for point in points:
+            study.tell(point, point.params["x"])
+        return [point.params["x"] for point in points]
+
+    first, second = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
+    started, continued = run(first, 2), run(first, 2)
+    assert not set(started) & set(continued)  # the rerun does not replay the first run's draws
+    assert run(second, 2) + run(second, 2) == started + continued  # and the whole sequence is reproducible
+
+
 def test_results_file_holds_the_best_trial_or_the_pareto_front(tmp_path):
     single = optuna.create_study(direction="maximize")
     for value in (0.2, 0.7, 0.5):

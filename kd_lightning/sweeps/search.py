@@ -108,9 +108,15 @@ class OptunaSearch:
     def open_study(self) -> Any:
         import optuna
 
-        return optuna.create_study(study_name=self.study_name, storage=open_storage(self.storage_url),
-                                   sampler=build_sampler(self.sampler_cfg), pruner=build_pruner(self.pruner_cfg),
-                                   directions=directions_of(self.direction), load_if_exists=True)
+        study = optuna.create_study(study_name=self.study_name, storage=open_storage(self.storage_url),
+                                    sampler=build_sampler(self.sampler_cfg), pruner=build_pruner(self.pruner_cfg),
+                                    directions=directions_of(self.direction), load_if_exists=True)
+        seed = (self.sampler_cfg or {}).get("seed")
+        if seed is not None and study.trials:
+            # A seeded sampler started afresh would replay the first run's random draws, so a continued study would
+            # ask its first points again; offsetting the seed by the trials so far keeps it reproducible and new.
+            study.sampler = build_sampler({**self.sampler_cfg, "seed": int(seed) + len(study.trials)})
+        return study
 
     def sweep(self, arguments: list[str]) -> None:
         distributions, fixed = search_space(self.params, arguments)
