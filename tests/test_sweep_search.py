@@ -22,7 +22,7 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.sweeps.checks import check_sweep
 from kd_lightning.sweeps.pruned import TrialStopped
 from kd_lightning.sweeps.pruning import ReportToTrial
-from kd_lightning.sweeps.search import OWNER_ATTR, requeue_orphans, search_space, write_results
+from kd_lightning.sweeps.search import OWNER_ATTR, ask, requeue_orphans, search_space, write_results
 from kd_lightning.sweeps.study import build_pruner, build_sampler, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,10 +209,18 @@ def test_trials_left_running_by_a_dead_sweeper_on_this_host_are_failed_and_asked
     orphan.set_user_attr(OWNER_ATTR, f"{socket.gethostname()}:{dead.pid}")
     foreign.set_user_attr(OWNER_ATTR, f"another-node:{dead.pid}")  # may still run there: left alone
     alive.set_user_attr(OWNER_ATTR, f"{socket.gethostname()}:{__import__('os').getpid()}")
-    requeue_orphans(study)
+    requeue_orphans(study, "this-sweeper:1")
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING, TrialState.WAITING]
-    again = study.ask({"x": FloatDistribution(0, 1)})
-    assert again.params == orphan.params
+    again = ask(study, {"x": FloatDistribution(0, 1)}, "this-sweeper:1")
+    assert again.params == orphan.params and again.user_attrs[OWNER_ATTR] == "this-sweeper:1"
+
+
+def test_a_trial_carries_its_sweeper_from_the_moment_it_runs_and_leaves_no_waiting_trial(tmp_path):
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/optuna.db"), direction="maximize")
+    trials = [ask(study, {"x": FloatDistribution(0, 1)}, "host:1") for _ in range(3)]
+    assert len({t.params["x"] for t in trials}) == 3  # the sampler still draws every parameter
+    stored = study.get_trials(deepcopy=False)
+    assert [(t.state, t.user_attrs[OWNER_ATTR]) for t in stored] == [(TrialState.RUNNING, "host:1")] * 3
 
 
 def test_a_continued_seeded_study_asks_new_points_and_the_same_ones_when_repeated(tmp_path):

@@ -121,16 +121,14 @@ class OptunaSearch:
     def sweep(self, arguments: list[str]) -> None:
         distributions, fixed = search_space(self.params, arguments)
         study = self.open_study()
-        requeue_orphans(study)
+        owner = f"{socket.gethostname()}:{os.getpid()}"
+        requeue_orphans(study, owner)
         log.info("Study %s in %s: %d trials so far; %d more, %d at a time", self.study_name, self.storage_url,
                  len(study.trials), self.n_trials, self.n_jobs)
-        owner = f"{socket.gethostname()}:{os.getpid()}"
         remaining = self.n_trials
         while remaining > 0:
-            trials = [study.ask(distributions) for _ in range(min(self.n_jobs, remaining))]
+            trials = [ask(study, distributions, owner) for _ in range(min(self.n_jobs, remaining))]
             remaining -= len(trials)
-            for trial in trials:
-                trial.set_user_attr(OWNER_ATTR, owner)
             # Job number = trial number. Another sweeper on the same study may have taken numbers in between, and
             # Hydra numbers a launch's jobs consecutively, so each consecutive run of numbers is one launch.
             for _, run in groupby(enumerate(trials), key=lambda item: item[1].number - item[0]):
@@ -141,6 +139,18 @@ class OptunaSearch:
                 for trial, job in zip(batch, returns):
                     tell(study, trial, job)
         write_results(study, Path(self.config.hydra.sweep.dir))
+
+
+def ask(study: Any, distributions: dict[str, Any], owner: str) -> Any:
+    """The next trial, marked with its sweeper from the moment it runs: a sweeper killed between `ask` and a later
+    `set_user_attr` would leave a RUNNING trial that no restart could recognise as its own."""
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        study.enqueue_trial({}, user_attrs={OWNER_ATTR: owner})  # no fixed parameters: the sampler draws them all
+    trial = study.ask(distributions)
+    trial.set_user_attr(OWNER_ATTR, owner)  # a waiting trial another sweeper enqueued is this one's now
+    return trial
 
 
 def tell(study: Any, trial: Any, job: Any) -> None:
@@ -164,7 +174,7 @@ def tell(study: Any, trial: Any, job: Any) -> None:
     study.tell(trial, [float(v) for v in values])
 
 
-def requeue_orphans(study: Any) -> None:
+def requeue_orphans(study: Any, owner: str) -> None:
     """Mark FAIL the RUNNING trials whose sweeper, on this machine, is gone, and ask their parameters again."""
     from optuna.trial import TrialState
 
@@ -176,7 +186,7 @@ def requeue_orphans(study: Any) -> None:
         if owner_host != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
         study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, skip_if_exists=False)
+        study.enqueue_trial(trial.params, user_attrs={OWNER_ATTR: owner}, skip_if_exists=False)
         log.info("trial %d was left running by a stopped sweep (%s); failed and asked again", trial.number, owner)
 
 
