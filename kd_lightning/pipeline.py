@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.checkpoint_selection import check_test_weights
 from kd_lightning.errors import ConfigError
-from kd_lightning.job_identity import job_record
+from kd_lightning.sweeps.identity import job_record
 from kd_lightning.report import collapse_warning, format_table, network_size
 from kd_lightning.stage_build import (CONTEXT, build_model, build_stage_module, build_terms, constructor_parameters,
                                       construct, scheme_kwargs, stage_config, teacher_arguments)

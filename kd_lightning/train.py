@@ -15,9 +15,11 @@ from omegaconf import DictConfig
 
 from kd_lightning.cli_checks import check_command_line
 from kd_lightning.errors import ConfigError
-from kd_lightning.objective import DEFAULT_METRIC, check_search_objective, is_search
-from kd_lightning.sweep import JobFailed, finish_sweep
-from kd_lightning.sweep_resume import reuse_finished_job
+from kd_lightning.sweeps.objective import check_search_objective, is_search, objective_values
+from kd_lightning.sweeps.failures import JobFailed, finish_sweep
+from kd_lightning.sweeps.identity import job_record
+from kd_lightning.sweeps.pruned import PrunedTrial, TrialStopped, record_pruned
+from kd_lightning.sweeps.resume import reuse_finished_job
 
 
 # An absolute path: relative ones are resolved as a Python package when run as the `kd-train` console script.
@@ -46,7 +48,7 @@ def train_job(cfg: DictConfig) -> float | None:
         previous = reuse_finished_job(cfg, Path(hydra_cfg.sweep.dir), Path(hydra_cfg.runtime.output_dir),
                                       hydra_cfg.job.num)
         if previous is not None:  # checked before torch is imported, so a sweep of finished jobs takes seconds
-            return objective_value(cfg, previous)
+            return objective_values(cfg, previous)
     from kd_lightning.pipeline import construct, run  # after Hydra parsed the arguments, so --help stays fast
 
     quiet_lightning_console()
@@ -58,6 +60,8 @@ def train_job(cfg: DictConfig) -> float | None:
             check_search_objective(sweeper, cfg, construct(cfg.data))
         results = run(cfg)
     except Exception as error:
+        if isinstance(error, TrialStopped):  # the study's pruner stopped this trial: a result, not a failure
+            return pruned_trial(cfg, error)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             # Raised, not exited: Hydra records the job as failed and runs the rest of the sweep.
             cause = error.__cause__ if isinstance(error.__cause__, ConfigError) else error
@@ -69,12 +73,14 @@ def train_job(cfg: DictConfig) -> float | None:
         error = error.__cause__ if isinstance(error.__cause__, ConfigError) else error
         print(f"\nkd-train: error: {error}", file=sys.stderr)
         sys.exit(2)
-    return objective_value(cfg, results)
+    return objective_values(cfg, results)
 
 
-def objective_value(cfg: DictConfig, results: dict) -> float | None:
-    """What the sweeper optimises, from a job's results."""
-    return results["student_metrics"].get(cfg.get("optimized_metric", DEFAULT_METRIC))
+def pruned_trial(cfg: DictConfig, stopped: TrialStopped) -> PrunedTrial:
+    """Record a pruned trial in its job directory and hand the sweeper the `PrunedTrial` it tells the study."""
+    record_pruned(Path(cfg.paths.output_dir), job_record(cfg), stopped.pruned)
+    print(f"kd-train: {stopped}", file=sys.stderr)
+    return stopped.pruned
 
 
 def requeued_checkpoint(cfg: DictConfig) -> str | None:

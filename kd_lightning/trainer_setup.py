@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from kd_lightning.acceleration import accelerate
 from kd_lightning.checkpoint_selection import restore_best
 from kd_lightning.errors import ConfigError
-from kd_lightning.job_identity import sweep_name
+from kd_lightning.sweeps.identity import sweep_name
+from kd_lightning.sweeps.pruning import pruning_callbacks
 from kd_lightning.schemes import Supervised
 from kd_lightning.stage_build import scheme_kwargs
 from kd_lightning.teachers import CHECKPOINT_KEY
@@ -83,7 +84,8 @@ def fit_and_test(cfg: DictConfig, module: L.LightningModule, datamodule: Any, ph
                  max_epochs: int | None = None, test: bool = True,
                  ckpt_path: str | None = None) -> tuple[dict[str, float], L.Trainer]:
     loggers = build_loggers(cfg, phase, ckpt_path)
-    trainer_overrides: dict[str, Any] = {"logger": loggers or False, "callbacks": build_callbacks(cfg, bool(loggers)),
+    callbacks = build_callbacks(cfg, bool(loggers)) + pruning_callbacks(cfg, phase)  # [] outside a pruned search
+    trainer_overrides: dict[str, Any] = {"logger": loggers or False, "callbacks": callbacks,
                                          "default_root_dir": str(Path(cfg.paths.output_dir) / phase)}
     if max_epochs is not None:
         trainer_overrides["max_epochs"] = max_epochs

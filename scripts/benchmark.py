@@ -33,7 +33,7 @@ from typing import Any
 
 
 from kd_lightning.markdown_sections import write_marked_section
-from kd_lightning.sweep_report import job_results, mean_std, plot as plot_bars
+from kd_lightning.sweeps.report import job_results, mean_std, plot as plot_bars
 
 BASELINE = "baseline"
 

@@ -17,9 +17,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from kd_lightning import best, train
+from kd_lightning import train
+from kd_lightning.sweeps import best
 from kd_lightning.errors import ConfigError
-from kd_lightning.sweep_checks import check_launcher, check_sweep
+from kd_lightning.sweeps.checks import check_launcher, check_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
@@ -105,7 +106,7 @@ def test_every_command_in_the_cluster_docs_composes_and_passes_the_checks():
     text = (ROOT / "docs" / "cluster.md").read_text()
     commands = [line.split("kd-train ", 1)[1] for block in re.findall(r"```bash\n(.*?)```", text, re.S)
                 for line in block.splitlines() if "kd-train " in line]
-    assert len(commands) == 5
+    assert len(commands) == 8
     for command in commands:
         args = [arg for arg in shlex.split(command.replace("${SLURM_JOB_ID}", "123")) if arg != "-m"]
         overrides = [arg.replace(",", "").split("=", 1)[0] + "=" + arg.split("=", 1)[1].split(",")[0]

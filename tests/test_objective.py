@@ -22,14 +22,14 @@ from kd_lightning.data import (
 )
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import build_model
-from kd_lightning.objective import BASIC_SWEEPER, check_search_objective
+from kd_lightning.sweeps.objective import BASIC_SWEEPER, check_search_objective
 from kd_lightning.pipeline import construct, run
 from kd_lightning.teachers import load_weights, read_weights
 from kd_lightning.train import CONF_DIR
 from test_data import write_cifar, write_image_folder, write_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+OPTUNA = "hydra_plugins.kd_optuna_sweeper.kd_optuna_sweeper.KDOptunaSweeper"
 
 
 def objective_cfg(metric: str):
@@ -140,8 +140,22 @@ def test_kd_train_search_with_a_test_objective_fails_before_training(tmp_path):
                              "hydra.sweeper._target_=hydra_plugins.stand_in_sweeper.SearchSweeper",
                              "optimized_metric=test/acc", "hydra.sweep.dir=sweep"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    # Refused once, before the first job (kd_lightning.sweep_checks), with the message and no traceback.
+    # Refused once, before the first job (kd_lightning.sweeps.checks), with the message and no traceback.
     assert result.returncode == 2, result.stderr[-3000:]
     assert "kd-train: error: optimized_metric=test/acc is the objective of a SearchSweeper search" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "sweep" / "0").exists()
     assert not (tmp_path / "cache").exists(), "the search must be refused before any teacher trains"
+
+
+def test_a_multi_objective_trial_returns_its_objective_and_its_students_size():
+    from kd_lightning.sweeps.objective import objective_values
+
+    results = {"student_metrics": {"val/acc": 0.8},
+               "stages": {"teacher": {"size": {"student": {"params": 999, "flops": 9999}}},
+                          "student": {"size": {"student": {"params": 12, "flops": 340}}}}}
+    assert objective_values(OmegaConf.create({"optimized_metric": "val/acc"}), results) == 0.8
+    assert objective_values(OmegaConf.create({"optimized_metric": "val/acc", "second_objective": "student/flops"}),
+                            results) == [0.8, 340]
+    with pytest.raises(ConfigError, match="second_objective=student/size is not an objective"):
+        objective_values(OmegaConf.create({"optimized_metric": "val/acc", "second_objective": "student/size"}),
+                         results)

@@ -83,7 +83,7 @@ def test_report_of_a_real_sweep_matches_the_jobs(tmp_path, capsys):
 
 def test_a_directory_without_results_is_refused_in_one_paragraph(tmp_path):
     (tmp_path / "sweep" / "0").mkdir(parents=True)
-    result = subprocess.run([sys.executable, "-m", "kd_lightning.sweep_report", str(tmp_path / "sweep")],
+    result = subprocess.run([sys.executable, "-m", "kd_lightning.sweeps.report", str(tmp_path / "sweep")],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -171,7 +171,7 @@ def test_a_wandb_summary_that_cannot_start_is_refused_in_one_paragraph_after_the
     (tmp_path / "sweep" / "0" / "results.json").write_text(json.dumps({**results, "wandb": wandb}))
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), WANDB_MODE="online", WANDB_SILENT="true")  # online, and never logged in
-    result = subprocess.run([sys.executable, "-m", "kd_lightning.sweep_report", str(tmp_path / "sweep")],
+    result = subprocess.run([sys.executable, "-m", "kd_lightning.sweeps.report", str(tmp_path / "sweep")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     message = result.stderr.strip().splitlines()[-1]
@@ -212,3 +212,24 @@ def test_search_trials_without_test_metrics_are_reported_by_their_objective(tmp_
     assert "| val/acc (search objective; trials skip test) (%) |" in report and "test top-1 (%)" not in report
     assert cells(report, "`optimizer.lr=0.1`")[2:5] == ["2", f"60.00 ± {statistics.stdev([50, 70]):.2f}", "+15.00"]
     assert cells(report, "`optimizer.lr=0.2`")[2:5] == ["1", "30.00", "-10.00"]
+
+
+def test_a_multi_objective_search_gets_its_pareto_front_as_a_table_and_a_plot(tmp_path):
+    # (val/acc, student params): the third is beaten by the second on both, the others trade one for the other.
+    for job, (student, acc, params) in enumerate([("a", 0.9, 9000), ("b", 0.8, 3000), ("c", 0.7, 5000),
+                                                  ("d", 0.6, 1000)]):
+        job_dir = tmp_path / str(job)
+        job_dir.mkdir()
+        (job_dir / "results.json").write_text(json.dumps({
+            "overrides": [f"student={student}", "data=digits"], "optimized_metric": "val/acc",
+            "second_objective": "student/params", "config_hash": student,
+            "stages": {"student": {"label": "student + kd", "metrics": {"val/acc": acc},
+                                   "size": {"student": {"params": params, "flops": 10 * params}}}},
+            "student_metrics": {"val/acc": acc}}))
+    assert kd_report_entry_point()([str(tmp_path), "--no-wandb"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "3 of 4 trials are not beaten on both val/acc and student/params." in report
+    front = report.split("## Pareto front")[1]
+    assert [line.split("|")[1].strip() for line in front.splitlines() if line.startswith("| `")] == \
+        ["`student=d`", "`student=b`", "`student=a`"]  # by size; student=c is dominated
+    assert (tmp_path / "pareto.png").stat().st_size > 0

@@ -15,7 +15,7 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.job_identity import config_hash, job_record
+from kd_lightning.sweeps.identity import config_hash, job_record
 from wandb_offline import run_config, run_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def test_a_rerun_sweep_skips_finished_configs_by_hash_and_reruns_the_failed_one(
     assert json.loads((sweep / "failures.json").read_text())["failed"] == 0
     assert not list(sweep.rglob("error.json"))
 
-    from kd_lightning.sweep_report import collect
+    from kd_lightning.sweeps.report import collect
 
     (row,) = collect(sweep)
     assert sorted(row.accs) == pytest.approx([1, 11, 21])  # three configs, each once
@@ -150,7 +150,7 @@ def test_real_sweep_rerun_trains_only_the_fixed_job_and_kd_report_logs_a_wandb_s
         assert record.run_group == "sweep" and record.job_type in ("teacher", "student")
         assert config["data"]["train_size"] == 128 and config["student"]["name"] == "convnet_tiny"
 
-    from kd_lightning.sweep_report import main as kd_report
+    from kd_lightning.sweeps.report import main as kd_report
 
     assert kd_report([str(sweep)]) == 0
     (summary,) = sorted((sweep / "wandb").glob("offline-run-*"))

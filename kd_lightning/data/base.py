@@ -13,7 +13,7 @@ Validation split convention (`val_fraction`):
     distillation benchmarks (CRD, RepDistiller, ...), whose reported numbers are best/last test accuracy, so
     the default for the benchmark datasets is 0. Validation metrics are then test metrics: do not use them
     for model selection in work that claims a clean held-out evaluation (`validates_on_test` is then true,
-    and searches refuse to run: `kd_lightning.objective`).
+    and searches refuse to run: `kd_lightning.sweeps.objective`).
   * Modules with a dedicated validation set (synthetic data, `load_val`) take no `val_fraction`.
 """
 

@@ -1,7 +1,7 @@
 """`kd-report`'s W&B summary: one run (job_type "report") in the sweep's group with the tables and the plot.
 
 Only for sweeps that logged to W&B: their jobs' results.json record the project, entity, group and
-offline mode of their runs (kd_lightning/job_identity.py), and the summary run uses the same ones, so it
+offline mode of their runs (kd_lightning/sweeps/identity.py), and the summary run uses the same ones, so it
 sits beside the job runs; offline, it is written under `<sweep dir>/wandb` for `wandb sync`.
 """
 

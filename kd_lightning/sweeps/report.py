@@ -4,10 +4,13 @@ Jobs are grouped by their overrides minus `seed=...`, so each row is one configu
 student, or each peer) with the mean ± sample std of test top-1 over its seeds. Δ is taken against the
 `baseline` stage of the same jobs, so a row is only compared with students trained on its own seeds.
 Search trials test nothing (`evaluate_test=false`): a sweep whose jobs hold no test top-1 is reported by
-the objective the trials were selected on (`optimized_metric`, e.g. `val/acc`), and labelled so.
-Failed jobs (their `error.json`, see kd_lightning/sweep.py) close the table with their error. A config
+the objective the trials were selected on (`optimized_metric`, e.g. `val/acc`), and labelled so. A
+multi-objective search (`second_objective`: the student's params or FLOPs) also gets its Pareto front: every
+trial's objective against its size, the non-dominated ones in a table and highlighted in `pareto.png`.
+Failed jobs (their `error.json`, see kd_lightning/sweeps/failures.py) close the table with their error; trials a
+search's pruner stopped (their `pruned.json`, kd_lightning/sweeps/pruning.py) are listed as pruned, not failed. A config
 run more than once (a re-run sweep, a retried seed) counts once. When the jobs logged to W&B, the table and
-plot also go to one W&B summary run in the sweep's group (kd_lightning/sweep_wandb.py).
+plot also go to one W&B summary run in the sweep's group (kd_lightning/sweeps/wandb_summary.py).
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from typing import Any, Sequence
 import yaml
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.objective import DEFAULT_METRIC
+from kd_lightning.sweeps.objective import DEFAULT_METRIC
 from kd_lightning.report import _count
-from kd_lightning.sweep import ERROR_FILE
-from kd_lightning.sweep_wandb import log_summary_run
+from kd_lightning.sweeps.failures import ERROR_FILE
+from kd_lightning.sweeps.pruned import PRUNED_FILE
+from kd_lightning.sweeps.wandb_summary import log_summary_run
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "report.png"
+PARETO_PLOT_FILE = "pareto.png"
 TEST_METRIC = "test/acc"
 
 
@@ -143,6 +148,76 @@ def failures(sweep_dir: Path) -> list[dict[str, Any]]:
     return [record for record in records if not has_result(record)]
 
 
+def pruned(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Trials the search's pruner stopped, by trial number; a config that later finished is not listed."""
+    finished = {results.get("config_hash") for _, results in job_results(sweep_dir)} - {None}
+    records = [json.loads(path.read_text()) | {"dir": str(path.parent)} for path in sweep_dir.rglob(PRUNED_FILE)]
+    return sorted((record for record in records if record.get("config_hash") not in finished),
+                  key=lambda record: record["pruned"]["trial"])
+
+
+@dataclass
+class Point:
+    """One trial of a multi-objective search: its objective (%, higher is better) and size (lower is better)."""
+
+    overrides: list[str]
+    value: float
+    size: int
+    front: bool = False
+
+
+def pareto_points(sweep_dir: Path) -> tuple[str, str, list[Point]] | None:
+    """(objective, size objective, points with the front marked) of a multi-objective search, else None."""
+    from kd_lightning.sweeps.objective import SIZE_OBJECTIVES
+
+    jobs = [(overrides, results) for overrides, results in job_results(sweep_dir) if results.get("second_objective")]
+    if not jobs:
+        return None
+    metric, second = jobs[0][1].get("optimized_metric", DEFAULT_METRIC), jobs[0][1]["second_objective"]
+    points = []
+    for overrides, results in jobs:
+        value = results["student_metrics"].get(metric)
+        size = next(iter(list(results["stages"].values())[-1].get("size", {}).values()), {}).get(
+            SIZE_OBJECTIVES[second])
+        if value is not None and size is not None:
+            points.append(Point(overrides, 100 * value, int(size)))
+    for point in points:
+        point.front = not any(other.value >= point.value and other.size <= point.size
+                              and (other.value > point.value or other.size < point.size) for other in points)
+    return metric, second, points
+
+
+def render_pareto(metric: str, second: str, points: list[Point], shared: set[str]) -> list[str]:
+    front = sorted((p for p in points if p.front), key=lambda p: p.size)
+    lines = ["", "## Pareto front", "",
+             f"{len(front)} of {len(points)} trials are not beaten on both {metric} and {second}.", "",
+             f"| overrides | {metric} (%) | {second} |", "| --- | --- | --- |"]
+    for point in front:
+        overrides = " ".join(item for item in point.overrides if item not in shared)
+        lines.append(f"| `{overrides}` | {point.value:.2f} | {_count(point.size)} |")
+    return lines + ["", f"![Pareto front]({PARETO_PLOT_FILE})"]
+
+
+def plot_pareto(metric: str, second: str, points: list[Point], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rest = [p for p in points if not p.front]
+    front = sorted((p for p in points if p.front), key=lambda p: p.size)
+    ax.scatter([p.size for p in rest], [p.value for p in rest], color="#999999", label="trial")
+    ax.plot([p.size for p in front], [p.value for p in front], "o-", color="#c44e52", label="Pareto front")
+    ax.set_xlabel(second)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def shared_overrides(rows: list[Row]) -> list[str]:
     every = [set(row.configuration) for row in rows]
     shared = set.intersection(*every) if len(every) > 1 else set()
@@ -161,11 +236,13 @@ def job_dir_name(sweep_dir: Path, record: dict[str, Any]) -> str:
     return str(job_dir.relative_to(sweep_dir)) if job_dir.is_relative_to(sweep_dir) else str(job_dir)
 
 
-def render_markdown(sweep_dir: Path, rows: list[Row], failed: list[dict[str, Any]]) -> str:
+def render_markdown(sweep_dir: Path, rows: list[Row], failed: list[dict[str, Any]],
+                    stopped: list[dict[str, Any]] = ()) -> str:
     names = configuration_names(rows)
     label = metric_label(rows[0].metric)
     lines = [f"# Sweep report: {sweep_dir.name}", "",
-             f"{sum(len(row.accs) for row in rows)} results ({len(rows)} rows), {len(failed)} failed jobs. "
+             f"{sum(len(row.accs) for row in rows)} results ({len(rows)} rows), {len(failed)} failed jobs"
+             + (f", {len(stopped)} pruned trials. " if stopped else ". ") +
              f"{label[0].upper() + label[1:]} is the mean ± sample std over seeds; Δ is against the mean of the "
              "`baseline` stage of the same jobs." + (f" Every row also sets `{' '.join(shared_overrides(rows))}`."
                                                      if shared_overrides(rows) else ""), "",
@@ -180,6 +257,15 @@ def render_markdown(sweep_dir: Path, rows: list[Row], failed: list[dict[str, Any
                      f"{mean:.2f}{'' if std is None else f' ± {std:.2f}'} | "
                      f"{'–' if delta is None else f'{delta:+.2f}'} | "
                      f"{'–' if row.params is None else _count(row.params)} | {ratio} |")
+    if stopped:
+        shared = set(shared_overrides(rows))
+        lines += ["", "## Pruned trials", "", "Stopped by the search's pruner; their value is the last epoch's.", "",
+                  f"| trial | job dir | overrides | pruned after epoch | {rows[0].metric} (%) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for record in stopped:
+            overrides = " ".join(item for item in record.get("overrides", []) if item not in shared)
+            lines.append(f"| {record['pruned']['trial']} | {job_dir_name(sweep_dir, record)} | `{overrides}` | "
+                         f"{record['pruned']['epoch']} | {100 * record['pruned']['value']:.2f} |")
     if failed:
         lines += ["", "## Failed jobs", "", "| job dir | overrides | error |", "| --- | --- | --- |"]
         for record in failed:
@@ -227,14 +313,14 @@ def write_report(sweep_dir: Path, wandb_summary: bool = True) -> tuple[str, Path
     if not sweep_dir.is_dir():
         raise ConfigError(f"{sweep_dir} is not a directory. Pass the sweep directory of a `kd-train -m` run "
                           f"(its hydra.sweep.dir, e.g. multirun/<date>/<time>).")
-    rows, failed = collect(sweep_dir), failures(sweep_dir)
+    rows, failed, stopped = collect(sweep_dir), failures(sweep_dir), pruned(sweep_dir)
     if not rows:
         why = (f": all {len(failed)} of its recorded jobs failed (see {sweep_dir / 'failures.json'})" if failed
-               else " and no failed job either")
+               else f": all {len(stopped)} of its trials were pruned" if stopped else " and no failed job either")
         raise ConfigError(f"{sweep_dir} holds no results.json in any job directory{why}. Pass the "
                           f"hydra.sweep.dir of a `kd-train -m` sweep whose jobs have finished, e.g. "
                           f"`kd-report multirun/<date>/<time>`.")
-    markdown = render_markdown(sweep_dir, rows, failed)
+    markdown = render_markdown(sweep_dir, rows, failed, stopped)
     names = configuration_names(rows)
     rows_per_configuration = {configuration: sum(row.configuration == configuration for row in rows)
                               for configuration in names}
@@ -246,6 +332,9 @@ def write_report(sweep_dir: Path, wandb_summary: bool = True) -> tuple[str, Path
         bars.append((name if len(name) <= 60 else name[:57] + "...", mean, std or 0.0,
                      baseline))
     plot(bars, {}, sweep_dir / PLOT_FILE, sweep_dir.name, metric_label(rows[0].metric))
+    if (pareto := pareto_points(sweep_dir)) is not None:
+        markdown += "\n".join(render_pareto(*pareto, set(shared_overrides(rows)))) + "\n"
+        plot_pareto(*pareto, sweep_dir / PARETO_PLOT_FILE, sweep_dir.name)
     (sweep_dir / REPORT_FILE).write_text(markdown + f"\n![{sweep_dir.name}]({PLOT_FILE})\n")
     settings = sweep_wandb_settings(sweep_dir) if wandb_summary else None
     if settings is None:
@@ -255,7 +344,8 @@ def write_report(sweep_dir: Path, wandb_summary: bool = True) -> tuple[str, Path
         tables["failed_jobs"] = (["job dir", "overrides", "error"], [
             [job_dir_name(sweep_dir, record), " ".join(record.get("overrides", [])),
              f"{record.get('error_type', 'error')}: {record.get('message', '')}"] for record in failed])
-    config = {"sweep_dir": str(sweep_dir), "results": sum(len(row.accs) for row in rows), "failed_jobs": len(failed)}
+    config = {"sweep_dir": str(sweep_dir), "results": sum(len(row.accs) for row in rows), "failed_jobs": len(failed),
+              "pruned_trials": len(stopped)}
     return markdown, log_summary_run(settings, sweep_dir, tables, sweep_dir / PLOT_FILE, config)
 
 

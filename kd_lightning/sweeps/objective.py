@@ -18,6 +18,37 @@ HELD_OUT = ("data.val_fraction=0.1 (a seeded part of the training data held out 
             "fixed so every trial shares one split)")
 
 
+# A multi-objective search's second objective: the size of the run's last network, which KD trades accuracy for.
+SIZE_OBJECTIVES = {"student/params": "params", "student/flops": "flops"}
+
+
+def objective_names(cfg: Any) -> list[str]:
+    """The search's objectives in order: `optimized_metric`, then `second_objective` when set.
+
+    An unknown second objective is refused here, before the first trial."""
+    names = [str(cfg.get("optimized_metric") or DEFAULT_METRIC)]
+    second = cfg.get("second_objective")
+    if second is not None:
+        if str(second) not in SIZE_OBJECTIVES:
+            raise ConfigError(f"second_objective={second} is not an objective a trial can return. A multi-objective "
+                              f"search trades {names[0]} against the student's size: set second_objective to one of "
+                              f"{', '.join(SIZE_OBJECTIVES)} (with hydra.sweeper.direction=[maximize,minimize]), or "
+                              f"remove it for a single objective.")
+        names.append(str(second))
+    return names
+
+
+def objective_values(cfg: Any, results: dict) -> float | list[float] | None:
+    """What a trial returns to the sweeper: its objective, or the list of its objectives, from its results."""
+    names = objective_names(cfg)
+    values = [results["student_metrics"].get(names[0])]
+    for name in names[1:]:
+        last = next(reversed(results["stages"].values()))  # the network the search is about
+        size = next(iter(last.get("size", {}).values()), {})
+        values.append(size.get(SIZE_OBJECTIVES[name]))
+    return values[0] if len(values) == 1 else values
+
+
 def is_search(sweeper_target: str | None) -> bool:
     return sweeper_target not in (None, BASIC_SWEEPER)
 
@@ -39,4 +70,5 @@ def check_search_objective(sweeper_target: str | None, cfg: Any, datamodule: Any
                           f"{HELD_OUT}.")
 
 
-__all__ = ["BASIC_SWEEPER", "DEFAULT_METRIC", "check_search_objective", "is_search"]
+__all__ = ["BASIC_SWEEPER", "DEFAULT_METRIC", "SIZE_OBJECTIVES", "check_search_objective", "is_search",
+           "objective_names", "objective_values"]

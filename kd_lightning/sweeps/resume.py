@@ -1,7 +1,7 @@
 """Re-running a sweep into its directory skips the jobs whose config already has a result and reruns the rest.
 
 `kd-train -m ... hydra.sweep.dir=<dir>` a second time: each job looks for a `results.json` with its own
-config hash (kd_lightning/job_identity.py) anywhere under the sweep directory — found by config, not by job
+config hash (kd_lightning/sweeps/identity.py) anywhere under the sweep directory — found by config, not by job
 number, so a job renumbered by a longer sweep list still finds its result. A skipped job trains nothing and
 hands the previous result's objective to the sweeper; a config whose last attempt failed (its `error.json`)
 is rerun, and each case says so in one log line. Called by the job itself, so it works under every launcher.
@@ -22,8 +22,8 @@ from typing import Any
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from kd_lightning.job_identity import RESULTS_FILE, config_hash
-from kd_lightning.sweep import ERROR_FILE, read_record
+from kd_lightning.sweeps.identity import RESULTS_FILE, config_hash
+from kd_lightning.sweeps.failures import ERROR_FILE, read_record
 
 log = logging.getLogger(__name__)
 

@@ -52,6 +52,8 @@ def job_record(cfg: DictConfig) -> dict[str, Any]:
     record: dict[str, Any] = {"config_hash": config_hash(cfg), "overrides": overrides}
     if cfg.get("optimized_metric"):  # what `kd-report` shows for search trials, which test nothing
         record["optimized_metric"] = str(cfg.optimized_metric)
+    if cfg.get("second_objective"):  # a multi-objective search: `kd-report` draws its Pareto front
+        record["second_objective"] = str(cfg.second_objective)
     if (wandb := wandb_settings(cfg)) is not None:
         record["wandb"] = wandb
     return record

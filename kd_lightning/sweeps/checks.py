@@ -16,7 +16,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.objective import check_search_objective, is_search
+from kd_lightning.sweeps.objective import check_search_objective, is_search, objective_names
+from kd_lightning.sweeps.study import SWEEPER
 
 SUBMITIT = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
 # Strategies that run one process per device and so can use a SLURM allocation's tasks.
@@ -37,12 +38,18 @@ class CheckSweep(Callback):
 
 def check_sweep(config: DictConfig) -> None:
     sweeper = config.hydra.sweeper.get("_target_")
+    if sweeper == SWEEPER:
+        check_optuna_search(config)
     if is_search(sweeper):
         check_search_params(config)
         from kd_lightning.pipeline import construct  # torch and Lightning only once a search is configured
 
         check_search_objective(sweeper, config, construct(config.data))
     check_launcher(config)
+    if sweeper == SWEEPER:  # last: a database server is the slowest thing to ask
+        from kd_lightning.sweeps.study import check_storage
+
+        check_storage(config.hydra.sweeper.get("storage"))
 
 
 def config_keys(node: Any, prefix: str = "") -> list[str]:
@@ -79,6 +86,47 @@ def check_search_params(config: DictConfig) -> None:
                           f"so no trial could set it.{hint} Fix the name, or write +{key} to add a new key.")
 
 
+def check_optuna_search(config: DictConfig) -> None:
+    """Sampler, pruner, directions, objectives and storage of `hydra/sweeper=kd_optuna`, each opened once."""
+    from kd_lightning.sweeps.search import directions_of, search_space
+    from kd_lightning.sweeps.study import MULTI_OBJECTIVE_SAMPLERS, build_pruner, build_sampler, pruner_name
+
+    sweeper = config.hydra.sweeper
+    search_space(sweeper.get("params"), [str(text) for text in config.hydra.overrides.task])
+    directions = directions_of(sweeper.direction)
+    build_sampler(sweeper.get("sampler"))
+    build_pruner(sweeper.get("pruner"))
+    objectives = objective_names(config)
+    if len(objectives) != len(directions):
+        raise ConfigError(f"The search optimises {len(objectives)} objective(s) ({', '.join(objectives)}) but "
+                          f"hydra.sweeper.direction gives {len(directions)} direction(s) ({', '.join(directions)}). "
+                          f"Give one direction per objective, e.g. hydra.sweeper.direction=[maximize,minimize] with "
+                          f"second_objective=student/params, or remove second_objective for a single objective.")
+    sampler = str((sweeper.get("sampler") or {}).get("name", "tpe"))
+    if len(objectives) > 1 and sampler not in MULTI_OBJECTIVE_SAMPLERS:
+        raise ConfigError(f"hydra.sweeper.sampler.name={sampler} optimises one objective, but this search has "
+                          f"{len(objectives)} ({', '.join(objectives)}). Use one of "
+                          f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)} (nsgaii is Optuna's usual choice).")
+    if pruner_name(sweeper.get("pruner")) != "none":
+        if len(objectives) > 1:
+            raise ConfigError(f"hydra.sweeper.pruner.name={pruner_name(sweeper.pruner)} with {len(objectives)} "
+                              f"objectives: Optuna prunes single-objective studies only. Set "
+                              f"hydra.sweeper.pruner.name=none, or drop second_objective.")
+        check_pruning_metric(objectives[0], config.get("trainer"))
+
+
+def check_pruning_metric(metric: str, trainer_cfg: Any) -> None:
+    """Refuse pruning on a metric that no validation epoch logs, before the first trial."""
+    if not metric.startswith("val/"):
+        raise ConfigError(f"Pruning (hydra.sweeper.pruner.name) compares trials epoch by epoch on optimized_metric, "
+                          f"but {metric} is not logged at the end of every validation epoch: only val/* metrics "
+                          f"are (val/acc, val/acc_best, val/loss). Set optimized_metric=val/acc, or "
+                          f"hydra.sweeper.pruner.name=none.")
+    if trainer_cfg is not None and trainer_cfg.get("limit_val_batches", 1) in (0, 0.0):
+        raise ConfigError(f"Pruning on {metric} needs a validation epoch, but trainer.limit_val_batches=0 switches "
+                          f"validation off. Remove that setting, or set hydra.sweeper.pruner.name=none.")
+
+
 def check_launcher(config: DictConfig) -> None:
     """A submitit job's tasks are Lightning's processes: one per device on every node, under a DDP strategy."""
     launcher = config.hydra.launcher
@@ -113,4 +161,4 @@ def check_launcher(config: DictConfig) -> None:
                           f"hydra.launcher.gpus_per_node={devices}.")
 
 
-__all__ = ["CheckSweep", "check_launcher", "check_search_params", "check_sweep"]
+__all__ = ["CheckSweep", "check_launcher", "check_optuna_search", "check_pruning_metric", "check_search_params", "check_sweep"]

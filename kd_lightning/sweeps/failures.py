@@ -2,7 +2,7 @@
 
 Hydra runs each job inside `run_job`, which turns an exception into a FAILED `JobReturn` and hands it to
 `on_job_end`. `RecordFailedJobs` writes it to `<job dir>/error.json` (with the job's config hash, see
-kd_lightning/job_identity.py) and rebuilds `<sweep dir>/failures.json` from every job's file, so the record
+kd_lightning/sweeps/identity.py) and rebuilds `<sweep dir>/failures.json` from every job's file, so the record
 is complete whichever launcher ran the jobs and even if the sweep is killed part-way. A record stays until
 a job of the same config completes, so a re-run sweep knows which of its jobs failed before.
 `finish_sweep` prints the summary and gives the exit status.
@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.job_identity import config_hash
+from kd_lightning.sweeps.identity import config_hash
 
 log = logging.getLogger(__name__)
 ERROR_FILE = "error.json"
