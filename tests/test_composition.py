@@ -76,3 +76,14 @@ def test_init_stages_and_supervised_runs_describe_their_loss():
     smoothed = Supervised(build_model("convnet_tiny", num_classes=10, in_channels=1), num_classes=10,
                           label_smoothing=0.1, optimizer=torch.optim.SGD)
     assert smoothed.loss_summary() == "loss = 1.0·CE(label_smoothing=0.1)"
+
+
+@pytest.mark.parametrize("overrides", [["scheme=tf_kd_self"], ["distill=[tf_kd]"]])
+def test_tf_kd_trains_the_reference_loss_kd_self_ce_weight(make_cfg, overrides):
+    # yuanli2333/Teacher-Free-Knowledge-Distillation my_loss_function.py loss_kd_self: (1 - alpha)·CE + alpha·KL,
+    # alpha 0.95 (resnet18_self_teacher/params.json). Before, both configs trained 1.0·CE + 0.95·tf_kd.
+    cfg = make_cfg(*overrides)
+    terms = build_terms(cfg)
+    module = offline(terms, ce_weight=cfg.scheme.ce_weight)
+    assert module.ce_weight == pytest.approx(1 - 0.95)
+    assert module.loss_summary() == "loss = 0.05·CE + 0.95·tf_kd(T=6.0)"

@@ -15,6 +15,8 @@ class TfKD(DistillTerm):
     multiplier 50. `scheme=tf_kd_self` trains the teacher, a copy of the student's architecture, first.
     """
 
+    recipe_ce_weight = 0.05  # loss_kd_self's 1 − α
+
     def __init__(self, weight: float = 0.95, temperature: float = 6.0, multiplier: float = 50.0,
                  warmup_epochs: int = 0) -> None:
         super().__init__(weight, warmup_epochs)
