@@ -4,6 +4,7 @@ one step equal to separate per-peer updates, the pipeline's per-peer metrics and
 from __future__ import annotations
 
 import copy
+import math
 from functools import partial
 from pathlib import Path
 
@@ -193,9 +194,31 @@ def test_two_ddp_ranks_end_identical_and_equal_to_one_process(tmp_path):
     (["scheme=dml", "scheme.peers=[42,convnet_tiny]"], "model name"),
     (["scheme=dml", "distill=[at]"], "logit term"),
     (["scheme=kdcl", "scheme.ensemble=median"], "min_logit"),
-    (["scheme=kdcl"], "rampup_epochs=80"),  # the reference's 80-epoch ramp in a 1-epoch run
+    (["scheme=kdcl", "scheme.rampup_epochs=80"], "rampup_epochs=80"),  # an 80-epoch ramp in a 1-epoch run
+    (["scheme=kdcl", "scheme.rampup_fraction=1.5"], "rampup_fraction"),
 ])
 def test_bad_online_configs_fail_before_training_with_the_fix(make_cfg, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         run(make_cfg(*overrides))
     assert not (tmp_path / "out" / "peers").exists()
+
+
+def test_kdcl_trains_with_its_own_defaults_and_ramps_over_the_references_share_of_the_epochs(make_cfg):
+    # Before, scheme=kdcl kept ONE's absolute 80-epoch ramp-up and refused the default 30-epoch run.
+    results = run(make_cfg("scheme=kdcl", "baseline=false"))
+    assert "peers" in results["stages"]
+    assert "sigmoid ramp-up 0.266667 epochs" in results["loss"]  # the tests' 1-epoch run
+    for max_epochs, length in ((300, 80.0), (30, 8.0)):  # ONE: 80 of 300 epochs (scripts/ONE_ResNet32.sh)
+        module = KDCL(make_peers("convnet_tiny", "convnet_tiny"), num_classes=10, optimizer=SGD, max_epochs=max_epochs)
+        assert module.rampup_length == pytest.approx(length)
+        # ONE's utils/ramps.sigmoid_rampup at its epoch 40 of an 80-epoch ramp, written out independently.
+        assert module.mimicry_weight(max_epochs * 40 // 300) == pytest.approx(math.exp(-5.0 * 0.5**2))
+    with pytest.raises(ConfigError, match="rampup_epochs=<n>"):
+        KDCL(make_peers("convnet_tiny", "convnet_tiny"), num_classes=10, optimizer=SGD, max_epochs=-1)
+
+
+def test_the_loss_line_states_every_peers_mimicry_not_ce_alone():
+    # Before, DML and KDCL logged `loss = 1.0·CE` while training CE + KL per peer.
+    module = DML(make_peers("convnet_tiny", "convnet_small", "convnet_tiny"), num_classes=10, optimizer=SGD,
+                 terms={"kd": KD(weight=0.5, temperature=4.0)})
+    assert module.loss_summary() == "loss = Σ over 3 peers of (1.0·CE + 1.0·dml(T=1.0) + 0.5·kd(T=4.0))"
