@@ -29,12 +29,13 @@ def teachers_of_three_widths() -> list[torch.nn.Module]:
     return [build_model(name, num_classes=10, in_channels=1) for name in WIDTHS]
 
 
-def make_module(aggregation: str = "average", terms=None, teachers=None, seed: int = 0) -> MultiTeacher:
+def make_module(aggregation: str = "average", terms=None, teachers=None, seed: int = 0,
+                ce_weight: float = 0.1) -> MultiTeacher:
     torch.manual_seed(seed)
     teachers = teachers_of_three_widths() if teachers is None else teachers
     return MultiTeacher(student=build_model("convnet_tiny", 10, 1), teachers=teachers,
                         terms=terms if terms is not None else {"kd": KD(weight=0.9, temperature=T)}, num_classes=10,
-                        example_input=torch.randn(2, 1, 8, 8), aggregation=aggregation, ce_weight=0.1,
+                        example_input=torch.randn(2, 1, 8, 8), aggregation=aggregation, ce_weight=ce_weight,
                         optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4))
 
 
@@ -289,3 +290,21 @@ def test_two_ddp_ranks_match_one_process_with_random_teachers_and_per_teacher_ad
     micro = [2 * loss for loss in single["losses"]]
     torch.testing.assert_close(torch.tensor(rank0["losses"]), torch.tensor(micro[0::2]), rtol=1e-4, atol=0)
     torch.testing.assert_close(torch.tensor(rank1["losses"]), torch.tensor(micro[1::2]), rtol=1e-4, atol=0)
+
+
+def test_default_recipe_is_the_cited_references_and_the_loss_line_states_the_aggregation(make_cfg):
+    # Rorozhl/CA-MKD scripts/run.sh trains every multi-teacher row with -r 1 (CE) -a 1 (KL), --kd_T 4.
+    # Before: Hinton's CE 0.1 / KD 0.9, and a loss line `0.9·kd + 0.9·kd_teacher2 ...` for a mean over teachers.
+    cfg = make_cfg("scheme=multi_teacher")
+    terms = pipeline.build_terms(cfg)
+    assert (cfg.scheme.ce_weight, terms["kd"].weight, terms["kd"].temperature) == (1.0, 1.0, 4.0)
+    options = {key: value for key, value in cfg.scheme.items() if key in ("aggregation", "ce_weight")}
+    module = make_module(terms=terms, **options)
+    assert module.loss_summary() == "loss = 1.0·CE + 1.0·mean over 3 teachers of kd(T=4.0)"
+    losses = module.training_losses(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), None)
+    assert sorted(losses) == ["ce", "kd"]  # one aggregated loss per term, as the line says
+    confident = make_module("confidence", terms={"kd": KD(weight=1.0, temperature=T)})
+    assert confident.loss_summary() == ("loss = 0.1·CE + 1.0·Σ_k w_k·kd(T=4.0)_k / 3 "
+                                        "(CA-MKD confidence w over 3 teachers)")
+    drawn = make_module("random", terms={"kd": KD(weight=1.0, temperature=T)})
+    assert drawn.loss_summary() == "loss = 0.1·CE + 1.0·kd(T=4.0) of one teacher drawn per step (of 3)"
