@@ -222,3 +222,37 @@ def test_the_loss_line_states_every_peers_mimicry_not_ce_alone():
     module = DML(make_peers("convnet_tiny", "convnet_small", "convnet_tiny"), num_classes=10, optimizer=SGD,
                  terms={"kd": KD(weight=0.5, temperature=4.0)})
     assert module.loss_summary() == "loss = Σ over 3 peers of (1.0·CE + 1.0·dml(T=1.0) + 0.5·kd(T=4.0))"
+
+
+def lr_per_epoch(module, epochs: int) -> list[float]:
+    """The learning rate each epoch trains at under the module's optimizer and epoch-interval scheduler."""
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_dml_experiment_is_the_recipe_the_dml_docstring_cites(make_cfg):
+    # Knowledge-Distillation-Zoo train_dml.py: SGD(lr 0.1, momentum 0.9, weight_decay 1e-4, nesterov=True), batch
+    # 128, 200 epochs, adjust_lr: lr_list = [lr]*100 + [lr*.1]*50 + [lr*.01]*50, epoch e (from 1) at lr_list[e-1].
+    cfg = make_cfg("experiment=schemes/dml_cifar100", fast=False)
+    assert cfg.scheme._target_ == "kd_lightning.schemes.DML" and cfg.plan._target_.endswith("online_plan")
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.student.name) == (128, 200, "resnet32")
+    assert (cfg.scheme.temperature, cfg.scheme.weight, cfg.scheme.ce_weight) == (1.0, 1.0, 1.0)
+    module = DML(make_peers("convnet_tiny", "convnet_tiny"), num_classes=10, **pipeline_factories(cfg))
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert type(optimizer) is torch.optim.SGD
+    assert {key: optimizer.defaults[key] for key in ("momentum", "weight_decay", "nesterov")} == \
+        {"momentum": 0.9, "weight_decay": 1e-4, "nesterov": True}
+    reference = [0.1] * 100 + [0.1 * 0.1] * 50 + [0.1 * 0.1 * 0.1] * 50
+    assert lr_per_epoch(module, 200) == pytest.approx(reference)
+
+
+def pipeline_factories(cfg) -> dict:
+    from hydra.utils import instantiate
+
+    return {"optimizer": instantiate(cfg.optimizer), "scheduler": instantiate(cfg.scheduler)}

@@ -256,3 +256,31 @@ def test_two_ddp_ranks_end_on_identical_weights(tmp_path, scheme):
             assert torch.equal(rank0["ema"][key], rank1["ema"][key]), f"EMA teachers disagree on {key}"
     # Each rank drew its own anchors: the distributed sampler reached the pair batches.
     assert len(rank0["anchors"]) == 4 * 8 and not set(rank0["anchors"]) & set(rank1["anchors"])
+
+
+def test_cs_kd_experiment_is_the_recipe_the_cs_kd_docstring_cites(make_cfg):
+    from hydra.utils import instantiate
+
+    # alinlab/cs-kd README/train.py: --lr 0.1 --epoch 200 --decay 1e-4, SGD momentum 0.9, 128 anchors (+128
+    # partners), T 4, lamda 1; adjust_learning_rate(optimizer, epoch) runs after each epoch and sets the rate
+    # of the next one: lr / 10 once epoch >= 0.5·200, / 10 again once epoch >= 0.75·200.
+    cfg = make_cfg("experiment=schemes/cs_kd_cifar100", fast=False)
+    assert cfg.scheme._target_ == "kd_lightning.schemes.CSKD" and cfg.plan._target_.endswith("cs_kd_plan")
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (2 * 128, 200)
+    assert (cfg.scheme.temperature, cfg.scheme.lambda_cls, cfg.scheme.ce_weight) == (4.0, 1.0, 1.0)
+    module = CSKD(build_model("convnet_tiny", 10, 1), num_classes=10, optimizer=instantiate(cfg.optimizer),
+                  scheduler=instantiate(cfg.scheduler))
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    assert {key: optimizer.defaults[key] for key in ("lr", "momentum", "weight_decay", "nesterov")} == \
+        {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False}
+    reference, lr = [], 0.1
+    for epoch in range(200):
+        reference.append(lr)
+        lr = 0.1 / (10 if epoch >= 0.5 * 200 else 1) / (10 if epoch >= 0.75 * 200 else 1)
+    rates = []
+    for _ in range(200):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx(reference)

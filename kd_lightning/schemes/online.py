@@ -153,8 +153,9 @@ class DML(MutualLearning):
     Peer k minimises CE + 1/(K−1)·Σ_{l≠k} KL(p_l ‖ p_k) (paper, Eq. 10), with every p_l detached. Follows
     Knowledge-Distillation-Zoo's train_dml.py (AberHu; the authors' own code is TensorFlow for
     Market-1501 only): T=1, λ=1, KL with batch mean, one forward per network, each net's loss on the
-    other's detached logits; its CIFAR recipe is SGD 0.1 (Nesterov, momentum 0.9, wd 1e-4), 200 epochs,
-    ×0.1 at 100 and 150. Unlike KD_Lib's DML (one zero_grad before the peer loop, peer logits not
+    other's detached logits. Its CIFAR recipe (SGD 0.1, Nesterov, momentum 0.9, wd 1e-4, batch 128, 200
+    epochs, ×0.1 at 100 and 150) is `experiment=schemes/dml_cifar100`; `scheme=dml` alone trains with the
+    run's optimizer and schedule. Unlike KD_Lib's DML (one zero_grad before the peer loop, peer logits not
     detached), no gradient of peer k's loss reaches another peer.
     """
 

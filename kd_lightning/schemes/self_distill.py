@@ -120,8 +120,11 @@ class CSKD(DistillationModule):
     Batches are anchors then one same-class partner each (`kd_lightning.data.pairs`); the loss is
     ce_weight·CE(anchors) + λ·T²·KL(p(partner)/T ‖ p(anchor)/T), the partners' forward under no_grad (in
     train mode, so it moves BatchNorm statistics as the reference's does). Follows alinlab/cs-kd train.py:
-    T 4, λ 1 (CIFAR; 3 on fine-grained sets). Logit terms of the catalogue (`distill=[dkd]`, ...) compose,
-    with the partners' logits as the teacher's; terms that read features have no teacher network here.
+    T 4, λ 1 (CIFAR; 3 on fine-grained sets). Its CIFAR-100 recipe (SGD 0.1, momentum 0.9, wd 1e-4, 128
+    anchors per step, 200 epochs, ÷10 from epochs 101 and 151) is `experiment=schemes/cs_kd_cifar100`;
+    `scheme=cs_kd` alone trains with the run's optimizer and schedule. Logit terms of the catalogue
+    (`distill=[dkd]`, ...) compose, with the partners' logits as the teacher's; terms that read features
+    have no teacher network here.
     """
 
     train_batches = CLASS_PAIRS
