@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import subprocess
@@ -169,10 +170,11 @@ def test_mean_teacher_refuses_an_ema_decay_outside_the_open_unit_interval(make_c
         run(make_cfg("scheme=mean_teacher", f"scheme.ema_decay={decay}"))
 
 
-def make_mean_teacher(decay: float = 0.5) -> MeanTeacher:
+def make_mean_teacher(decay: float = 0.5, **options) -> MeanTeacher:
     torch.manual_seed(0)
     return MeanTeacher(build_model("convnet_tiny", 10, 1), {"consistency": Consistency(rampup_epochs=0)},
-                       num_classes=10, example_input=torch.randn(2, 1, 8, 8), ema_decay=decay, optimizer=SGD)
+                       num_classes=10, example_input=torch.randn(2, 1, 8, 8), ema_decay=decay, optimizer=SGD,
+                       **options)
 
 
 def test_ema_teacher_is_frozen_eval_pinned_and_outside_optimizer_and_state_dict():
@@ -192,8 +194,11 @@ def digits_trainer(**options) -> L.Trainer:
                      enable_model_summary=False, limit_val_batches=0, **options)
 
 
-def test_ema_updates_after_each_optimizer_step_not_each_batch():
-    module, decay = make_mean_teacher(decay=0.5), 0.5
+def test_ema_updates_after_each_optimizer_step_with_the_references_warm_up():
+    # CuriousAI main.py update_ema_variables after its n-th step: α = min(1 − 1/(n + 1), ema_decay), over the
+    # parameters. Before, the first update copied the student and every later one used the decay.
+    module, decay = make_mean_teacher(decay=0.7), 0.7
+    initial = module.student.fc.weight.detach().clone()
     snapshots = []
 
     class Snapshot(L.Callback):
@@ -204,11 +209,68 @@ def test_ema_updates_after_each_optimizer_step_not_each_batch():
     loader = DataLoader(_digits_train(), batch_size=16)
     digits_trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[Snapshot()]).fit(module, loader)
     assert int(module.ema.n_averaged) == 3 == len(snapshots)
-    expected = snapshots[0]["fc.weight"]  # the first update copies, then EMA
-    for snapshot in snapshots[1:]:
-        expected = decay * expected + (1 - decay) * snapshot["fc.weight"]
-    torch.testing.assert_close(module.teacher.model.fc.weight, expected)
+    expected = initial.double()
+    for step, snapshot in enumerate(snapshots, start=1):
+        alpha = min(1 - 1 / (step + 1), decay)  # .5, .667, then the decay .7
+        expected = alpha * expected + (1 - alpha) * snapshot["fc.weight"].double()
+    torch.testing.assert_close(module.teacher.model.fc.weight.double(), expected)
     assert not torch.equal(module.teacher.model.fc.weight, module.student.fc.weight)
+
+
+def test_ema_teacher_forwards_in_train_mode_with_its_own_batchnorm_statistics():
+    # CuriousAI main.py: ema_model.train() before its forward; the EMA averages parameters, not BN buffers.
+    module = make_mean_teacher(logit_distance_cost=None)
+    module.train()
+    images, targets = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    reference = copy.deepcopy(module.ema.module).train()
+    with torch.no_grad():
+        expected = reference(images)
+    stats = {k: v.clone() for k, v in module.ema.module.state_dict().items() if k.endswith("running_mean")}
+    seen = {}
+    original = module.teacher_logits_and_features
+    module.teacher_logits_and_features = lambda x: seen.setdefault("teacher", original(x))
+    module.training_losses(images, targets, None)
+    torch.testing.assert_close(seen["teacher"][0], expected)
+    moved = module.ema.module.state_dict()
+    assert stats and all(not torch.equal(stats[k], moved[k]) for k in stats), "its own running statistics move"
+    assert not module.teacher.training and not module.teacher.model.training  # pinned again after the forward
+    assert not any(p.requires_grad for p in module.ema.parameters())
+
+
+def test_consistency_head_reads_the_terms_and_is_tied_to_the_class_head_as_the_reference():
+    # experiments/cifar10_test.py logit_distance_cost .01: CE on the class logits, the consistency cost on a
+    # second head's logits, .01·symmetric_mse_loss(class, consistency) / minibatch_size.
+    module = make_mean_teacher(logit_distance_cost=0.01)
+    module.train()
+    images, targets = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    captured = {}
+    hook = module.student.fc.register_forward_hook(lambda m, i, o: captured.update(feature=i[0], logits=o))
+    losses = module.training_losses(images, targets, None)
+    hook.remove()
+    assert sorted(losses) == ["ce", "consistency", "residual"]
+    head = module.consistency_head
+    with torch.no_grad():
+        class_logits = captured["logits"].double()
+        consistency = captured["feature"].double() @ head.weight.double().T + head.bias.double()
+        nn.Module.train(module.teacher.model, True)
+        teacher = module.teacher.model.double()(images.double())
+        module.teacher.model.float().eval()
+    b, k = class_logits.shape
+    expected_residual = 0.01 * ((class_logits - consistency) ** 2).sum() / k / b
+    expected_consistency = 100.0 * ((consistency.softmax(1) - teacher.softmax(1)) ** 2).sum() / k / b
+    torch.testing.assert_close(losses["residual"].double(), expected_residual, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(losses["consistency"].double(), expected_consistency, rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(losses["ce"].double(), F.cross_entropy(class_logits, targets), rtol=1e-5, atol=1e-6)
+    optimized = {id(p) for group in module.configure_optimizers().param_groups for p in group["params"]}
+    assert {id(p) for p in head.parameters()} <= optimized
+    assert list(module.products()) == ["student"]  # the head trains, is checkpointed, not exported
+    assert module.loss_summary().endswith("0.01·residual (class ↔ consistency head; the terms read the consistency head)")
+
+
+def test_mean_teacher_config_is_the_cited_cifar10_recipe(make_cfg):
+    cfg = make_cfg("scheme=mean_teacher")
+    assert (cfg.scheme.ema_decay, cfg.scheme.logit_distance_cost) == (0.97, 0.01)
+    assert (cfg.distill.consistency.weight, cfg.distill.consistency.rampup_epochs) == (100.0, 5)
 
 
 def _digits_train():
@@ -284,3 +346,19 @@ def test_cs_kd_experiment_is_the_recipe_the_cs_kd_docstring_cites(make_cfg):
         optimizer.step()
         scheduler.step()
     assert rates == pytest.approx(reference)
+
+
+def test_self_distillation_loss_lines_state_what_is_trained():
+    # Before, BYOT, CS-KD and Tf-KD_reg logged `loss = 1.0·CE` whatever they trained.
+    from kd_lightning.schemes.self_distill import TfKDReg
+
+    def student():
+        return build_model("convnet_tiny", 10, 1)
+
+    byot = BYOT(student(), num_classes=10, example_input=torch.randn(2, 1, 8, 8), optimizer=SGD)
+    assert byot.loss_summary() == ("loss = 0.9·(CE + Σ over 1 heads of CE) + 0.1·Σ over 1 heads of "
+                                   "T²·softCE(deepest → head, T=3.0) + 1e-06·Σ over 1 heads of hint")
+    assert CSKD(student(), num_classes=10, optimizer=SGD).loss_summary() == \
+        "loss = 1.0·CE(anchors) + 1.0·cs_kd(T=4.0, partner → anchor)"
+    assert TfKDReg(student(), num_classes=10, optimizer=SGD).loss_summary() == \
+        "loss = 0.9·CE + 0.1·tf_kd_reg(T=20.0, multiplier 100, correct_prob 0.99)"
