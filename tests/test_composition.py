@@ -87,3 +87,12 @@ def test_tf_kd_trains_the_reference_loss_kd_self_ce_weight(make_cfg, overrides):
     module = offline(terms, ce_weight=cfg.scheme.ce_weight)
     assert module.ce_weight == pytest.approx(1 - 0.95)
     assert module.loss_summary() == "loss = 0.05·CE + 0.95·tf_kd(T=6.0)"
+
+
+def test_the_loss_line_states_the_consistency_ramp_up():
+    # Mean teacher's consistency weight follows its own sigmoid ramp-up (Consistency.weight_at); before, the
+    # line read `100.0·consistency` as if the weight were constant from the first epoch.
+    from kd_lightning.losses.terms import Consistency
+
+    assert offline({"consistency": Consistency(rampup_epochs=5)}).loss_summary() == \
+        "loss = 1.0·CE + 100.0·consistency(sigmoid ramp-up 5 epochs)"

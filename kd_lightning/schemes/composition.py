@@ -40,6 +40,8 @@ def describe_loss(ce_weight: float, terms: Mapping[str, DistillTerm]) -> str:
         details = [f"T={float(term.temperature)}"] if hasattr(term, "temperature") else []
         if term.warmup_epochs:
             details.append(f"warm-up {term.warmup_epochs} epochs")
+        if getattr(term, "rampup_epochs", 0):  # mean teacher's consistency: its own sigmoid schedule
+            details.append(f"sigmoid ramp-up {term.rampup_epochs} epochs")
         parts.append(f"{term.weight}·{name}" + (f"({', '.join(details)})" if details else ""))
     return "loss = " + " + ".join(parts)
 
