@@ -297,7 +297,7 @@ def test_default_recipe_is_the_cited_references_and_the_loss_line_states_the_agg
     # Before: Hinton's CE 0.1 / KD 0.9, and a loss line `0.9·kd + 0.9·kd_teacher2 ...` for a mean over teachers.
     cfg = make_cfg("scheme=multi_teacher")
     terms = pipeline.build_terms(cfg)
-    assert (cfg.scheme.ce_weight, terms["kd"].weight, terms["kd"].temperature) == (1.0, 1.0, 4.0)
+    assert (terms["kd"].recipe_ce_weight, terms["kd"].weight, terms["kd"].temperature) == (1.0, 1.0, 4.0)
     options = {key: value for key, value in cfg.scheme.items() if key in ("aggregation", "ce_weight")}
     module = make_module(terms=terms, **options)
     assert module.loss_summary() == "loss = 1.0·CE + 1.0·mean over 3 teachers of kd(T=4.0)"
@@ -308,3 +308,17 @@ def test_default_recipe_is_the_cited_references_and_the_loss_line_states_the_agg
                                         "(CA-MKD confidence w over 3 teachers)")
     drawn = make_module("random", terms={"kd": KD(weight=1.0, temperature=T)})
     assert drawn.loss_summary() == "loss = 0.1·CE + 1.0·kd(T=4.0) of one teacher drawn per step (of 3)"
+
+
+@pytest.mark.parametrize("overrides, recipe", [
+    ((), (1.0, 1.0, 4.0)),  # CA-MKD run.sh -r 1 -a 1, --kd_T 4
+    (("experiment=imagenet/resnet34_resnet18",), (0.5, 0.5, 1.0)),  # mdistiller r34_r18 kd.yaml
+    (("experiment=cifar100/vgg13_vgg8",), (1.0, 1.0, 4.0)),  # sets no recipe.kd_*: the scheme's stays whole
+])
+def test_multi_teacher_trains_one_recipes_ce_kd_and_temperature_whichever_config_sets_it(make_cfg, overrides, recipe):
+    # `experiment` is composed after `scheme`, so its recipe.kd_* replaced the scheme's KD and T while the CE stayed
+    # scheme.ce_weight 1.0: the ImageNet experiment trained CE 1 + KD 0.5 at T 1, a mix of two recipes.
+    cfg = make_cfg("scheme=multi_teacher", *overrides)
+    terms = pipeline.build_terms(cfg)
+    module = make_module(terms=terms, ce_weight=cfg.scheme.ce_weight, teachers=teachers_of_three_widths()[:2])
+    assert (module.ce_weight, module.terms["kd"].weight, module.terms["kd"].temperature) == recipe
