@@ -205,9 +205,11 @@ def test_bad_online_configs_fail_before_training_with_the_fix(make_cfg, tmp_path
 
 def test_kdcl_trains_with_its_own_defaults_and_ramps_over_the_references_share_of_the_epochs(make_cfg):
     # Before, scheme=kdcl kept ONE's absolute 80-epoch ramp-up and refused the default 30-epoch run.
+    # Only that the defaults run and state their ramp: the tests' 1-epoch run trains epoch 0 of a 0.27-epoch ramp,
+    # where the sigmoid gives the mimicry weight exp(-5) ≈ 0.007, so it shows nothing about what KDCL's KL learns.
     results = run(make_cfg("scheme=kdcl", "baseline=false"))
     assert "peers" in results["stages"]
-    assert "sigmoid ramp-up 0.266667 epochs" in results["loss"]  # the tests' 1-epoch run
+    assert "sigmoid ramp-up 0.266667 epochs" in results["loss"]
     for max_epochs, length in ((300, 80.0), (30, 8.0)):  # ONE: 80 of 300 epochs (scripts/ONE_ResNet32.sh)
         module = KDCL(make_peers("convnet_tiny", "convnet_tiny"), num_classes=10, optimizer=SGD, max_epochs=max_epochs)
         assert module.rampup_length == pytest.approx(length)
