@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import subprocess
@@ -267,10 +268,23 @@ def test_consistency_head_reads_the_terms_and_is_tied_to_the_class_head_as_the_r
     assert module.loss_summary().endswith("0.01·residual (class ↔ consistency head; the terms read the consistency head)")
 
 
-def test_mean_teacher_config_is_the_cited_cifar10_recipe(make_cfg):
+def test_scheme_mean_teacher_builds_the_cited_cifar10_recipe_with_its_consistency_head(make_cfg):
+    # experiments/cifar10_test.py: decay .97, consistency 100 ramped over 5 epochs, logit_distance_cost .01.
+    from kd_lightning import pipeline
+
     cfg = make_cfg("scheme=mean_teacher")
-    assert (cfg.scheme.ema_decay, cfg.scheme.logit_distance_cost) == (0.97, 0.01)
-    assert (cfg.distill.consistency.weight, cfg.distill.consistency.rampup_epochs) == (100.0, 5)
+    options = {key: value for key, value in cfg.scheme.items() if key != "_target_"}
+    torch.manual_seed(0)
+    module = MeanTeacher(build_model("convnet_tiny", 10, 1), pipeline.build_terms(cfg), num_classes=10,
+                         example_input=torch.randn(2, 1, 8, 8), optimizer=SGD, **options)
+    assert isinstance(module.consistency_head, nn.Linear) and module.ema_decay == 0.97
+    module.train()
+    losses = module.training_losses(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)), None)
+    assert sorted(losses) == ["ce", "consistency", "residual"]
+    assert module.loss_summary() == ("loss = 1.0·CE + 100.0·consistency(sigmoid ramp-up 5 epochs) + 0.01·residual "
+                                     "(class ↔ consistency head; the terms read the consistency head)")
+    # The class's default is the config's, so a MeanTeacher built in code trains the same recipe.
+    assert inspect.signature(MeanTeacher).parameters["logit_distance_cost"].default == cfg.scheme.logit_distance_cost
 
 
 def _digits_train():

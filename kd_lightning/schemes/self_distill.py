@@ -234,7 +234,7 @@ class MeanTeacher(Offline):
     caches_teacher_outputs = False  # the averaged teacher changes after every step
 
     def __init__(self, student: nn.Module, terms: Mapping[str, DistillTerm], num_classes: int,
-                 example_input: Tensor, ema_decay: float = 0.97, logit_distance_cost: float | None = None,
+                 example_input: Tensor, ema_decay: float = 0.97, logit_distance_cost: float | None = 0.01,
                  **offline: Any) -> None:
         if not 0.0 < float(ema_decay) < 1.0:
             raise ConfigError(f"scheme.ema_decay={ema_decay} must lie strictly between 0 and 1: at 0 the teacher "
