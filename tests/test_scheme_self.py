@@ -22,7 +22,7 @@ from kd_lightning.data import DigitsDataModule
 from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
-from kd_lightning.losses.terms import Consistency
+from kd_lightning.losses.terms import FT, Consistency
 from kd_lightning.models import build_model
 from kd_lightning.pipeline import run
 from kd_lightning.schemes import BYOT, CSKD, MeanTeacher
@@ -285,6 +285,26 @@ def test_scheme_mean_teacher_builds_the_cited_cifar10_recipe_with_its_consistenc
                                      "(class ↔ consistency head; the terms read the consistency head)")
     # The class's default is the config's, so a MeanTeacher built in code trains the same recipe.
     assert inspect.signature(MeanTeacher).parameters["logit_distance_cost"].default == cfg.scheme.logit_distance_cost
+
+
+def test_init_stage_runs_the_ema_teacher_in_eval_mode_and_the_main_stage_in_train_mode():
+    # RepDistiller's init stages (FT's paraphraser, AB's connector) read an eval-mode teacher; only the mean
+    # teacher's own training follows CuriousAI main.py's ema_model.train().
+    torch.manual_seed(0)
+    module = MeanTeacher(build_model("convnet_tiny", 10, 1), {"ft": FT(init_epochs=1)}, num_classes=10,
+                         example_input=torch.randn(2, 1, 8, 8), optimizer=SGD)
+    module.train()
+    modes = []
+    module.teacher.model.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    stats = {k: v.clone() for k, v in module.ema.module.state_dict().items() if k.endswith("running_mean")}
+    images, targets = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    module.set_init_stage(True)
+    assert list(module.training_losses(images, targets, None)) == ["ft_init"]
+    unmoved = module.ema.module.state_dict()
+    assert stats and all(torch.equal(stats[k], unmoved[k]) for k in stats)
+    module.set_init_stage(False)
+    module.training_losses(images, targets, None)
+    assert modes == [False, True]
 
 
 def _digits_train():

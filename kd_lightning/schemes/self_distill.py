@@ -271,6 +271,10 @@ class MeanTeacher(Offline):
         return self
 
     def teacher_logits_and_features(self, images: Tensor) -> tuple[Tensor, Mapping[str, Tensor]]:
+        # An init stage (FT, AB) trains a term's own module against the teacher as RepDistiller does, with an
+        # eval-mode teacher; only the mean-teacher training itself follows main.py's train-mode EMA.
+        if self.init_stage:
+            return super().teacher_logits_and_features(images)
         # CuriousAI main.py runs `ema_model.train()`: batch statistics, and its own running averages move.
         # FrozenTeacher pins eval mode against any parent's train(), so the mode is set on its model here.
         self.teacher.model.train()
