@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
 import math
 import os
 import subprocess
@@ -285,6 +286,30 @@ def test_scheme_mean_teacher_builds_the_cited_cifar10_recipe_with_its_consistenc
                                      "(class ↔ consistency head; the terms read the consistency head)")
     # The class's default is the config's, so a MeanTeacher built in code trains the same recipe.
     assert inspect.signature(MeanTeacher).parameters["logit_distance_cost"].default == cfg.scheme.logit_distance_cost
+
+
+def lightning_round_trip(module: MeanTeacher) -> dict:
+    """The checkpoint as Lightning writes and reads it: state dict plus on_save_checkpoint, through torch.save."""
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def lightning_restore(module: MeanTeacher, checkpoint: dict) -> None:
+    module.on_load_checkpoint(checkpoint)  # Lightning calls the hook before loading the state dict
+    module.load_state_dict(checkpoint["state_dict"])
+
+
+def test_resuming_a_mean_teacher_checkpoint_without_the_consistency_head_names_the_setting():
+    # Checkpoints written before the head existed (or with logit_distance_cost=null) have no consistency_head.*;
+    # before, the resume stopped on PyTorch's `Missing key(s) "consistency_head.weight"`.
+    checkpoint = lightning_round_trip(make_mean_teacher(logit_distance_cost=None))
+    with pytest.raises(ConfigError, match=r"scheme\.logit_distance_cost=null"):
+        lightning_restore(make_mean_teacher(logit_distance_cost=0.01), checkpoint)
+    lightning_restore(make_mean_teacher(logit_distance_cost=None), checkpoint)  # the suggested setting resumes
 
 
 def test_init_stage_runs_the_ema_teacher_in_eval_mode_and_the_main_stage_in_train_mode():

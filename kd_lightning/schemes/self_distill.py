@@ -339,5 +339,12 @@ class MeanTeacher(Offline):
             raise ConfigError("This checkpoint holds no mean-teacher average (key 'mean_teacher_ema'), so resuming "
                               "would restart the teacher from the student. Resume from a checkpoint written by "
                               "scheme=mean_teacher.")
+        if self.consistency_head is not None and not any(key.startswith("consistency_head.")
+                                                         for key in checkpoint.get("state_dict", {})):
+            raise ConfigError("This checkpoint was written by a mean teacher without a consistency head (before "
+                              "the head existed, or with scheme.logit_distance_cost=null), but this run builds one "
+                              "(scheme.logit_distance_cost="
+                              f"{self.logit_distance_cost}). Resume it with scheme.logit_distance_cost=null, or "
+                              "start a new run to train with the head.")
         self.ema.load_state_dict(checkpoint[EMA_CHECKPOINT_KEY])
         self._ema_updates = int(self.ema.n_averaged)
