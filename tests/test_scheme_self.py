@@ -303,6 +303,26 @@ def lightning_restore(module: MeanTeacher, checkpoint: dict) -> None:
     module.load_state_dict(checkpoint["state_dict"])
 
 
+def test_a_resumed_mean_teacher_continues_the_ema_warm_up_where_it_stopped():
+    # α = min(1 − 1/(n + 1), decay) at the n-th update: after k updates and a resume, the next is the (k+1)-th.
+    decay, k = 0.99, 3
+    module = make_mean_teacher(decay=decay)
+    for _ in range(k):
+        with torch.no_grad():
+            module.student.fc.weight.add_(0.1)
+        module.update_teacher()
+    checkpoint = lightning_round_trip(module)
+    resumed = make_mean_teacher(decay=decay)
+    lightning_restore(resumed, checkpoint)
+    with torch.no_grad():
+        resumed.student.fc.weight.add_(0.1)
+    before = resumed.teacher.model.fc.weight.detach().double().clone()
+    current = resumed.student.fc.weight.detach().double().clone()
+    resumed.update_teacher()
+    alpha = min(1 - 1 / (k + 2), decay)  # 0.8; a counter restarted at 0 would use 0.5
+    torch.testing.assert_close(resumed.teacher.model.fc.weight.double(), alpha * before + (1 - alpha) * current)
+
+
 def test_resuming_a_mean_teacher_checkpoint_without_the_consistency_head_names_the_setting():
     # Checkpoints written before the head existed (or with logit_distance_cost=null) have no consistency_head.*;
     # before, the resume stopped on PyTorch's `Missing key(s) "consistency_head.weight"`.
