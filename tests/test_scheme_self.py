@@ -390,6 +390,8 @@ def test_two_ddp_ranks_end_on_identical_weights(tmp_path, scheme):
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"{scheme}-rank{r}.pt", weights_only=True) for r in (0, 1))
     trained = [key for key in rank0["state_dict"] if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    if scheme == "mean_teacher":  # the consistency head trained on both ranks (compared with the rest below)
+        assert {"consistency_head.weight", "consistency_head.bias"} <= set(trained)
     for key in trained:
         assert torch.equal(rank0["state_dict"][key], rank1["state_dict"][key]), f"ranks disagree on {key}"
     for key in rank0["ema"]:
