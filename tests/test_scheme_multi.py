@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import kd_lightning.pipeline as pipeline
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.terms import FT, KD, RKD, DistillInputs, FitNet
+from kd_lightning.losses.terms import FT, KD, RKD, Consistency, DistillInputs, FitNet
 from kd_lightning.models import build_model
 from kd_lightning.pipeline import run
 from kd_lightning.schemes import MultiTeacher
@@ -322,3 +322,11 @@ def test_multi_teacher_trains_one_recipes_ce_kd_and_temperature_whichever_config
     terms = pipeline.build_terms(cfg)
     module = make_module(terms=terms, ce_weight=cfg.scheme.ce_weight, teachers=teachers_of_three_widths()[:2])
     assert (module.ce_weight, module.terms["kd"].weight, module.terms["kd"].temperature) == recipe
+
+
+def test_the_multi_teacher_loss_line_names_a_terms_ramp_up_as_every_scheme_does():
+    # Before, loss_summary kept its own copy of the per-term detail and left out what composition adds (the
+    # consistency term's sigmoid ramp-up), though weight_at applies it.
+    module = make_module(terms={"consistency": Consistency(weight=100.0, rampup_epochs=5)})
+    assert module.loss_summary() == ("loss = 0.1·CE + 100.0·mean over 3 teachers of "
+                                     "consistency(sigmoid ramp-up 5 epochs)")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
-from kd_lightning.schemes.composition import describe_init_loss
+from kd_lightning.schemes.composition import describe_init_loss, describe_term
 from kd_lightning.schemes.offline import Offline
 from kd_lightning.schemes.watch import NonFiniteWatch
 from kd_lightning.taps import FeatureTaps, declared_taps
@@ -154,10 +154,7 @@ class MultiTeacher(Offline):
         parts = [f"{self.ce_weight}·CE"]
         for name in self.term_names:
             term = self.terms[name]
-            details = [f"T={float(term.temperature)}"] if hasattr(term, "temperature") else []
-            if term.warmup_epochs:
-                details.append(f"warm-up {term.warmup_epochs} epochs")
-            loss = name + (f"({', '.join(details)})" if details else "")
+            loss = describe_term(name, term)
             if not term.main_stage_loss:
                 parts.append(f"{name}(init stage only)")
             elif self.aggregation == "average":
