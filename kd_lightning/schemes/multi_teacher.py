@@ -58,8 +58,10 @@ class MultiTeacher(Offline):
 
     Default recipe (`conf/scheme/multi_teacher.yaml`): the reference's CE 1 and KL 1 at T 4 (scripts/run.sh
     `-r 1 -a 1`, train_student.py `--kd_T 4`), not Hinton's CE 0.1 / KD 0.9 of single-teacher KD. The
-    reference's CA-MKD row also leaves its feature loss out of the first epoch (loops.py `if epoch == 1`);
-    here every term trains from the first epoch.
+    reference's loop (helper/loops.py `if epoch == 1:`) trains only γ·CE + α·KL in its first epoch, for every
+    row, so a feature loss starts in epoch 2; here every term trains from the first epoch. Its FitNet-MKD row
+    never trains the hint: AVERAGE_LOSS averages the hint losses through `torch.tensor(loss_hint_list)`, which
+    has no gradient; `distill=[kd,fitnet]` here does train it.
 
     Teachers run one after another under no_grad, so memory grows by their outputs, not their graphs.
     Like `Offline`'s teacher, all of them stay outside the module tree (optimizer, checkpoint, DDP).
