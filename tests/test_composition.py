@@ -89,6 +89,15 @@ def test_tf_kd_trains_the_reference_loss_kd_self_ce_weight(make_cfg, overrides):
     assert module.loss_summary() == "loss = 0.05·CE + 0.95·tf_kd(T=6.0)"
 
 
+def test_tf_kd_ce_weight_is_fixed_and_set_beside_a_changed_weight(make_cfg):
+    # The CE weight does not follow distill.tf_kd.weight: α 0.9 keeps CE 0.05 unless ce_weight is set to 1 − α
+    # (reference loss_kd_self would use 0.1), and that key is overridable without Hydra's `+`.
+    changed = build_terms(make_cfg("distill=[tf_kd]", "distill.tf_kd.weight=0.9"))
+    assert offline(changed).ce_weight == pytest.approx(0.05)
+    both = build_terms(make_cfg("distill=[tf_kd]", "distill.tf_kd.weight=0.9", "distill.tf_kd.ce_weight=0.1"))
+    assert offline(both).loss_summary() == "loss = 0.1·CE + 0.9·tf_kd(T=6.0)"
+
+
 def test_the_loss_line_states_the_consistency_ramp_up():
     # Mean teacher's consistency weight follows its own sigmoid ramp-up (Consistency.weight_at); before, the
     # line read `100.0·consistency` as if the weight were constant from the first epoch.
