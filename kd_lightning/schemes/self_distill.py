@@ -216,7 +216,8 @@ class MeanTeacher(Offline):
       α = min(1 − 1/(n + 1), ema_decay) at the n-th update, `update_ema_variables`' warm-up, and covers the
       parameters only: the teacher's BatchNorm statistics are its own;
     - the teacher runs in train mode (`ema_model.train()`), so it normalises with its batch's statistics
-      and moves its own running statistics, as the reference's does; it stays frozen and gets no gradient;
+      and moves its own running statistics, as the reference's does; it stays frozen and gets no gradient.
+      A term's init stage (FT, AB) reads it in eval mode, as RepDistiller's init stages read their teacher;
     - with `logit_distance_cost` ≥ 0 (CIFAR-10: .01) the student has a second classifier on its penultimate
       feature, the consistency head: CE trains the class logits, every `distill` term (the consistency
       cost) reads the consistency logits, and cost·Σ(class − consistency)²/(classes·batch) ties the two
