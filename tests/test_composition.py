@@ -15,6 +15,7 @@ from kd_lightning.models import build_model
 from kd_lightning.pipeline import build_terms, run
 from kd_lightning.schemes import Offline, Supervised
 from kd_lightning.teachers import FrozenTeacher
+from kd_lightning.validate import check_settings
 
 
 def offline(terms: dict, **options) -> Offline:
@@ -95,6 +96,9 @@ def test_tf_kd_ce_weight_is_fixed_and_set_beside_a_changed_weight(make_cfg):
     changed = build_terms(make_cfg("distill=[tf_kd]", "distill.tf_kd.weight=0.9"))
     assert offline(changed).ce_weight == pytest.approx(0.05)
     both = build_terms(make_cfg("distill=[tf_kd]", "distill.tf_kd.weight=0.9", "distill.tf_kd.ce_weight=0.1"))
+    check_settings(make_cfg("distill=[tf_kd]"))  # null (the class's value) is a valid setting
+    with pytest.raises(ConfigError, match=r"distill\.tf_kd\.ce_weight=-1"):
+        check_settings(make_cfg("distill=[tf_kd]", "distill.tf_kd.ce_weight=-1"))
     assert offline(both).loss_summary() == "loss = 0.1·CE + 0.9·tf_kd(T=6.0)"
 
 
