@@ -80,6 +80,10 @@ RULES = (
     Rule(("scheduler.milestones",),
          lambda v: isinstance(v, list) and all(is_whole(m, 1) for m in v) and v == sorted(set(v)),
          "a strictly increasing list of epochs ≥ 1", "[150,180,210]"),
+    # Before the *_weight rule: null leaves the term's class value (`recipe_ce_weight`) as the one source.
+    Rule(("distill.*.ce_weight",), lambda v: is_real(v) and v >= 0,
+         "a number ≥ 0 (the cross-entropy weight of the term's recipe), or null for the term's own", "1.0",
+         optional=True),
     Rule(("distill.*.weight", "distill.*.*_weight", "distill.*.alpha", "distill.*.beta"),
          lambda v: is_real(v) and v >= 0, "a number ≥ 0 (the loss's weight)", "1.0"),
     Rule(("scheme.ce_weight",), lambda v: is_real(v) and v >= 0,

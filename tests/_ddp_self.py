@@ -40,8 +40,10 @@ def main(scheme: str, out: Path) -> None:
     if scheme == "cs_kd":
         module = CSKD(student, num_classes=10, optimizer=optimizer)
     else:
+        # The consistency head and the train-mode EMA forward run here too, so the ranks must agree on them.
         module = MeanTeacher(student, {"consistency": Consistency(rampup_epochs=0)}, num_classes=10,
-                             example_input=datamodule.example_input(), ema_decay=0.9, optimizer=optimizer)
+                             example_input=datamodule.example_input(), ema_decay=0.9, logit_distance_cost=0.01,
+                             optimizer=optimizer)
     trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=1, limit_train_batches=4,
                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[RecordRank(out, scheme)])

@@ -15,6 +15,7 @@ from kd_lightning.models import build_model
 from kd_lightning.pipeline import build_terms, run
 from kd_lightning.schemes import Offline, Supervised
 from kd_lightning.teachers import FrozenTeacher
+from kd_lightning.validate import check_settings
 
 
 def offline(terms: dict, **options) -> Offline:
@@ -76,3 +77,35 @@ def test_init_stages_and_supervised_runs_describe_their_loss():
     smoothed = Supervised(build_model("convnet_tiny", num_classes=10, in_channels=1), num_classes=10,
                           label_smoothing=0.1, optimizer=torch.optim.SGD)
     assert smoothed.loss_summary() == "loss = 1.0·CE(label_smoothing=0.1)"
+
+
+@pytest.mark.parametrize("overrides", [["scheme=tf_kd_self"], ["distill=[tf_kd]"]])
+def test_tf_kd_trains_the_reference_loss_kd_self_ce_weight(make_cfg, overrides):
+    # yuanli2333/Teacher-Free-Knowledge-Distillation my_loss_function.py loss_kd_self: (1 - alpha)·CE + alpha·KL,
+    # alpha 0.95 (resnet18_self_teacher/params.json). Before, both configs trained 1.0·CE + 0.95·tf_kd.
+    cfg = make_cfg(*overrides)
+    terms = build_terms(cfg)
+    module = offline(terms, ce_weight=cfg.scheme.ce_weight)
+    assert module.ce_weight == pytest.approx(1 - 0.95)
+    assert module.loss_summary() == "loss = 0.05·CE + 0.95·tf_kd(T=6.0)"
+
+
+def test_tf_kd_ce_weight_is_fixed_and_set_beside_a_changed_weight(make_cfg):
+    # The CE weight does not follow distill.tf_kd.weight: α 0.9 keeps CE 0.05 unless ce_weight is set to 1 − α
+    # (reference loss_kd_self would use 0.1), and that key is overridable without Hydra's `+`.
+    changed = build_terms(make_cfg("distill=[tf_kd]", "distill.tf_kd.weight=0.9"))
+    assert offline(changed).ce_weight == pytest.approx(0.05)
+    both = build_terms(make_cfg("distill=[tf_kd]", "distill.tf_kd.weight=0.9", "distill.tf_kd.ce_weight=0.1"))
+    check_settings(make_cfg("distill=[tf_kd]"))  # null (the class's value) is a valid setting
+    with pytest.raises(ConfigError, match=r"distill\.tf_kd\.ce_weight=-1"):
+        check_settings(make_cfg("distill=[tf_kd]", "distill.tf_kd.ce_weight=-1"))
+    assert offline(both).loss_summary() == "loss = 0.1·CE + 0.9·tf_kd(T=6.0)"
+
+
+def test_the_loss_line_states_the_consistency_ramp_up():
+    # Mean teacher's consistency weight follows its own sigmoid ramp-up (Consistency.weight_at); before, the
+    # line read `100.0·consistency` as if the weight were constant from the first epoch.
+    from kd_lightning.losses.terms import Consistency
+
+    assert offline({"consistency": Consistency(rampup_epochs=5)}).loss_summary() == \
+        "loss = 1.0·CE + 100.0·consistency(sigmoid ramp-up 5 epochs)"

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import kd_lightning.pipeline as pipeline
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.terms import FT, KD, RKD, DistillInputs, FitNet
+from kd_lightning.losses.terms import FT, KD, RKD, Consistency, DistillInputs, FitNet
 from kd_lightning.models import build_model
 from kd_lightning.pipeline import run
 from kd_lightning.schemes import MultiTeacher
@@ -29,12 +29,13 @@ def teachers_of_three_widths() -> list[torch.nn.Module]:
     return [build_model(name, num_classes=10, in_channels=1) for name in WIDTHS]
 
 
-def make_module(aggregation: str = "average", terms=None, teachers=None, seed: int = 0) -> MultiTeacher:
+def make_module(aggregation: str = "average", terms=None, teachers=None, seed: int = 0,
+                ce_weight: float = 0.1) -> MultiTeacher:
     torch.manual_seed(seed)
     teachers = teachers_of_three_widths() if teachers is None else teachers
     return MultiTeacher(student=build_model("convnet_tiny", 10, 1), teachers=teachers,
                         terms=terms if terms is not None else {"kd": KD(weight=0.9, temperature=T)}, num_classes=10,
-                        example_input=torch.randn(2, 1, 8, 8), aggregation=aggregation, ce_weight=0.1,
+                        example_input=torch.randn(2, 1, 8, 8), aggregation=aggregation, ce_weight=ce_weight,
                         optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4))
 
 
@@ -289,3 +290,43 @@ def test_two_ddp_ranks_match_one_process_with_random_teachers_and_per_teacher_ad
     micro = [2 * loss for loss in single["losses"]]
     torch.testing.assert_close(torch.tensor(rank0["losses"]), torch.tensor(micro[0::2]), rtol=1e-4, atol=0)
     torch.testing.assert_close(torch.tensor(rank1["losses"]), torch.tensor(micro[1::2]), rtol=1e-4, atol=0)
+
+
+def test_default_recipe_is_the_cited_references_and_the_loss_line_states_the_aggregation(make_cfg):
+    # Rorozhl/CA-MKD scripts/run.sh trains every multi-teacher row with -r 1 (CE) -a 1 (KL), --kd_T 4.
+    # Before: Hinton's CE 0.1 / KD 0.9, and a loss line `0.9·kd + 0.9·kd_teacher2 ...` for a mean over teachers.
+    cfg = make_cfg("scheme=multi_teacher")
+    terms = pipeline.build_terms(cfg)
+    assert (terms["kd"].recipe_ce_weight, terms["kd"].weight, terms["kd"].temperature) == (1.0, 1.0, 4.0)
+    options = {key: value for key, value in cfg.scheme.items() if key in ("aggregation", "ce_weight")}
+    module = make_module(terms=terms, **options)
+    assert module.loss_summary() == "loss = 1.0·CE + 1.0·mean over 3 teachers of kd(T=4.0)"
+    losses = module.training_losses(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), None)
+    assert sorted(losses) == ["ce", "kd"]  # one aggregated loss per term, as the line says
+    confident = make_module("confidence", terms={"kd": KD(weight=1.0, temperature=T)})
+    assert confident.loss_summary() == ("loss = 0.1·CE + 1.0·Σ_k w_k·kd(T=4.0)_k / 3 "
+                                        "(CA-MKD confidence w over 3 teachers)")
+    drawn = make_module("random", terms={"kd": KD(weight=1.0, temperature=T)})
+    assert drawn.loss_summary() == "loss = 0.1·CE + 1.0·kd(T=4.0) of one teacher drawn per step (of 3)"
+
+
+@pytest.mark.parametrize("overrides, recipe", [
+    ((), (1.0, 1.0, 4.0)),  # CA-MKD run.sh -r 1 -a 1, --kd_T 4
+    (("experiment=imagenet/resnet34_resnet18",), (0.5, 0.5, 1.0)),  # mdistiller r34_r18 kd.yaml
+    (("experiment=cifar100/vgg13_vgg8",), (1.0, 1.0, 4.0)),  # sets no recipe.kd_*: the scheme's stays whole
+])
+def test_multi_teacher_trains_one_recipes_ce_kd_and_temperature_whichever_config_sets_it(make_cfg, overrides, recipe):
+    # `experiment` is composed after `scheme`, so its recipe.kd_* replaced the scheme's KD and T while the CE stayed
+    # scheme.ce_weight 1.0: the ImageNet experiment trained CE 1 + KD 0.5 at T 1, a mix of two recipes.
+    cfg = make_cfg("scheme=multi_teacher", *overrides)
+    terms = pipeline.build_terms(cfg)
+    module = make_module(terms=terms, ce_weight=cfg.scheme.ce_weight, teachers=teachers_of_three_widths()[:2])
+    assert (module.ce_weight, module.terms["kd"].weight, module.terms["kd"].temperature) == recipe
+
+
+def test_the_multi_teacher_loss_line_names_a_terms_ramp_up_as_every_scheme_does():
+    # Before, loss_summary kept its own copy of the per-term detail and left out what composition adds (the
+    # consistency term's sigmoid ramp-up), though weight_at applies it.
+    module = make_module(terms={"consistency": Consistency(weight=100.0, rampup_epochs=5)})
+    assert module.loss_summary() == ("loss = 0.1·CE + 100.0·mean over 3 teachers of "
+                                     "consistency(sigmoid ramp-up 5 epochs)")

@@ -4,6 +4,7 @@ one step equal to separate per-peer updates, the pipeline's per-peer metrics and
 from __future__ import annotations
 
 import copy
+import math
 from functools import partial
 from pathlib import Path
 
@@ -193,9 +194,67 @@ def test_two_ddp_ranks_end_identical_and_equal_to_one_process(tmp_path):
     (["scheme=dml", "scheme.peers=[42,convnet_tiny]"], "model name"),
     (["scheme=dml", "distill=[at]"], "logit term"),
     (["scheme=kdcl", "scheme.ensemble=median"], "min_logit"),
-    (["scheme=kdcl"], "rampup_epochs=80"),  # the reference's 80-epoch ramp in a 1-epoch run
+    (["scheme=kdcl", "scheme.rampup_epochs=80"], "rampup_epochs=80"),  # an 80-epoch ramp in a 1-epoch run
+    (["scheme=kdcl", "scheme.rampup_fraction=1.5"], "rampup_fraction"),
 ])
 def test_bad_online_configs_fail_before_training_with_the_fix(make_cfg, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         run(make_cfg(*overrides))
     assert not (tmp_path / "out" / "peers").exists()
+
+
+def test_kdcl_trains_with_its_own_defaults_and_ramps_over_the_references_share_of_the_epochs(make_cfg):
+    # Before, scheme=kdcl kept ONE's absolute 80-epoch ramp-up and refused the default 30-epoch run.
+    # Only that the defaults run and state their ramp: the tests' 1-epoch run trains epoch 0 of a 0.27-epoch ramp,
+    # where the sigmoid gives the mimicry weight exp(-5) ≈ 0.007, so it shows nothing about what KDCL's KL learns.
+    results = run(make_cfg("scheme=kdcl", "baseline=false"))
+    assert "peers" in results["stages"]
+    assert "sigmoid ramp-up 0.266667 epochs" in results["loss"]
+    for max_epochs, length in ((300, 80.0), (30, 8.0)):  # ONE: 80 of 300 epochs (scripts/ONE_ResNet32.sh)
+        module = KDCL(make_peers("convnet_tiny", "convnet_tiny"), num_classes=10, optimizer=SGD, max_epochs=max_epochs)
+        assert module.rampup_length == pytest.approx(length)
+        # ONE's utils/ramps.sigmoid_rampup at its epoch 40 of an 80-epoch ramp, written out independently.
+        assert module.mimicry_weight(max_epochs * 40 // 300) == pytest.approx(math.exp(-5.0 * 0.5**2))
+    with pytest.raises(ConfigError, match="rampup_epochs=<n>"):
+        KDCL(make_peers("convnet_tiny", "convnet_tiny"), num_classes=10, optimizer=SGD, max_epochs=-1)
+
+
+def test_the_loss_line_states_every_peers_mimicry_not_ce_alone():
+    # Before, DML and KDCL logged `loss = 1.0·CE` while training CE + KL per peer.
+    module = DML(make_peers("convnet_tiny", "convnet_small", "convnet_tiny"), num_classes=10, optimizer=SGD,
+                 terms={"kd": KD(weight=0.5, temperature=4.0)})
+    assert module.loss_summary() == "loss = Σ over 3 peers of (1.0·CE + 1.0·dml(T=1.0) + 0.5·kd(T=4.0))"
+
+
+def lr_per_epoch(module, epochs: int) -> list[float]:
+    """The learning rate each epoch trains at under the module's optimizer and epoch-interval scheduler."""
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_dml_experiment_is_the_recipe_the_dml_docstring_cites(make_cfg):
+    # Knowledge-Distillation-Zoo train_dml.py: SGD(lr 0.1, momentum 0.9, weight_decay 1e-4, nesterov=True), batch
+    # 128, 200 epochs, adjust_lr: lr_list = [lr]*100 + [lr*.1]*50 + [lr*.01]*50, epoch e (from 1) at lr_list[e-1].
+    cfg = make_cfg("experiment=schemes/dml_cifar100", fast=False)
+    assert cfg.scheme._target_ == "kd_lightning.schemes.DML" and cfg.plan._target_.endswith("online_plan")
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.student.name) == (128, 200, "resnet32")
+    assert (cfg.scheme.temperature, cfg.scheme.weight, cfg.scheme.ce_weight) == (1.0, 1.0, 1.0)
+    module = DML(make_peers("convnet_tiny", "convnet_tiny"), num_classes=10, **pipeline_factories(cfg))
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert type(optimizer) is torch.optim.SGD
+    assert {key: optimizer.defaults[key] for key in ("momentum", "weight_decay", "nesterov")} == \
+        {"momentum": 0.9, "weight_decay": 1e-4, "nesterov": True}
+    reference = [0.1] * 100 + [0.1 * 0.1] * 50 + [0.1 * 0.1 * 0.1] * 50
+    assert lr_per_epoch(module, 200) == pytest.approx(reference)
+
+
+def pipeline_factories(cfg) -> dict:
+    from hydra.utils import instantiate
+
+    return {"optimizer": instantiate(cfg.optimizer), "scheduler": instantiate(cfg.scheduler)}

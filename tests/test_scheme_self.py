@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
+import io
 import math
 import os
 import subprocess
@@ -20,7 +23,7 @@ from kd_lightning.data import DigitsDataModule
 from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
-from kd_lightning.losses.terms import Consistency
+from kd_lightning.losses.terms import FT, Consistency
 from kd_lightning.models import build_model
 from kd_lightning.pipeline import run
 from kd_lightning.schemes import BYOT, CSKD, MeanTeacher
@@ -169,10 +172,11 @@ def test_mean_teacher_refuses_an_ema_decay_outside_the_open_unit_interval(make_c
         run(make_cfg("scheme=mean_teacher", f"scheme.ema_decay={decay}"))
 
 
-def make_mean_teacher(decay: float = 0.5) -> MeanTeacher:
+def make_mean_teacher(decay: float = 0.5, **options) -> MeanTeacher:
     torch.manual_seed(0)
     return MeanTeacher(build_model("convnet_tiny", 10, 1), {"consistency": Consistency(rampup_epochs=0)},
-                       num_classes=10, example_input=torch.randn(2, 1, 8, 8), ema_decay=decay, optimizer=SGD)
+                       num_classes=10, example_input=torch.randn(2, 1, 8, 8), ema_decay=decay, optimizer=SGD,
+                       **options)
 
 
 def test_ema_teacher_is_frozen_eval_pinned_and_outside_optimizer_and_state_dict():
@@ -192,8 +196,11 @@ def digits_trainer(**options) -> L.Trainer:
                      enable_model_summary=False, limit_val_batches=0, **options)
 
 
-def test_ema_updates_after_each_optimizer_step_not_each_batch():
-    module, decay = make_mean_teacher(decay=0.5), 0.5
+def test_ema_updates_after_each_optimizer_step_with_the_references_warm_up():
+    # CuriousAI main.py update_ema_variables after its n-th step: α = min(1 − 1/(n + 1), ema_decay), over the
+    # parameters. Before, the first update copied the student and every later one used the decay.
+    module, decay = make_mean_teacher(decay=0.7), 0.7
+    initial = module.student.fc.weight.detach().clone()
     snapshots = []
 
     class Snapshot(L.Callback):
@@ -204,11 +211,145 @@ def test_ema_updates_after_each_optimizer_step_not_each_batch():
     loader = DataLoader(_digits_train(), batch_size=16)
     digits_trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[Snapshot()]).fit(module, loader)
     assert int(module.ema.n_averaged) == 3 == len(snapshots)
-    expected = snapshots[0]["fc.weight"]  # the first update copies, then EMA
-    for snapshot in snapshots[1:]:
-        expected = decay * expected + (1 - decay) * snapshot["fc.weight"]
-    torch.testing.assert_close(module.teacher.model.fc.weight, expected)
+    expected = initial.double()
+    for step, snapshot in enumerate(snapshots, start=1):
+        alpha = min(1 - 1 / (step + 1), decay)  # .5, .667, then the decay .7
+        expected = alpha * expected + (1 - alpha) * snapshot["fc.weight"].double()
+    torch.testing.assert_close(module.teacher.model.fc.weight.double(), expected)
     assert not torch.equal(module.teacher.model.fc.weight, module.student.fc.weight)
+
+
+def test_ema_teacher_forwards_in_train_mode_with_its_own_batchnorm_statistics():
+    # CuriousAI main.py: ema_model.train() before its forward; the EMA averages parameters, not BN buffers.
+    module = make_mean_teacher(logit_distance_cost=None)
+    module.train()
+    images, targets = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    reference = copy.deepcopy(module.ema.module).train()
+    with torch.no_grad():
+        expected = reference(images)
+    stats = {k: v.clone() for k, v in module.ema.module.state_dict().items() if k.endswith("running_mean")}
+    seen = {}
+    original = module.teacher_logits_and_features
+    module.teacher_logits_and_features = lambda x: seen.setdefault("teacher", original(x))
+    module.training_losses(images, targets, None)
+    torch.testing.assert_close(seen["teacher"][0], expected)
+    moved = module.ema.module.state_dict()
+    assert stats and all(not torch.equal(stats[k], moved[k]) for k in stats), "its own running statistics move"
+    assert not module.teacher.training and not module.teacher.model.training  # pinned again after the forward
+    assert not any(p.requires_grad for p in module.ema.parameters())
+
+
+def test_consistency_head_reads_the_terms_and_is_tied_to_the_class_head_as_the_reference():
+    # experiments/cifar10_test.py logit_distance_cost .01: CE on the class logits, the consistency cost on a
+    # second head's logits, .01·symmetric_mse_loss(class, consistency) / minibatch_size.
+    module = make_mean_teacher(logit_distance_cost=0.01)
+    module.train()
+    images, targets = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    captured = {}
+    hook = module.student.fc.register_forward_hook(lambda m, i, o: captured.update(feature=i[0], logits=o))
+    losses = module.training_losses(images, targets, None)
+    hook.remove()
+    assert sorted(losses) == ["ce", "consistency", "residual"]
+    head = module.consistency_head
+    with torch.no_grad():
+        class_logits = captured["logits"].double()
+        consistency = captured["feature"].double() @ head.weight.double().T + head.bias.double()
+        nn.Module.train(module.teacher.model, True)
+        teacher = module.teacher.model.double()(images.double())
+        module.teacher.model.float().eval()
+    b, k = class_logits.shape
+    expected_residual = 0.01 * ((class_logits - consistency) ** 2).sum() / k / b
+    expected_consistency = 100.0 * ((consistency.softmax(1) - teacher.softmax(1)) ** 2).sum() / k / b
+    torch.testing.assert_close(losses["residual"].double(), expected_residual, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(losses["consistency"].double(), expected_consistency, rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(losses["ce"].double(), F.cross_entropy(class_logits, targets), rtol=1e-5, atol=1e-6)
+    optimized = {id(p) for group in module.configure_optimizers().param_groups for p in group["params"]}
+    assert {id(p) for p in head.parameters()} <= optimized
+    assert list(module.products()) == ["student"]  # the head trains, is checkpointed, not exported
+    assert module.loss_summary().endswith("0.01·residual (class ↔ consistency head; the terms read the consistency head)")
+
+
+def test_scheme_mean_teacher_builds_the_cited_cifar10_recipe_with_its_consistency_head(make_cfg):
+    # experiments/cifar10_test.py: decay .97, consistency 100 ramped over 5 epochs, logit_distance_cost .01.
+    from kd_lightning import pipeline
+
+    cfg = make_cfg("scheme=mean_teacher")
+    options = {key: value for key, value in cfg.scheme.items() if key != "_target_"}
+    torch.manual_seed(0)
+    module = MeanTeacher(build_model("convnet_tiny", 10, 1), pipeline.build_terms(cfg), num_classes=10,
+                         example_input=torch.randn(2, 1, 8, 8), optimizer=SGD, **options)
+    assert isinstance(module.consistency_head, nn.Linear) and module.ema_decay == 0.97
+    module.train()
+    losses = module.training_losses(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)), None)
+    assert sorted(losses) == ["ce", "consistency", "residual"]
+    assert module.loss_summary() == ("loss = 1.0·CE + 100.0·consistency(sigmoid ramp-up 5 epochs) + 0.01·residual "
+                                     "(class ↔ consistency head; the terms read the consistency head)")
+    # The class's default is the config's, so a MeanTeacher built in code trains the same recipe.
+    assert inspect.signature(MeanTeacher).parameters["logit_distance_cost"].default == cfg.scheme.logit_distance_cost
+
+
+def lightning_round_trip(module: MeanTeacher) -> dict:
+    """The checkpoint as Lightning writes and reads it: state dict plus on_save_checkpoint, through torch.save."""
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def lightning_restore(module: MeanTeacher, checkpoint: dict) -> None:
+    module.on_load_checkpoint(checkpoint)  # Lightning calls the hook before loading the state dict
+    module.load_state_dict(checkpoint["state_dict"])
+
+
+def test_a_resumed_mean_teacher_continues_the_ema_warm_up_where_it_stopped():
+    # α = min(1 − 1/(n + 1), decay) at the n-th update: after k updates and a resume, the next is the (k+1)-th.
+    decay, k = 0.99, 3
+    module = make_mean_teacher(decay=decay)
+    for _ in range(k):
+        with torch.no_grad():
+            module.student.fc.weight.add_(0.1)
+        module.update_teacher()
+    checkpoint = lightning_round_trip(module)
+    resumed = make_mean_teacher(decay=decay)
+    lightning_restore(resumed, checkpoint)
+    with torch.no_grad():
+        resumed.student.fc.weight.add_(0.1)
+    before = resumed.teacher.model.fc.weight.detach().double().clone()
+    current = resumed.student.fc.weight.detach().double().clone()
+    resumed.update_teacher()
+    alpha = min(1 - 1 / (k + 2), decay)  # 0.8; a counter restarted at 0 would use 0.5
+    torch.testing.assert_close(resumed.teacher.model.fc.weight.double(), alpha * before + (1 - alpha) * current)
+
+
+def test_resuming_a_mean_teacher_checkpoint_without_the_consistency_head_names_the_setting():
+    # Checkpoints written before the head existed (or with logit_distance_cost=null) have no consistency_head.*;
+    # before, the resume stopped on PyTorch's `Missing key(s) "consistency_head.weight"`.
+    checkpoint = lightning_round_trip(make_mean_teacher(logit_distance_cost=None))
+    with pytest.raises(ConfigError, match=r"scheme\.logit_distance_cost=null"):
+        lightning_restore(make_mean_teacher(logit_distance_cost=0.01), checkpoint)
+    lightning_restore(make_mean_teacher(logit_distance_cost=None), checkpoint)  # the suggested setting resumes
+
+
+def test_init_stage_runs_the_ema_teacher_in_eval_mode_and_the_main_stage_in_train_mode():
+    # RepDistiller's init stages (FT's paraphraser, AB's connector) read an eval-mode teacher; only the mean
+    # teacher's own training follows CuriousAI main.py's ema_model.train().
+    torch.manual_seed(0)
+    module = MeanTeacher(build_model("convnet_tiny", 10, 1), {"ft": FT(init_epochs=1)}, num_classes=10,
+                         example_input=torch.randn(2, 1, 8, 8), optimizer=SGD)
+    module.train()
+    modes = []
+    module.teacher.model.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    stats = {k: v.clone() for k, v in module.ema.module.state_dict().items() if k.endswith("running_mean")}
+    images, targets = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    module.set_init_stage(True)
+    assert list(module.training_losses(images, targets, None)) == ["ft_init"]
+    unmoved = module.ema.module.state_dict()
+    assert stats and all(torch.equal(stats[k], unmoved[k]) for k in stats)
+    module.set_init_stage(False)
+    module.training_losses(images, targets, None)
+    assert modes == [False, True]
 
 
 def _digits_train():
@@ -249,6 +390,8 @@ def test_two_ddp_ranks_end_on_identical_weights(tmp_path, scheme):
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"{scheme}-rank{r}.pt", weights_only=True) for r in (0, 1))
     trained = [key for key in rank0["state_dict"] if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    if scheme == "mean_teacher":  # the consistency head trained on both ranks (compared with the rest below)
+        assert {"consistency_head.weight", "consistency_head.bias"} <= set(trained)
     for key in trained:
         assert torch.equal(rank0["state_dict"][key], rank1["state_dict"][key]), f"ranks disagree on {key}"
     for key in rank0["ema"]:
@@ -256,3 +399,47 @@ def test_two_ddp_ranks_end_on_identical_weights(tmp_path, scheme):
             assert torch.equal(rank0["ema"][key], rank1["ema"][key]), f"EMA teachers disagree on {key}"
     # Each rank drew its own anchors: the distributed sampler reached the pair batches.
     assert len(rank0["anchors"]) == 4 * 8 and not set(rank0["anchors"]) & set(rank1["anchors"])
+
+
+def test_cs_kd_experiment_is_the_recipe_the_cs_kd_docstring_cites(make_cfg):
+    from hydra.utils import instantiate
+
+    # alinlab/cs-kd README/train.py: --lr 0.1 --epoch 200 --decay 1e-4, SGD momentum 0.9, 128 anchors (+128
+    # partners), T 4, lamda 1; adjust_learning_rate(optimizer, epoch) runs after each epoch and sets the rate
+    # of the next one: lr / 10 once epoch >= 0.5·200, / 10 again once epoch >= 0.75·200.
+    cfg = make_cfg("experiment=schemes/cs_kd_cifar100", fast=False)
+    assert cfg.scheme._target_ == "kd_lightning.schemes.CSKD" and cfg.plan._target_.endswith("cs_kd_plan")
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (2 * 128, 200)
+    assert (cfg.scheme.temperature, cfg.scheme.lambda_cls, cfg.scheme.ce_weight) == (4.0, 1.0, 1.0)
+    module = CSKD(build_model("convnet_tiny", 10, 1), num_classes=10, optimizer=instantiate(cfg.optimizer),
+                  scheduler=instantiate(cfg.scheduler))
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    assert {key: optimizer.defaults[key] for key in ("lr", "momentum", "weight_decay", "nesterov")} == \
+        {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False}
+    reference, lr = [], 0.1
+    for epoch in range(200):
+        reference.append(lr)
+        lr = 0.1 / (10 if epoch >= 0.5 * 200 else 1) / (10 if epoch >= 0.75 * 200 else 1)
+    rates = []
+    for _ in range(200):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx(reference)
+
+
+def test_self_distillation_loss_lines_state_what_is_trained():
+    # Before, BYOT, CS-KD and Tf-KD_reg logged `loss = 1.0·CE` whatever they trained.
+    from kd_lightning.schemes.self_distill import TfKDReg
+
+    def student():
+        return build_model("convnet_tiny", 10, 1)
+
+    byot = BYOT(student(), num_classes=10, example_input=torch.randn(2, 1, 8, 8), optimizer=SGD)
+    assert byot.loss_summary() == ("loss = 0.9·(CE + Σ over 1 heads of CE) + 0.1·Σ over 1 heads of "
+                                   "T²·softCE(deepest → head, T=3.0) + 1e-06·Σ over 1 heads of hint")
+    assert CSKD(student(), num_classes=10, optimizer=SGD).loss_summary() == \
+        "loss = 1.0·CE(anchors) + 1.0·cs_kd(T=4.0, partner → anchor)"
+    assert TfKDReg(student(), num_classes=10, optimizer=SGD).loss_summary() == \
+        "loss = 0.9·CE + 0.1·tf_kd_reg(T=20.0, multiplier 100, correct_prob 0.99)"

@@ -30,6 +30,17 @@ def resolve_ce_weight(explicit: float | None, terms: Mapping[str, DistillTerm]) 
     return next(iter(recipes.values()), 1.0)
 
 
+def describe_term(name: str, term: DistillTerm) -> str:
+    """`kd(T=4.0)`, `consistency(sigmoid ramp-up 5 epochs)`: a term and what shapes it, without its weight.
+    Every scheme's loss line names its terms through this, so none of them leaves a schedule out."""
+    details = [f"T={float(term.temperature)}"] if hasattr(term, "temperature") else []
+    if term.warmup_epochs:
+        details.append(f"warm-up {term.warmup_epochs} epochs")
+    if getattr(term, "rampup_epochs", 0):  # mean teacher's consistency: its own sigmoid schedule
+        details.append(f"sigmoid ramp-up {term.rampup_epochs} epochs")
+    return name + (f"({', '.join(details)})" if details else "")
+
+
 def describe_loss(ce_weight: float, terms: Mapping[str, DistillTerm]) -> str:
     """`loss = 1.0·CE + 1.0·kd(T=4.0) + 0.8·crd`: the weights the main training uses."""
     parts = [f"{float(ce_weight)}·CE"]
@@ -37,10 +48,7 @@ def describe_loss(ce_weight: float, terms: Mapping[str, DistillTerm]) -> str:
         if not term.main_stage_loss:
             parts.append(f"{name}(init stage only)")
             continue
-        details = [f"T={float(term.temperature)}"] if hasattr(term, "temperature") else []
-        if term.warmup_epochs:
-            details.append(f"warm-up {term.warmup_epochs} epochs")
-        parts.append(f"{term.weight}·{name}" + (f"({', '.join(details)})" if details else ""))
+        parts.append(f"{term.weight}·{describe_term(name, term)}")
     return "loss = " + " + ".join(parts)
 
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
+from kd_lightning.schemes.composition import describe_init_loss, describe_term
 from kd_lightning.schemes.offline import Offline
 from kd_lightning.schemes.watch import NonFiniteWatch
 from kd_lightning.taps import FeatureTaps, declared_taps
@@ -54,6 +55,13 @@ class MultiTeacher(Offline):
       weights from the teachers' own logits.
     - `random`: one teacher per optimizer step, drawn from a generator seeded by (`selection_seed`,
       global step): identical on every DDP rank and after a resume, and only that teacher runs.
+
+    Default recipe (`conf/scheme/multi_teacher.yaml`): the reference's CE 1 and KL 1 at T 4 (scripts/run.sh
+    `-r 1 -a 1`, train_student.py `--kd_T 4`), not Hinton's CE 0.1 / KD 0.9 of single-teacher KD. The
+    reference's loop (helper/loops.py `if epoch == 1:`) trains only γ·CE + α·KL in its first epoch, for every
+    row, so a feature loss starts in epoch 2; here every term trains from the first epoch. Its FitNet-MKD row
+    never trains the hint: AVERAGE_LOSS averages the hint losses through `torch.tensor(loss_hint_list)`, which
+    has no gradient; `distill=[kd,fitnet]` here does train it.
 
     Teachers run one after another under no_grad, so memory grows by their outputs, not their graphs.
     Like `Offline`'s teacher, all of them stay outside the module tree (optimizer, checkpoint, DDP).
@@ -138,6 +146,26 @@ class MultiTeacher(Offline):
         super().release_features()
         for taps in self.other_teacher_taps:
             taps.clear()
+
+    def loss_summary(self) -> str:
+        """The loss as computed: each term once, aggregated over the teachers (its copies `<term>_teacher<k>`
+        are not separate losses), e.g. `loss = 1.0·CE + 1.0·mean over 2 teachers of kd(T=4.0)`."""
+        if self.init_stage:
+            return describe_init_loss(self.init_terms)
+        count = len(self.all_teachers)
+        parts = [f"{self.ce_weight}·CE"]
+        for name in self.term_names:
+            term = self.terms[name]
+            loss = describe_term(name, term)
+            if not term.main_stage_loss:
+                parts.append(f"{name}(init stage only)")
+            elif self.aggregation == "average":
+                parts.append(f"{term.weight}·mean over {count} teachers of {loss}")
+            elif self.aggregation == "confidence":
+                parts.append(f"{term.weight}·Σ_k w_k·{loss}_k / {count} (CA-MKD confidence w over {count} teachers)")
+            else:
+                parts.append(f"{term.weight}·{loss} of one teacher drawn per step (of {count})")
+        return "loss = " + " + ".join(parts)
 
     def chosen_teacher(self) -> int:
         generator = torch.Generator().manual_seed(self.selection_seed * 1_000_003 + self.global_step)

@@ -20,6 +20,7 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
 from kd_lightning.schemes.base import DistillationModule, accuracy_metrics, unpack_batch
+from kd_lightning.schemes.composition import describe_loss
 from kd_lightning.teachers import CHECKPOINT_KEY
 
 
@@ -89,6 +90,16 @@ class MutualLearning(DistillationModule):
     def mimicry_weight(self, epoch: int) -> float:
         return self.weight
 
+    def mimicry_details(self) -> list[str]:
+        return [f"T={self.temperature}"]
+
+    def loss_summary(self) -> str:
+        """What every peer trains, e.g. `loss = Σ over 2 peers of (1.0·CE + 1.0·dml(T=1.0))`; the mimicry
+        and term losses are means over the peer's partners."""
+        parts = [f"{self.ce_weight}·CE", f"{self.weight}·{self.mimicry_name}({', '.join(self.mimicry_details())})"]
+        parts += describe_loss(self.ce_weight, self.terms).split(" + ")[1:]
+        return f"loss = Σ over {len(self.roles)} peers of ({' + '.join(parts)})"
+
     def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
         logits = [peer(images) for peer in self.peers]
         partners = self.partner_logits(logits, targets)
@@ -142,8 +153,9 @@ class DML(MutualLearning):
     Peer k minimises CE + 1/(K−1)·Σ_{l≠k} KL(p_l ‖ p_k) (paper, Eq. 10), with every p_l detached. Follows
     Knowledge-Distillation-Zoo's train_dml.py (AberHu; the authors' own code is TensorFlow for
     Market-1501 only): T=1, λ=1, KL with batch mean, one forward per network, each net's loss on the
-    other's detached logits; its CIFAR recipe is SGD 0.1 (Nesterov, momentum 0.9, wd 1e-4), 200 epochs,
-    ×0.1 at 100 and 150. Unlike KD_Lib's DML (one zero_grad before the peer loop, peer logits not
+    other's detached logits. Its CIFAR recipe (SGD 0.1, Nesterov, momentum 0.9, wd 1e-4, batch 128, 200
+    epochs, ×0.1 at 100 and 150) is `experiment=schemes/dml_cifar100`; `scheme=dml` alone trains with the
+    run's optimizer and schedule. Unlike KD_Lib's DML (one zero_grad before the peer loop, peer logits not
     detached), no gradient of peer k's loss reaches another peer.
     """
 
@@ -169,12 +181,17 @@ def mean_ensemble(logits: Sequence[Tensor], targets: Tensor) -> Tensor:
 ENSEMBLES = {"min_logit": min_logit_ensemble, "mean": mean_ensemble}
 
 
-def sigmoid_rampup(epoch: int, rampup_epochs: int) -> float:
-    """exp(−5(1 − t)²), t = epoch / rampup_epochs clipped to [0, 1] (Laine & Aila 2017; ONE's utils/ramps)."""
+def sigmoid_rampup(epoch: int, rampup_epochs: float) -> float:
+    """exp(−5(1 − t)²), t = epoch / rampup_epochs clipped to [0, 1] (Laine & Aila 2017; ONE's utils/ramps, whose
+    length is a float too)."""
     if rampup_epochs == 0:
         return 1.0
     phase = 1.0 - min(max(epoch, 0), rampup_epochs) / rampup_epochs
     return math.exp(-5.0 * phase * phase)
+
+
+# ONE's CIFAR recipe ramps its KL weight up over 80 of its 300 epochs (scripts/ONE_ResNet32.sh).
+REFERENCE_RAMPUP_FRACTION = 80 / 300
 
 
 class KDCL(MutualLearning):
@@ -182,31 +199,55 @@ class KDCL(MutualLearning):
 
     Every peer distils from one soft target built from all peers' detached logits: `ensemble="min_logit"`
     (KDCL-MinLogit) or `"mean"` (averaged logits); loss per peer CE + w(epoch)·T²·KL(p_ens ‖ p_peer) with the
-    sigmoid ramp-up w = weight·exp(−5(1−epoch/rampup_epochs)²). KDCL has no official code; the defaults
-    T=3, weight 1 and an 80-epoch ramp-up are those of the online-ensemble reference it compares with
-    (ONE, Lan1991Xu/ONE_NeurIPS2018: loss/kl_loss.py, cifar_one.py, 300 epochs) — choose them per run.
+    sigmoid ramp-up w = weight·exp(−5(1−epoch/R)²). KDCL has no official code; the defaults T=3, weight 1
+    and the ramp-up are those of the online-ensemble reference it compares with (ONE,
+    Lan1991Xu/ONE_NeurIPS2018: loss/kl_loss.py, cifar_one.py, scripts/ONE_ResNet32.sh), whose R is 80 of its
+    300 epochs. R is `rampup_fraction` of `max_epochs` (default 80/300, so any epoch count keeps the
+    reference's shape), or `rampup_epochs` when given.
     Not included: KDCL's differently distorted input per peer (one batch is shared by all peers here).
     """
 
     mimicry_name = "kdcl"
 
     def __init__(self, peers: Sequence[nn.Module], num_classes: int, ensemble: str = "min_logit",
-                 weight: float = 1.0, temperature: float = 3.0, rampup_epochs: int = 80,
-                 max_epochs: int | None = None, **base: Any) -> None:
+                 weight: float = 1.0, temperature: float = 3.0, rampup_fraction: float = REFERENCE_RAMPUP_FRACTION,
+                 rampup_epochs: int | None = None, max_epochs: int | None = None, **base: Any) -> None:
         if ensemble not in ENSEMBLES:
             raise ConfigError(f"scheme.ensemble={ensemble!r} is not a KDCL ensemble; choose one of {sorted(ENSEMBLES)}.")
-        if rampup_epochs < 0 or (max_epochs is not None and rampup_epochs > max_epochs):
-            raise ConfigError(
-                f"scheme.rampup_epochs={rampup_epochs} must be between 0 and trainer.max_epochs={max_epochs}, or the "
-                f"KL weight never reaches scheme.weight. The reference ramps over 80 of 300 epochs; set "
-                f"scheme.rampup_epochs to about a quarter of your epochs.")
+        rampup_length = kdcl_rampup_length(rampup_fraction, rampup_epochs, max_epochs)
         super().__init__(peers, num_classes, weight=weight, temperature=temperature, max_epochs=max_epochs, **base)
         self.ensemble = ensemble
-        self.rampup_epochs = int(rampup_epochs)
+        self.rampup_length = rampup_length
+
+    def mimicry_details(self) -> list[str]:
+        return [*super().mimicry_details(), f"{self.ensemble} ensemble",
+                f"sigmoid ramp-up {self.rampup_length:g} epochs"]
 
     def partner_logits(self, logits: list[Tensor], targets: Tensor) -> list[list[Tensor]]:
         target = ENSEMBLES[self.ensemble]([value.detach() for value in logits], targets)
         return [[target] for _ in logits]
 
     def mimicry_weight(self, epoch: int) -> float:
-        return self.weight * sigmoid_rampup(epoch, self.rampup_epochs)
+        return self.weight * sigmoid_rampup(epoch, self.rampup_length)
+
+
+def kdcl_rampup_length(fraction: float, epochs: int | None, max_epochs: int | None) -> float:
+    """The ramp-up length R in epochs: `epochs` when given, else `fraction` of `max_epochs`."""
+    known = max_epochs is not None and max_epochs > 0
+    if epochs is not None:
+        if epochs < 0 or (known and epochs > max_epochs):
+            raise ConfigError(
+                f"scheme.rampup_epochs={epochs} must be between 0 and trainer.max_epochs={max_epochs}, or the KL weight "
+                f"never reaches scheme.weight. Lower it, or set scheme.rampup_epochs=null to ramp over "
+                f"scheme.rampup_fraction of the epochs (the reference: 80 of 300).")
+        return float(epochs)
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"scheme.rampup_fraction={fraction} must be in [0, 1]: the share of trainer.max_epochs over "
+                          f"which the KL weight ramps up (the reference: 80 of 300 epochs, 0.267).")
+    if fraction == 0.0:
+        return 0.0
+    if not known:
+        raise ConfigError(f"scheme.rampup_fraction={fraction} is a share of trainer.max_epochs, which is "
+                          f"{max_epochs}: give the run a number of epochs, or the ramp-up in epochs with "
+                          f"scheme.rampup_epochs=<n>.")
+    return float(fraction) * float(max_epochs)

@@ -11,13 +11,14 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from kd_lightning.data.base import CLASS_PAIRS
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
 from kd_lightning.schemes.base import DistillationModule
+from kd_lightning.schemes.composition import describe_loss
 from kd_lightning.schemes.offline import Offline, weighted_term_losses
 from kd_lightning.schemes.watch import NonFiniteWatch
 from kd_lightning.taps import FeatureTaps, declared_taps
@@ -96,6 +97,11 @@ class BYOT(DistillationModule):
             self.heads[stage] = AuxiliaryHead(shapes[stage][1], shapes["penultimate"][1], num_classes, stride)
         self.nonfinite = NonFiniteWatch(["ce", *(f"{kind}_{s}" for s in self.head_stages for kind in ("ce", "kd", "hint"))])
 
+    def loss_summary(self) -> str:
+        heads = len(self.head_stages)
+        return (f"loss = {1.0 - self.alpha:g}·(CE + Σ over {heads} heads of CE) + {self.alpha:g}·Σ over {heads} heads "
+                f"of T²·softCE(deepest → head, T={self.temperature}) + {self.beta:g}·Σ over {heads} heads of hint")
+
     def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
         deep_logits = self.student(images)
         features = self.taps.features
@@ -120,8 +126,11 @@ class CSKD(DistillationModule):
     Batches are anchors then one same-class partner each (`kd_lightning.data.pairs`); the loss is
     ce_weight·CE(anchors) + λ·T²·KL(p(partner)/T ‖ p(anchor)/T), the partners' forward under no_grad (in
     train mode, so it moves BatchNorm statistics as the reference's does). Follows alinlab/cs-kd train.py:
-    T 4, λ 1 (CIFAR; 3 on fine-grained sets). Logit terms of the catalogue (`distill=[dkd]`, ...) compose,
-    with the partners' logits as the teacher's; terms that read features have no teacher network here.
+    T 4, λ 1 (CIFAR; 3 on fine-grained sets). Its CIFAR-100 recipe (SGD 0.1, momentum 0.9, wd 1e-4, 128
+    anchors per step, 200 epochs, ÷10 from epochs 101 and 151) is `experiment=schemes/cs_kd_cifar100`;
+    `scheme=cs_kd` alone trains with the run's optimizer and schedule. Logit terms of the catalogue
+    (`distill=[dkd]`, ...) compose, with the partners' logits as the teacher's; terms that read features
+    have no teacher network here.
     """
 
     train_batches = CLASS_PAIRS
@@ -141,6 +150,11 @@ class CSKD(DistillationModule):
             term.build(context)
             term.check(name, context)
         self.nonfinite = NonFiniteWatch(["ce", "cs_kd", *self.terms])
+
+    def loss_summary(self) -> str:
+        terms = describe_loss(self.ce_weight, self.terms).split(" + ")[1:]
+        return " + ".join([f"loss = {self.ce_weight}·CE(anchors)",
+                           f"{self.lambda_cls}·cs_kd(T={self.temperature}, partner → anchor)", *terms])
 
     def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
         half = len(images) // 2
@@ -178,6 +192,10 @@ class TfKDReg(DistillationModule):
         self.alpha, self.temperature, self.multiplier = float(alpha), float(temperature), float(multiplier)
         self.correct_prob, self.temper_student = float(correct_prob), bool(temper_student)
 
+    def loss_summary(self) -> str:
+        return (f"loss = {1.0 - self.alpha:g}·CE + {self.alpha:g}·tf_kd_reg(T={self.temperature}, multiplier "
+                f"{self.multiplier:g}, correct_prob {self.correct_prob:g})")
+
     def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
         logits = self.student(images)
         regulariser = functional.tf_kd_reg(logits, targets, self.temperature, self.multiplier, self.correct_prob,
@@ -189,29 +207,63 @@ class TfKDReg(DistillationModule):
 class MeanTeacher(Offline):
     """Tarvainen & Valpola, "Mean teachers are better role models" (NeurIPS 2017), as self-distillation.
 
-    The teacher is an exponential moving average of the student, `AveragedModel(student,
-    multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)`: frozen and eval-pinned like any
-    `Offline` teacher (outside the module tree, optimizer and DDP), updated after every optimizer step
-    (the first copies the student; `n_averaged` counts them, so accumulation steps do not count) and
-    saved in checkpoints under `mean_teacher_ema`, so a resumed run continues the same average. Every
-    catalogue term composes; the default is the consistency cost (`distill=[consistency]`). CuriousAI's
-    CIFAR-10 decay is 0.97; its α = min(1 − 1/(step+1), decay) warm-up is not reproduced: torch's EMA
-    starts from a copy.
+    The teacher is an exponential moving average of the student's parameters, held in an
+    `AveragedModel(student)` outside the module tree, optimizer and DDP, saved in checkpoints under
+    `mean_teacher_ema` (so a resumed run continues the same average). Follows CuriousAI/mean-teacher
+    (pytorch/main.py; CIFAR-10 recipe pytorch/experiments/cifar10_test.py):
+
+    - the average is updated after every optimizer step (accumulation steps do not count) with
+      α = min(1 − 1/(n + 1), ema_decay) at the n-th update, `update_ema_variables`' warm-up, and covers the
+      parameters only: the teacher's BatchNorm statistics are its own;
+    - the teacher runs in train mode (`ema_model.train()`), so it normalises with its batch's statistics
+      and moves its own running statistics, as the reference's does; it stays frozen and gets no gradient.
+      A term's init stage (FT, AB) reads it in eval mode, as RepDistiller's init stages read their teacher;
+    - with `logit_distance_cost` ≥ 0 (CIFAR-10: .01) the student has a second classifier on its penultimate
+      feature, the consistency head: CE trains the class logits, every `distill` term (the consistency
+      cost) reads the consistency logits, and cost·Σ(class − consistency)²/(classes·batch) ties the two
+      (`symmetric_mse_loss`). The head trains with the network, is checkpointed, and is not exported.
+      `null` (the reference's default −1) distils the class logits themselves.
+
+    Where it differs: the reference gives the teacher an independent augmentation of each image
+    (`(input, ema_input)`); here both networks see the same augmented batch, because a batch carries one
+    view per sample. Its EMA starts from an independent initialisation; here from the student's own
+    initial weights. The run's optimizer and schedule are used (the reference: SGD 0.05 Nesterov, wd 2e-4,
+    cosine ramp-down over 210 epochs), and the product is the student, where the paper reports the EMA.
+    Every catalogue term composes; the default is the consistency cost (`distill=[consistency]`).
     """
 
     caches_teacher_outputs = False  # the averaged teacher changes after every step
 
     def __init__(self, student: nn.Module, terms: Mapping[str, DistillTerm], num_classes: int,
-                 example_input: Tensor, ema_decay: float = 0.97, **offline: Any) -> None:
+                 example_input: Tensor, ema_decay: float = 0.97, logit_distance_cost: float | None = 0.01,
+                 **offline: Any) -> None:
         if not 0.0 < float(ema_decay) < 1.0:
             raise ConfigError(f"scheme.ema_decay={ema_decay} must lie strictly between 0 and 1: at 0 the teacher "
                               f"is the student itself, at 1 it never leaves its initialisation (mean teacher uses "
                               f"0.97 on CIFAR-10, 0.999 on ImageNet).")
-        ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(float(ema_decay)), use_buffers=True)
+        if logit_distance_cost is not None and float(logit_distance_cost) < 0:
+            raise ConfigError(f"scheme.logit_distance_cost={logit_distance_cost} must be >= 0 (the weight of the "
+                              f"distance between the class and consistency heads; CIFAR-10: 0.01), or null for "
+                              f"one head.")
+        # Parameters only: the teacher's BatchNorm statistics come from its own train-mode forwards.
+        ema = AveragedModel(student, use_buffers=False)
         ema.requires_grad_(False).eval()
         super().__init__(student, ema.module, terms, num_classes, example_input, **offline)
         object.__setattr__(self, "ema", ema)  # outside the module tree, like the teacher it holds
         self.ema_decay = float(ema_decay)
+        # Kept on the host so the per-step α needs no read from the device; restored from n_averaged on load.
+        self._ema_updates = 0
+        self.logit_distance_cost = None if logit_distance_cost is None else float(logit_distance_cost)
+        self.consistency_head: nn.Module | None = None
+        if self.logit_distance_cost is not None:
+            name = getattr(student, "kd_spec", {}).get("name", "student")
+            self.head_taps = FeatureTaps(student, ["penultimate"], name)
+            self.example_forward(example_input)
+            width = self.head_taps.features["penultimate"].flatten(1).shape[1]
+            self.head_taps.clear()
+            self.consistency_head = nn.Linear(width, num_classes)
+            self._trainable |= {id(p) for p in self.consistency_head.parameters()}
+            self.nonfinite = NonFiniteWatch([*self.nonfinite.names, "residual"])
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "MeanTeacher":
         super()._apply(fn, *args, **kwargs)
@@ -219,10 +271,64 @@ class MeanTeacher(Offline):
             nn.Module._apply(self.ema, fn, recurse=False)
         return self
 
+    def teacher_logits_and_features(self, images: Tensor) -> tuple[Tensor, Mapping[str, Tensor]]:
+        # An init stage (FT, AB) trains a term's own module against the teacher as RepDistiller does, with an
+        # eval-mode teacher; only the mean-teacher training itself follows main.py's train-mode EMA.
+        if self.init_stage:
+            return super().teacher_logits_and_features(images)
+        # CuriousAI main.py runs `ema_model.train()`: batch statistics, and its own running averages move.
+        # FrozenTeacher pins eval mode against any parent's train(), so the mode is set on its model here.
+        self.teacher.model.train()
+        try:
+            logits = self.teacher(images)
+        finally:
+            self.teacher.model.eval()
+        return logits, self.teacher_taps.features
+
+    def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
+        if self.init_stage or self.consistency_head is None:
+            return super().training_losses(images, targets, indices)
+        teacher_logits, teacher_features = self.teacher_logits_and_features(images)
+        class_logits = self.student(images)
+        consistency_logits = self.consistency_head(self.head_taps.features["penultimate"].flatten(1))
+        inputs = DistillInputs(
+            student_logits=consistency_logits, targets=targets, indices=indices, teacher_logits=teacher_logits,
+            student_features=self.student_taps.features, teacher_features=teacher_features, epoch=self.current_epoch,
+        )
+        ce = F.cross_entropy(class_logits.float(), targets)
+        # symmetric_mse_loss / minibatch size: both heads move towards each other.
+        residual = (class_logits.float() - consistency_logits.float()).pow(2).sum() / class_logits.numel()
+        self.nonfinite.record("ce", ce, self.global_step)
+        self.nonfinite.record("residual", residual, self.global_step)
+        return {"ce": self.ce_weight * ce, "residual": self.logit_distance_cost * residual,
+                **weighted_term_losses(self.terms, inputs, self.nonfinite, self.global_step)}
+
+    def release_features(self) -> None:
+        super().release_features()
+        if self.consistency_head is not None:
+            self.head_taps.clear()
+
+    def loss_summary(self) -> str:
+        summary = super().loss_summary()
+        if self.init_stage or self.consistency_head is None:
+            return summary
+        return (f"{summary} + {self.logit_distance_cost}·residual (class ↔ consistency head; the terms read the "
+                f"consistency head)")
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if not self.init_stage:
-            self.ema.update_parameters(self.student)
+            self.update_teacher()
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """CuriousAI's update_ema_variables after its n-th step: ema ← α·ema + (1 − α)·θ, α = min(1 − 1/(n + 1),
+        decay), the true average of the weights so far until the exponential one weighs the past more."""
+        self._ema_updates += 1
+        alpha = min(1.0 - 1.0 / (self._ema_updates + 1), self.ema_decay)
+        for averaged, current in zip(self.ema.module.parameters(), self.student.parameters()):
+            averaged.mul_(alpha).add_(current.detach().to(averaged.dtype), alpha=1.0 - alpha)
+        self.ema.n_averaged += 1
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -234,4 +340,12 @@ class MeanTeacher(Offline):
             raise ConfigError("This checkpoint holds no mean-teacher average (key 'mean_teacher_ema'), so resuming "
                               "would restart the teacher from the student. Resume from a checkpoint written by "
                               "scheme=mean_teacher.")
+        if self.consistency_head is not None and not any(key.startswith("consistency_head.")
+                                                         for key in checkpoint.get("state_dict", {})):
+            raise ConfigError("This checkpoint was written by a mean teacher without a consistency head (before "
+                              "the head existed, or with scheme.logit_distance_cost=null), but this run builds one "
+                              "(scheme.logit_distance_cost="
+                              f"{self.logit_distance_cost}). Resume it with scheme.logit_distance_cost=null, or "
+                              "start a new run to train with the head.")
         self.ema.load_state_dict(checkpoint[EMA_CHECKPOINT_KEY])
+        self._ema_updates = int(self.ema.n_averaged)

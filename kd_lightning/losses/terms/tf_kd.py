@@ -11,9 +11,13 @@ class TfKD(DistillTerm):
 
     multiplier · T² · KL(teacher ‖ student) averaged over batch and classes (`functional.tf_kd_self`, the
     reference `loss_kd_self`). Published ResNet-18/CIFAR-100 recipe (experiments/kd_experiments/
-    resnet18_distill/resnet18_self_teacher/params.json): α = weight 0.95 with CE 1 − α = 0.05, T=6,
-    multiplier 50. `scheme=tf_kd_self` trains the teacher, a copy of the student's architecture, first.
+    resnet18_distill/resnet18_self_teacher/params.json): α = weight 0.95, T=6, multiplier 50, and CE 0.05
+    (the reference's 1 − α at α 0.95). The CE weight is fixed, not derived from `weight`: set
+    `distill.tf_kd.ce_weight` to 1 − α when changing the weight. `scheme=tf_kd_self` trains the teacher, a copy
+    of the student's architecture, first.
     """
+
+    recipe_ce_weight = 0.05  # the one source of the default (conf/distill/tf_kd.yaml leaves ce_weight null)
 
     def __init__(self, weight: float = 0.95, temperature: float = 6.0, multiplier: float = 50.0,
                  warmup_epochs: int = 0) -> None:
