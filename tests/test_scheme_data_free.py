@@ -334,3 +334,43 @@ def test_a_resume_from_the_epochs_last_step_continues_the_epoch_schedule(tmp_pat
                                             "scheme.generator.width=8", "scheme.student_steps=2",
                                             "scheme.scheduled=true", "scheduler=multistep", "scheduler.milestones=[1]")
     assert resumed == whole
+
+
+def build_last_stage(cfg):
+    """The run's last stage as the pipeline builds it (untrained networks), with the config's scheme options."""
+    from kd_lightning import pipeline
+    from kd_lightning.stages import plan_stages
+
+    datamodule = pipeline.construct(cfg.data)
+    built, module = {}, None
+    for stage in plan_stages(cfg):
+        given = pipeline.teacher_arguments(stage, built)
+        module = pipeline.build_stage_module(pipeline.stage_config(cfg, stage), stage, datamodule, given)
+        built[stage.name] = module.products()
+    return module
+
+
+@pytest.mark.parametrize("teacher, tap", [("lenet5", "stage3"), ("resnet56", "penultimate")])
+def test_dafls_activation_loss_reads_the_feature_the_references_teacher_returns(make_cfg, teacher, tap):
+    # DAFL's lenet.py returns relu3's output, `output.view(-1, 120)`, as `feature`; its resnet.py the pooled
+    # feature the classifier reads. conf/scheme/dafl.yaml leaves the tap to the teacher's family.
+    module = build_last_stage(make_cfg("scheme=dafl", f"teacher={teacher}", "student=lenet5_half",
+                                       "scheme.batch_size=4", "scheme.generator.width=4", "baseline=false"))
+    assert module.activation_tap == tap
+    network = module.teacher.model
+    images = torch.randn(3, *module.input_shape)
+    module.teacher(images)
+    read = module.activation_taps.features[tap]
+    module.activation_taps.clear()
+    if teacher == "lenet5":
+        x = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+        x = network.pool2(network.relu2(network.conv2(network.pool1(network.relu1(network.conv1(x))))))
+        expected = F.relu(network.conv3(x))
+        assert read.flatten(1).shape[1] == 120
+    else:  # the average pool's output, read by another hook than the tap's
+        captured = {}
+        handle = network.avgpool.register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
+        module.teacher(images)
+        handle.remove()
+        expected = captured["x"]
+    assert torch.allclose(read.flatten(1), expected.flatten(1), atol=1e-6)

@@ -92,19 +92,34 @@ def zskt_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature:
     return functional.kd(student_logits, teacher_logits, temperature) / (temperature ** 2 * student_logits.shape[1])
 
 
+def out_feature_tap(model: Any) -> str:
+    """The teacher feature DAFL's activation loss reads, as its reference models return it with
+    `out_feature=True`: LeNet-5's 120-d relu3 output (`stage3`, the model's `out_feature_tap`), and for
+    every other family the pooled feature the classifier reads (`penultimate`, DAFL's ResNet `out.view`
+    after the average pool)."""
+    return getattr(model, "out_feature_tap", "penultimate")
+
+
 class DAFL(DataFree):
     """DAFL: the generator minimises oh·one-hot + ie·entropy + a·activation through the frozen teacher; the
     student distils (the `distill` terms, KL at T=1 in the reference) on the same batch, detached. One joint
-    backward and both optimizers stepped, as the reference's single `loss.backward()`."""
+    backward and both optimizers stepped, as the reference's single `loss.backward()`.
+
+    `activation_tap` null (the default) reads the feature the reference's teacher returns (`out_feature_tap`:
+    `stage3` for LeNet-5, `penultimate` for ResNets and the rest). With `scheduled` the run's schedule
+    reaches the student only: the reference's CIFAR recipe steps the student's rate down (×0.1 at epochs 800
+    and 1600) and keeps the generator's Adam constant."""
 
     uses_generator = True
     generator_losses = ("generator_one_hot", "generator_information_entropy", "generator_activation")
 
     def __init__(self, *args: Any, one_hot: float = 1.0, information_entropy: float = 5.0, activation: float = 0.1,
-                 activation_tap: str = "penultimate", **kwargs: Any) -> None:
+                 activation_tap: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.weights = {"one_hot": float(one_hot), "information_entropy": float(information_entropy),
                         "activation": float(activation)}
+        if activation_tap is None:
+            activation_tap = out_feature_tap(self.teacher.model)
         self.activation_tap = activation_tap
         self.activation_taps = FeatureTaps(self.teacher.model, [activation_tap],
                                            getattr(self.teacher.model, "kd_spec", {}).get("name", "teacher"))
