@@ -300,10 +300,12 @@ def fast(teacher: nn.Module, generator: nn.Module, **overrides) -> FastMetaSynth
     return FastMetaSynthesizer(teacher, generator, **options)
 
 
-def test_fast_meta_keeps_teacher_frozen_and_adds_the_adversarial_term_after_warmup() -> None:
+def test_fast_meta_keeps_teacher_frozen_and_adds_the_adversarial_term_from_the_last_warmup_round() -> None:
+    # fast_meta.py: `self.ep += 1` runs before `if self.adv > 0 and self.ep >= self.ep_start`, so with
+    # warm-up 2 the first round has no adversarial term and the second (the last warm-up round) has it.
     teacher, student, generator = tiny_teacher(), tiny_student(), TinyGenerator()
     before_teacher, before_student = frozen_state(teacher), frozen_state(student)
-    synth = fast(teacher, generator)
+    synth = fast(teacher, generator, warmup_rounds=2)
     images, labels, parts = synth.synthesize(student)
     assert set(parts) == {"bn", "ce"}
     images, labels, parts = synth.synthesize(student)
@@ -393,3 +395,32 @@ def test_meta_gradient_is_the_sum_of_fast_gradients_or_the_reptile_difference(mo
             expected = 67.0 * (begin - after_fast.detach())
         torch.testing.assert_close(recorded, expected, rtol=1e-6, atol=1e-7)
     assert all(len(g) == n + 1 for g in step_gradients)  # the latent codes are optimised too, not meta-updated
+
+
+@pytest.mark.parametrize("reset_l0", [True, False])
+def test_reset_l0_reinitialises_the_input_layers_before_round_120_after_the_warmup(reset_l0: bool) -> None:
+    # fast_meta.py `reset_l0`: at `ep == 120 + ep_start` (1-based) `l1.0` and `conv_blocks.0` get weights
+    # N(0, 0.02) and zero biases; here the generator's first Linear and first BatchNorm.
+    teacher, generator = tiny_teacher(), TinyGenerator()
+    with torch.no_grad():
+        generator.body[0].weight.fill_(1.5)
+        generator.body[0].bias.fill_(0.3)
+    synth = fast(teacher, generator, warmup_rounds=3, reset_l0=reset_l0)
+    recorder = RecordingOptimizer(generator.parameters())  # records the meta gradient, moves nothing
+    before = {name: p.detach().clone() for name, p in generator.named_parameters()}
+    synth.rounds = 121  # the 122nd round: not yet
+    synth.synthesize(None, recorder)
+    assert all(torch.equal(p, before[name]) for name, p in generator.named_parameters())
+    synth.synthesize(None, recorder)  # the 123rd = 120 + 3
+    linear, norm = generator.project, generator.body[0]
+    if not reset_l0:
+        assert all(torch.equal(p, before[name]) for name, p in generator.named_parameters())
+        return
+    for module in (linear, norm):
+        assert torch.count_nonzero(module.bias) == 0
+        assert 0.01 < module.weight.std().item() < 0.03 and abs(module.weight.mean().item()) < 0.01
+    conv = generator.body[2]
+    assert torch.equal(conv.weight, before["body.2.weight"]) and torch.equal(conv.bias, before["body.2.bias"])
+    reset = {name: p.detach().clone() for name, p in generator.named_parameters()}
+    synth.synthesize(None, recorder)  # once only
+    assert all(torch.equal(p, reset[name]) for name, p in generator.named_parameters())
