@@ -424,3 +424,34 @@ def test_reset_l0_reinitialises_the_input_layers_before_round_120_after_the_warm
     reset = {name: p.detach().clone() for name, p in generator.named_parameters()}
     synth.synthesize(None, recorder)  # once only
     assert all(torch.equal(p, reset[name]) for name, p in generator.named_parameters())
+
+
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_deep_inversion_returns_the_final_iterate_as_nvlabs_cifar_or_the_best_as_their_imagenet(monkeypatch,
+                                                                                                 keep_best) -> None:
+    # deepinversion_cifar10.py: `best_inputs = inputs.data` aliases the optimised tensor, so the batch returned is
+    # the one after the last Adam step; imagenet's deepinversion.py keeps `inputs.data.clone()` of the best loss.
+    teacher, student = tiny_teacher(), tiny_student()
+    before, after, losses = [], [], []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        before.append(self.param_groups[0]["params"][0].detach().clone())
+        result = step(self, *args, **kwargs)
+        after.append(self.param_groups[0]["params"][0].detach().clone())
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    synth = deep_inversion(teacher, mean=None, std=None, iterations=8, keep_best=keep_best)
+    original = synth._loss_parts
+
+    def recording_parts(*args):
+        parts = original(*args)
+        losses.append(sum(parts.values()).item())
+        return parts
+
+    synth._loss_parts = recording_parts
+    images = synth.synthesize(student)[0]
+    assert len(before) == len(after) == len(losses) == 8
+    expected = before[int(np.argmin(losses))] if keep_best else after[-1]
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)

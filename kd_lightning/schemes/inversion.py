@@ -111,7 +111,7 @@ class DeepInversion(PoolDistillation):
         except TypeError as error:
             raise ConfigError(f"scheme.synthesis={options} is not a DeepInversion setting ({error}). Its keys: "
                               "batch_size, iterations, lr, betas, ce_weight, bn_weight, first_bn_multiplier, tv_l1, "
-                              "tv_l2, l2, adi_weight, adi_temperature, jitter, flip, random_labels.") from None
+                              "tv_l2, l2, adi_weight, adi_temperature, jitter, flip, random_labels, keep_best.") from None
 
     def synthesis_round(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         return self.synthesizer.synthesize(self.student)
