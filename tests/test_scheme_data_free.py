@@ -436,3 +436,6 @@ def test_zskts_temperature_reaches_the_students_kd_term_through_its_config(make_
     assert module.temperature == 2.0 and module.terms["kd"].temperature == 2.0
     assert module.terms["kd"].weight == pytest.approx(1.0 / (2.0 ** 2 * 10))
     assert module.terms["at"].weight == 250.0
+    # models/generator.py of the reference ends in nn.BatchNorm2d(3, affine=True), DAFL's and DFAD's in affine=False.
+    assert module.generator.block2[-1].affine
+    assert not build_last_stage(make_cfg(*small("dfad"))).generator.block2[-1].affine
