@@ -81,6 +81,19 @@ def check_generator_sizes(options: Mapping[str, Any]) -> None:
                           f"sqrt(var + eps). DAFL uses 0.8, DFAD the default 1e-5.")
 
 
+def own_schedule(schedule: Mapping[str, Any]) -> Any:
+    """`scheme.schedule` as a scheduler factory, tried on a throwaway optimizer so that a wrong target or
+    argument is refused before training rather than in `configure_optimizers`."""
+    try:
+        factory = instantiate({"_partial_": True, **schedule})
+        factory(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0))
+    except Exception as error:  # Hydra wraps import and argument errors in its own exception types
+        raise ConfigError(f"scheme.schedule={dict(schedule)} is not a scheduler config ({error}). Give a torch "
+                          f"scheduler and its arguments, e.g. {{_target_: torch.optim.lr_scheduler.CosineAnnealingLR, "
+                          f"T_max: 200, eta_min: 2.0e-4}}, or null for the run's `scheduler`.") from None
+    return factory
+
+
 class DataFree(Offline):
     """The base of data-free schemes; see the module docstring for the interface subclasses implement."""
 
@@ -109,7 +122,7 @@ class DataFree(Offline):
         super().__init__(student, teacher, terms, num_classes, example_input, ce_weight=0.0, **base)
         self.automatic_optimization = False
         if schedule:  # the scheme's own recipe (e.g. DF's cosine to 2e-4), like `student_optimizer`
-            self.scheduler_factory = instantiate({"_partial_": True, **schedule})
+            self.scheduler_factory = own_schedule(schedule)
         if not scheduled:  # the references' MNIST recipes train at constant rates
             self.scheduler_factory = None
         self.steps_per_epoch, self.batch_size = int(steps_per_epoch), int(batch_size)
