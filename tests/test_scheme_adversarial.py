@@ -252,3 +252,55 @@ def test_two_ddp_ranks_on_different_shards_end_identical_discriminators_included
     assert discriminator and all(not torch.equal(rank0["state_dict"][key], initial[key]) for key in discriminator)
     for key in trained:
         assert torch.equal(rank0["state_dict"][key], rank1["state_dict"][key]), f"ranks disagree on {key}"
+
+
+def cached_module(tmp_path, discriminate=("logits",), terms=None):
+    from kd_lightning.data import DigitsDataModule
+    from kd_lightning.teacher_cache import TeacherCacheOptions
+
+    data = DigitsDataModule(batch_size=32, augment=True, train_subset=64)
+    L.seed_everything(0)
+    module = Adversarial(student=build_model("convnet_tiny", num_classes=10, in_channels=1),
+                         teacher=build_model("convnet_small", num_classes=10, in_channels=1), num_classes=10,
+                         example_input=data.example_input(), terms=terms or {"kd": KD(weight=0.9, temperature=4.0)},
+                         ce_weight=0.1, optimizer=SGD, discriminator_optimizer=ADAM, discriminate=list(discriminate),
+                         train_size=data.train_size, train_targets=data.train_targets,
+                         teacher_cache=TeacherCacheOptions(storage="memory", directory=tmp_path / "outputs",
+                                                           dtype="float32"))
+    return module, data
+
+
+def test_the_discriminator_sees_the_whole_batchs_teacher_logits_under_the_teacher_cache(tmp_path):
+    # The teacher runs only on the samples the cache misses, so a forward hook sees part of the batch (all hits:
+    # nothing, the KeyError of issue 19); the discriminator must get the cache's merged whole-batch logits.
+    from kd_lightning.teacher_cache import stored_inputs
+
+    module, data = cached_module(tmp_path)
+    cache = module.teacher_outputs
+    cache.open(data, module.teacher.model, module.teacher_forward, torch.device("cpu"), "32-true")
+    positions = torch.arange(32)
+    raw = stored_inputs(data.train_set, positions.tolist())
+    views = data.train_views.draw(32, torch.Generator().manual_seed(0))
+    other = views.clone()
+    other[16:] = (views[16:] + 1) % data.train_views.count
+    targets = torch.randint(0, 10, (32,))
+    for batch_views in (views, views, other):  # all misses, all hits, half and half
+        images = data.train_views.crop_flip(raw, batch_views)
+        cache.lookup(positions, batch_views)
+        module.training_losses(images, targets, positions)
+        seen = module.discriminated_outputs("teacher")["logits"]
+        module.release_features()
+        assert torch.equal(seen, module.teacher(images))
+        module.release_features()
+    assert cache.hits == 32 + 16
+
+
+def test_adversarial_trains_with_a_precomputed_teacher_cache(make_cfg):
+    results = run(make_cfg("scheme=adversarial", "teacher_cache=memory", "teacher_cache.precompute=true",
+                           "baseline=false"))
+    assert "test/acc" in results["student_metrics"]
+
+
+def test_discriminating_a_tap_the_teacher_cache_does_not_store_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"\['penultimate'\].*scheme.discriminate=\[logits\].*teacher_cache=none"):
+        cached_module(tmp_path, discriminate=("logits", "penultimate"))

@@ -65,7 +65,7 @@ def test_dfad_l1_and_zskt_divergence_match_the_references_reductions_in_float64(
         ps, pt = softmax64(s / temperature), softmax64(t / temperature)
         reference = (pt * (np.log(pt) - np.log(ps))).sum() / s.size
         assert zskt_divergence(student, teacher, temperature).item() == pytest.approx(reference, rel=1e-5)
-    # conf/scheme/zskt.yaml's kd weight 1/K at T=1 gives the student the same divergence through the catalogue.
+    # The kd weight ZSKT derives, 1/(T²·K) = 0.1 at T=1 for 10 classes, gives the student the same divergence.
     ps, pt = softmax64(s), softmax64(t)
     kd = KD(weight=0.1, temperature=1.0)
     assert (kd.weight * kd(inputs)).item() == pytest.approx((pt * (np.log(pt) - np.log(ps))).sum() / s.size, rel=1e-5)
@@ -185,6 +185,8 @@ def test_image_grids_are_saved_as_png_and_recorded_by_wandb_offline(make_cfg, tm
     (["scheme.generator.latent_dim=-3"], r"scheme.generator.latent_dim=-3 must be"),
     (["scheme.generator.channels=0"], r"scheme.generator.channels=0 must be"),
     (["scheme.generator.bn_eps=0"], r"scheme.generator.bn_eps=0 must be a number > 0"),
+    (["+scheme.schedule={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,eta_min:0}"],
+     r"scheme.schedule=.* is not a scheduler config .*T_max"),
 ])
 def test_bad_data_free_configs_are_refused_with_the_fix(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -334,3 +336,108 @@ def test_a_resume_from_the_epochs_last_step_continues_the_epoch_schedule(tmp_pat
                                             "scheme.generator.width=8", "scheme.student_steps=2",
                                             "scheme.scheduled=true", "scheduler=multistep", "scheduler.milestones=[1]")
     assert resumed == whole
+
+
+def build_last_stage(cfg):
+    """The run's last stage as the pipeline builds it (untrained networks), with the config's scheme options."""
+    from kd_lightning import pipeline
+    from kd_lightning.stages import plan_stages
+
+    datamodule = pipeline.construct(cfg.data)
+    built, module = {}, None
+    for stage in plan_stages(cfg):
+        given = pipeline.teacher_arguments(stage, built)
+        module = pipeline.build_stage_module(pipeline.stage_config(cfg, stage), stage, datamodule, given)
+        built[stage.name] = module.products()
+    return module
+
+
+@pytest.mark.parametrize("teacher, tap", [("lenet5", "stage3"), ("resnet56", "penultimate")])
+def test_dafls_activation_loss_reads_the_feature_the_references_teacher_returns(make_cfg, teacher, tap):
+    # DAFL's lenet.py returns relu3's output, `output.view(-1, 120)`, as `feature`; its resnet.py the pooled
+    # feature the classifier reads. conf/scheme/dafl.yaml leaves the tap to the teacher's family.
+    module = build_last_stage(make_cfg("scheme=dafl", f"teacher={teacher}", "student=lenet5_half",
+                                       "scheme.batch_size=4", "scheme.generator.width=4", "baseline=false"))
+    assert module.activation_tap == tap
+    network = module.teacher.model
+    images = torch.randn(3, *module.input_shape)
+    module.teacher(images)
+    read = module.activation_taps.features[tap]
+    module.activation_taps.clear()
+    if teacher == "lenet5":
+        x = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+        x = network.pool2(network.relu2(network.conv2(network.pool1(network.relu1(network.conv1(x))))))
+        expected = F.relu(network.conv3(x))
+        assert read.flatten(1).shape[1] == 120
+    else:  # the average pool's output, read by another hook than the tap's
+        captured = {}
+        handle = network.avgpool.register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
+        module.teacher(images)
+        handle.remove()
+        expected = captured["x"]
+    assert torch.allclose(read.flatten(1), expected.flatten(1), atol=1e-6)
+
+
+POOL_SMALL = ["scheme.steps_per_round=3", "scheme.batch_size=8", "scheme.pool_size=20", "scheme.synthesis.batch_size=8"]
+
+
+@pytest.mark.parametrize("scheme, scheduled", [
+    ("dafl", ["student"]),  # DAFL-train.py: adjust_learning_rate(optimizer_S) only, the generator's Adam constant
+    ("dfad", ["student", "generator"]),  # DFAD_cifar.py/DFAD_mnist.py --scheduler: scheduler_S and scheduler_G
+    ("zskt", ["student", "generator"]),  # solver.py: both Adams cosine-annealed
+    ("datafree_noise", ["student"]),
+    ("deep_inversion", ["student"]),  # datafree_kd.py: the student's SGD alone
+    ("fast_datafree", ["student"]),  # datafree_kd.py schedules the student; fast_meta.py's meta Adam is constant
+])
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_the_schedule_reaches_the_optimizers_the_reference_schedules(make_cfg, scheme, scheduled):
+    overrides = POOL_SMALL if scheme in ("deep_inversion", "fast_datafree") else small(scheme)[1:]
+    module = build_last_stage(make_cfg(f"scheme={scheme}", "++scheme.scheduled=true", "baseline=false",
+                                       "trainer.max_epochs=10", *overrides))
+    optimizers, schedulers = module.configure_optimizers()
+    players = dict(zip(("student", "generator"), optimizers))
+    assert [config["scheduler"].optimizer for config in schedulers] == [players[name] for name in scheduled]
+    for config in schedulers:
+        for _ in range(10):
+            config["scheduler"].step()
+    if scheme in ("deep_inversion", "fast_datafree"):  # datafree_kd.py: CosineAnnealingLR(T_max=epochs, eta_min=2e-4)
+        assert players["student"].param_groups[0]["lr"] == pytest.approx(2e-4)
+    if "generator" in players and "generator" not in scheduled:
+        initial = players["generator"].defaults["lr"]
+        assert players["generator"].param_groups[0]["lr"] == initial > 0
+
+
+def zskt_module(num_classes: int, temperature: float, kd_weight: float = 1.0) -> ZSKT:
+    return ZSKT(student=build_model("convnet_tiny", num_classes, 1), teacher=build_model("convnet_large", num_classes, 1),
+                terms={"kd": KD(weight=kd_weight, temperature=temperature)}, num_classes=num_classes,
+                example_input=torch.randn(2, 1, 8, 8), steps_per_epoch=2, batch_size=4, generator={"width": 4},
+                temperature=temperature, optimizer=lambda params: torch.optim.SGD(params, lr=0.05))
+
+
+@pytest.mark.parametrize("num_classes, temperature", [(10, 1.0), (100, 1.0), (100, 4.0)])
+def test_zskts_student_kl_is_its_generators_divergence_for_any_class_count(num_classes, temperature):
+    # solver.py: one `divergence` (F.kl_div at KL_temperature, mean over batch and classes) for both players.
+    module = zskt_module(num_classes, temperature)
+    rng = np.random.default_rng(2)
+    s, t = rng.normal(size=(5, num_classes)) * 2, rng.normal(size=(5, num_classes)) * 2
+    ps, pt = softmax64(s / temperature), softmax64(t / temperature)
+    reference = (pt * (np.log(pt) - np.log(ps))).sum() / s.size
+    student, teacher = torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32)
+    inputs = DistillInputs(student_logits=student, targets=teacher.argmax(1), indices=None, teacher_logits=teacher)
+    kd = module.terms["kd"]
+    assert kd.temperature == temperature
+    assert (kd.weight * kd(inputs)).item() == pytest.approx(reference, rel=1e-5)
+    assert module.disagreement(student, teacher).item() == pytest.approx(reference, rel=1e-5)
+    # A chosen weight multiplies the reference's divergence.
+    halved = zskt_module(num_classes, temperature, kd_weight=0.5).terms["kd"]
+    assert (halved.weight * halved(inputs)).item() == pytest.approx(0.5 * reference, rel=1e-5)
+
+
+def test_zskts_temperature_reaches_the_students_kd_term_through_its_config(make_cfg):
+    module = build_last_stage(make_cfg(*small("zskt"), "scheme.temperature=2.0"))
+    assert module.temperature == 2.0 and module.terms["kd"].temperature == 2.0
+    assert module.terms["kd"].weight == pytest.approx(1.0 / (2.0 ** 2 * 10))
+    assert module.terms["at"].weight == 250.0
+    # models/generator.py of the reference ends in nn.BatchNorm2d(3, affine=True), DAFL's and DFAD's in affine=False.
+    assert module.generator.block2[-1].affine
+    assert not build_last_stage(make_cfg(*small("dfad"))).generator.block2[-1].affine

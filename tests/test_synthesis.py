@@ -300,10 +300,12 @@ def fast(teacher: nn.Module, generator: nn.Module, **overrides) -> FastMetaSynth
     return FastMetaSynthesizer(teacher, generator, **options)
 
 
-def test_fast_meta_keeps_teacher_frozen_and_adds_the_adversarial_term_after_warmup() -> None:
+def test_fast_meta_keeps_teacher_frozen_and_adds_the_adversarial_term_from_the_last_warmup_round() -> None:
+    # fast_meta.py: `self.ep += 1` runs before `if self.adv > 0 and self.ep >= self.ep_start`, so with
+    # warm-up 2 the first round has no adversarial term and the second (the last warm-up round) has it.
     teacher, student, generator = tiny_teacher(), tiny_student(), TinyGenerator()
     before_teacher, before_student = frozen_state(teacher), frozen_state(student)
-    synth = fast(teacher, generator)
+    synth = fast(teacher, generator, warmup_rounds=2)
     images, labels, parts = synth.synthesize(student)
     assert set(parts) == {"bn", "ce"}
     images, labels, parts = synth.synthesize(student)
@@ -393,3 +395,63 @@ def test_meta_gradient_is_the_sum_of_fast_gradients_or_the_reptile_difference(mo
             expected = 67.0 * (begin - after_fast.detach())
         torch.testing.assert_close(recorded, expected, rtol=1e-6, atol=1e-7)
     assert all(len(g) == n + 1 for g in step_gradients)  # the latent codes are optimised too, not meta-updated
+
+
+@pytest.mark.parametrize("reset_l0", [True, False])
+def test_reset_l0_reinitialises_the_input_layers_before_round_120_after_the_warmup(reset_l0: bool) -> None:
+    # fast_meta.py `reset_l0`: at `ep == 120 + ep_start` (1-based) `l1.0` and `conv_blocks.0` get weights
+    # N(0, 0.02) and zero biases; here the generator's first Linear and first BatchNorm.
+    teacher, generator = tiny_teacher(), TinyGenerator()
+    with torch.no_grad():
+        generator.body[0].weight.fill_(1.5)
+        generator.body[0].bias.fill_(0.3)
+    synth = fast(teacher, generator, warmup_rounds=3, reset_l0=reset_l0)
+    recorder = RecordingOptimizer(generator.parameters())  # records the meta gradient, moves nothing
+    before = {name: p.detach().clone() for name, p in generator.named_parameters()}
+    synth.rounds = 121  # the 122nd round: not yet
+    synth.synthesize(None, recorder)
+    assert all(torch.equal(p, before[name]) for name, p in generator.named_parameters())
+    synth.synthesize(None, recorder)  # the 123rd = 120 + 3
+    linear, norm = generator.project, generator.body[0]
+    if not reset_l0:
+        assert all(torch.equal(p, before[name]) for name, p in generator.named_parameters())
+        return
+    for module in (linear, norm):
+        assert torch.count_nonzero(module.bias) == 0
+        assert 0.01 < module.weight.std().item() < 0.03 and abs(module.weight.mean().item()) < 0.01
+    conv = generator.body[2]
+    assert torch.equal(conv.weight, before["body.2.weight"]) and torch.equal(conv.bias, before["body.2.bias"])
+    reset = {name: p.detach().clone() for name, p in generator.named_parameters()}
+    synth.synthesize(None, recorder)  # once only
+    assert all(torch.equal(p, reset[name]) for name, p in generator.named_parameters())
+
+
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_deep_inversion_returns_the_final_iterate_as_nvlabs_cifar_or_the_best_as_their_imagenet(monkeypatch,
+                                                                                                 keep_best) -> None:
+    # deepinversion_cifar10.py: `best_inputs = inputs.data` aliases the optimised tensor, so the batch returned is
+    # the one after the last Adam step; imagenet's deepinversion.py keeps `inputs.data.clone()` of the best loss.
+    teacher, student = tiny_teacher(), tiny_student()
+    before, after, losses = [], [], []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        before.append(self.param_groups[0]["params"][0].detach().clone())
+        result = step(self, *args, **kwargs)
+        after.append(self.param_groups[0]["params"][0].detach().clone())
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    synth = deep_inversion(teacher, mean=None, std=None, iterations=8, keep_best=keep_best)
+    original = synth._loss_parts
+
+    def recording_parts(*args):
+        parts = original(*args)
+        losses.append(sum(parts.values()).item())
+        return parts
+
+    synth._loss_parts = recording_parts
+    images = synth.synthesize(student)[0]
+    assert len(before) == len(after) == len(losses) == 8
+    expected = before[int(np.argmin(losses))] if keep_best else after[-1]
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)

@@ -4,8 +4,8 @@ As in DAFL's DAFL_train.py `Generator` and DFAD's network/gan.py `GeneratorA` (t
 Linear(z → 2w·(s/4)²) → BN → ×2 upsample → conv 3×3 (2w) → BN → LeakyReLU(0.2) → ×2 upsample → conv 3×3 (w)
 → BN → LeakyReLU(0.2) → conv 3×3 (channels) → tanh → BN without affine. DAFL builds its two inner BNs with
 eps=0.8 (`nn.BatchNorm2d(128, 0.8)`, the positional argument is eps), DFAD with the default 1e-5; `bn_eps`
-keeps either. ZSKT's generator differs only in having no tanh (`tanh=False`) and a 1.6× first upsampling
-for 32×32; the ×2 version is used for it here so one network serves every size divisible by 4.
+keeps either. ZSKT's generator (models/generator.py) is the same network with no tanh (`tanh=False`) and a
+last BN with affine parameters (`affine_output=True`); its convolutions keep their biases, as here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from kd_lightning.errors import ConfigError
 
 class ImageGenerator(nn.Module):
     def __init__(self, latent_dim: int, image_size: tuple[int, int], channels: int, width: int = 64,
-                 bn_eps: float = 1e-5, tanh: bool = True) -> None:
+                 bn_eps: float = 1e-5, tanh: bool = True, affine_output: bool = False) -> None:
         super().__init__()
         height, breadth = image_size
         if height % 4 or breadth % 4 or height < 4 or breadth < 4:
@@ -33,7 +33,7 @@ class ImageGenerator(nn.Module):
                                     nn.LeakyReLU(0.2))
         self.block2 = nn.Sequential(nn.Conv2d(2 * width, width, 3, 1, 1), nn.BatchNorm2d(width, eps=bn_eps),
                                     nn.LeakyReLU(0.2), nn.Conv2d(width, self.channels, 3, 1, 1),
-                                    nn.Tanh() if tanh else nn.Identity(), nn.BatchNorm2d(self.channels, affine=False))
+                                    nn.Tanh() if tanh else nn.Identity(), nn.BatchNorm2d(self.channels, affine=bool(affine_output)))
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.project(z.flatten(1)).view(len(z), -1, *self.initial)

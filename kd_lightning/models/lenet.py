@@ -19,6 +19,10 @@ INPUT_SIZE = 32
 
 
 class LeNet5(nn.Module):
+    # The feature DAFL's activation loss reads (`forward(out_feature=True)` returns relu3's 120-d output,
+    # `output.view(-1, 120)`), not the 84-d `penultimate` input of the classifier.
+    out_feature_tap = "stage3"
+
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> None:
         super().__init__()
         c1, c2, c3, hidden = (int(round(n * width)) for n in (6, 16, 120, 84))
@@ -30,7 +34,7 @@ class LeNet5(nn.Module):
 
     def declared_taps(self) -> Taps:
         # The three conv blocks are the stages; `stage3` (120×1×1, the half model's 60) is the feature the
-        # references return (`out_feature`) and DAFL's activation loss reads (scheme.activation_tap=stage3).
+        # references return (`out_feature`) and DAFL's activation loss reads (`out_feature_tap`).
         return Taps(points={"stem": "conv1", "stage1": "relu1", "stage2": "relu2", "stage3": "relu3",
                             "stage1_pre": "relu1:input", "stage2_pre": "relu2:input", "stage3_pre": "relu3:input",
                             "penultimate": "fc2:input"},

@@ -74,10 +74,19 @@ class Adversarial(Offline):
     Follows MEAL (AaronHeee/MEAL, Shen et al. AAAI 2019) and MEAL-V2 (szq0214/MEAL-V2): discriminator on the
     raw logits, three layers narrowing by K (MEAL's default 2 on CIFAR, MEAL-V2's 8 on ImageNet), BCE with
     teacher and student labelled apart, adversarial weight 1. Differs: both reference codes put the student
-    and the discriminator in one optimizer whose loss adds the D loss, so both *minimise* it and there is no
-    min-max (schemes-notes.md §3); here the discriminator has its own optimizer (`discriminator_optimizer`,
-    a Hydra partial; constant rate, as MEAL-V2's `d_lr` was meant to be) and the student minimises the
-    non-saturating −log D(student). MEAL-V2's student also drops the hard labels; set `scheme.ce_weight=0`.
+    and the discriminator in one SGD optimizer and back-propagate CE-to-teacher + D loss once. By default
+    both players therefore *minimise* the D loss (schemes-notes.md §3); MEAL's `--grl` (main.py, off by
+    default; models/discriminator.py `GradReverse`) puts a gradient-reversal layer in front of the
+    discriminators, so the student ascends the D loss the discriminators descend — a min-max, in one step.
+    MEAL-V2 has no such switch. Here the min-max is an alternation: the discriminator has its own optimizer
+    (`discriminator_optimizer`, a Hydra partial) and the student minimises the non-saturating −log D(student)
+    rather than the reversed D loss. The references also schedule the discriminator with the student (MEAL:
+    its `d_lr` 0.1 param group under the same MultiStepLR; MEAL-V2: the LR regime sets every group, `d_lr`
+    1e-4 included, to the student's rate); here it keeps a constant rate, the GAN convention of Lightning's
+    template, since its own Adam is not the student's SGD. The student's loss is the chosen `distill` terms
+    with their own recipes (KD's CE 0.1 + 0.9·KD at T=4 by default), so the scheme is compared with the same
+    terms without a discriminator; MEAL and MEAL-V2 train on the soft cross-entropy to the teacher's softmax
+    at T=1 and no hard labels: `distill.kd.temperature=1 distill.kd.weight=1 scheme.ce_weight=0`.
 
     `global_step` counts student steps and the student's scheduler is stepped by hand where automatic
     optimisation would step it, by the mechanism the data-free schemes share (`schemes.manual`). Trainer gradient clipping and accumulation
@@ -112,6 +121,7 @@ class Adversarial(Offline):
         self._outputs: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}}
         for role, network in (("student", student), ("teacher", self.teacher.model)):
             network.register_forward_hook(self._keep_logits(role))
+        self._check_cached_outputs()
         widths = self._output_widths(example_input)
         self.discriminators = nn.ModuleDict({key(name): Discriminator(widths[name], int(reduction))
                                              for name in discriminate})
@@ -121,6 +131,34 @@ class Adversarial(Offline):
             [*self.nonfinite.names, "adversarial", "discriminator"],
             remedies={"adversarial": "scheme.adversarial_weight or the learning rate (optimizer.lr)",
                       "discriminator": "the discriminator's learning rate (scheme.discriminator_optimizer.lr)"})
+
+    def _check_cached_outputs(self) -> None:
+        """With the teacher cache the teacher runs only on a batch's missed samples, so its hooks see a subset
+        (or nothing); the discriminator takes the teacher's side from the cache's merged outputs instead,
+        which hold the logits and the terms' vector taps only."""
+        if self.teacher_outputs is None:
+            return
+        uncached = [name for name in self.discriminated if name != LOGITS and name not in self.teacher_outputs.slices]
+        if uncached:
+            raise ConfigError(
+                f"scheme.discriminate lists {uncached}, which the teacher cache does not store: it keeps the teacher's "
+                f"logits and the vector taps the distill terms read, and the teacher runs only on the samples it "
+                f"misses, so the discriminator would see the teacher's outputs for part of the batch. Discriminate "
+                f"the logits (scheme.discriminate=[logits]), or run without the cache (teacher_cache=none).")
+
+    def teacher_logits_and_features(self, images: Tensor) -> tuple[Tensor, Mapping[str, Tensor]]:
+        logits, features = super().teacher_logits_and_features(images)
+        if self.teacher_outputs is not None:  # whole-batch outputs, hits and misses merged
+            self._outputs["teacher"][LOGITS] = logits
+            for name in self.discriminated:
+                if name != LOGITS:
+                    self._outputs["teacher"][name] = features[name]
+        return logits, features
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # A precomputed cache ran the teacher over the training set: drop what its hooks kept of the last batch.
+        self.release_features()
 
     def _keep_logits(self, role: str) -> Callable:
         def keep(module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -145,7 +183,8 @@ class Adversarial(Offline):
 
     def discriminated_outputs(self, role: str) -> dict[str, Tensor]:
         """The latest forward's discriminated outputs of `role` ("student" or "teacher"), by name."""
-        captured = {**self._outputs[role], **self.adversary_taps[role].features}
+        # `_outputs` last: under the teacher cache it holds the whole batch, the hooks only the missed samples.
+        captured = {**self.adversary_taps[role].features, **self._outputs[role]}
         return {name: captured[name] for name in self.discriminated}
 
     def release_features(self) -> None:

@@ -14,8 +14,10 @@ and Fast-Datafree build on it). Its interface, kept stable:
   is a function of (run seed, epoch, record), so each DDP rank draws its own and a resumed run the
   uninterrupted run's.
 * `global_step` counts student steps only (`schemes.manual`): `max_steps`, checkpoint and logging cadences
-  and step schedules follow the student. Schedulers (the run's `scheduler`, one per optimizer) are stepped
-  by hand after each training step, as automatic optimisation would (`schemes.manual.step_schedulers`).
+  and step schedules follow the student. The schedule (`scheme.schedule`, else the run's `scheduler`) reaches
+  the optimizers the scheme's reference schedules (`scheduled_players`: the student's alone unless the
+  reference anneals its generator too, as DFAD and ZSKT do), one scheduler each, stepped by hand after each
+  training step, as automatic optimisation would (`schemes.manual.step_schedulers`).
 * The generator, the terms' adapters and all optimizers and schedulers are in the checkpoint; the teacher
   stays outside it (`Offline`), frozen and in eval mode while gradients flow through it to the images.
 * Every `log_images_every_n_steps` student steps a grid of the remembered batch goes to
@@ -28,7 +30,7 @@ no indices); terms that need sample indices or an initialisation stage on data a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 from hydra.utils import instantiate
@@ -79,11 +81,27 @@ def check_generator_sizes(options: Mapping[str, Any]) -> None:
                           f"sqrt(var + eps). DAFL uses 0.8, DFAD the default 1e-5.")
 
 
+def own_schedule(schedule: Mapping[str, Any]) -> Any:
+    """`scheme.schedule` as a scheduler factory, tried on a throwaway optimizer so that a wrong target or
+    argument is refused before training rather than in `configure_optimizers`."""
+    try:
+        factory = instantiate({"_partial_": True, **schedule})
+        factory(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0))
+    except Exception as error:  # Hydra wraps import and argument errors in its own exception types
+        raise ConfigError(f"scheme.schedule={dict(schedule)} is not a scheduler config ({error}). Give a torch "
+                          f"scheduler and its arguments, e.g. {{_target_: torch.optim.lr_scheduler.CosineAnnealingLR, "
+                          f"T_max: 200, eta_min: 2.0e-4}}, or null for the run's `scheduler`.") from None
+    return factory
+
+
 class DataFree(Offline):
     """The base of data-free schemes; see the module docstring for the interface subclasses implement."""
 
     train_batches = STEPS
     uses_generator = False
+    # The optimizers the schedule reaches: the references anneal the student's rate and keep the generator's
+    # constant (DAFL's CIFAR recipe, zju-vipa's datafree_kd.py), except DFAD and ZSKT, which schedule both.
+    scheduled_players: ClassVar[tuple[str, ...]] = ("student",)
     # Losses a subclass logs besides the terms (names as returned by `data_free_step`), for the NaN watch.
     generator_losses: tuple[str, ...] = ()
 
@@ -92,6 +110,7 @@ class DataFree(Offline):
                  generator: Mapping[str, Any] | None = None, train_generator: bool = True,
                  generator_optimizer: Mapping[str, Any] | None = None,
                  student_optimizer: Mapping[str, Any] | None = None, scheduled: bool = True,
+                 schedule: Mapping[str, Any] | None = None,
                  clip_grad_norm: float | None = None, log_images_every_n_steps: int = 0, **base: Any) -> None:
         check_data_free_terms(terms, type(self).__name__.lower())
         for name, value in (("steps_per_epoch", steps_per_epoch), ("batch_size", batch_size)):
@@ -102,6 +121,8 @@ class DataFree(Offline):
                               f"{log_images_every_n_steps!r}.")
         super().__init__(student, teacher, terms, num_classes, example_input, ce_weight=0.0, **base)
         self.automatic_optimization = False
+        if schedule:  # the scheme's own recipe (e.g. DF's cosine to 2e-4), like `student_optimizer`
+            self.scheduler_factory = own_schedule(schedule)
         if not scheduled:  # the references' MNIST recipes train at constant rates
             self.scheduler_factory = None
         self.steps_per_epoch, self.batch_size = int(steps_per_epoch), int(batch_size)
@@ -236,7 +257,9 @@ class DataFree(Offline):
         if self.generator is not None:
             optimizers.append(instantiate({"_partial_": True, **self.generator_optimizer_cfg})(
                 self.generator.parameters()))
-        return optimizers, scheduler_configs(optimizers, self.scheduler_factory, self.scheduler_interval)
+        players = ("student", "generator")[:len(optimizers)]
+        scheduled = [opt for opt, player in zip(optimizers, players) if player in self.scheduled_players]
+        return optimizers, scheduler_configs(scheduled, self.scheduler_factory, self.scheduler_interval)
 
     def _build_generator(self, options: dict[str, Any]) -> ImageGenerator:
         channels, height, width = self.input_shape
@@ -251,7 +274,7 @@ class DataFree(Offline):
             generator = ImageGenerator(**options)
         except TypeError as error:
             raise ConfigError(f"scheme.generator={options} is not a generator config ({error}). Its keys: latent_dim, "
-                              f"width, bn_eps, tanh, image_size, channels.") from None
+                              f"width, bn_eps, tanh, affine_output, image_size, channels.") from None
         with torch.no_grad():
             made = generator.eval()(torch.randn(2, generator.latent_dim))
         generator.train()

@@ -92,19 +92,34 @@ def zskt_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature:
     return functional.kd(student_logits, teacher_logits, temperature) / (temperature ** 2 * student_logits.shape[1])
 
 
+def out_feature_tap(model: Any) -> str:
+    """The teacher feature DAFL's activation loss reads, as its reference models return it with
+    `out_feature=True`: LeNet-5's 120-d relu3 output (`stage3`, the model's `out_feature_tap`), and for
+    every other family the pooled feature the classifier reads (`penultimate`, DAFL's ResNet `out.view`
+    after the average pool)."""
+    return getattr(model, "out_feature_tap", "penultimate")
+
+
 class DAFL(DataFree):
     """DAFL: the generator minimises oh·one-hot + ie·entropy + a·activation through the frozen teacher; the
     student distils (the `distill` terms, KL at T=1 in the reference) on the same batch, detached. One joint
-    backward and both optimizers stepped, as the reference's single `loss.backward()`."""
+    backward and both optimizers stepped, as the reference's single `loss.backward()`.
+
+    `activation_tap` null (the default) reads the feature the reference's teacher returns (`out_feature_tap`:
+    `stage3` for LeNet-5, `penultimate` for ResNets and the rest). With `scheduled` the run's schedule
+    reaches the student only: the reference's CIFAR recipe steps the student's rate down (×0.1 at epochs 800
+    and 1600) and keeps the generator's Adam constant."""
 
     uses_generator = True
     generator_losses = ("generator_one_hot", "generator_information_entropy", "generator_activation")
 
     def __init__(self, *args: Any, one_hot: float = 1.0, information_entropy: float = 5.0, activation: float = 0.1,
-                 activation_tap: str = "penultimate", **kwargs: Any) -> None:
+                 activation_tap: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.weights = {"one_hot": float(one_hot), "information_entropy": float(information_entropy),
                         "activation": float(activation)}
+        if activation_tap is None:
+            activation_tap = out_feature_tap(self.teacher.model)
         self.activation_tap = activation_tap
         self.activation_taps = FeatureTaps(self.teacher.model, [activation_tap],
                                            getattr(self.teacher.model, "kd_spec", {}).get("name", "teacher"))
@@ -256,7 +271,11 @@ class Adversarial(DataFree):
 
 class DFAD(Adversarial):
     """DFAD (Fang et al., "Data-Free Adversarial Distillation", 2019; DFAD_mnist.py): 5 student steps on
-    G(z).detach() minimising L1(s, t) (the `l1_logits` term), then one generator step maximising the same L1."""
+    G(z).detach() minimising L1(s, t) (the `l1_logits` term), then one generator step maximising the same L1.
+    With `scheduled` both rates follow the schedule, as the reference's `--scheduler` steps both (StepLR on
+    MNIST, MultiStepLR [100, 200] on CIFAR)."""
+
+    scheduled_players = ("student", "generator")
 
     def disagreement(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return functional.l1_logits(student_logits, teacher_logits)
@@ -265,17 +284,30 @@ class DFAD(Adversarial):
 class ZSKT(Adversarial):
     """ZSKT (Micaelli & Storkey, "Zero-Shot Knowledge Transfer via Adversarial Belief Matching", NeurIPS
     2019; solver.py): one generator step maximising KL(T‖S), then 10 student steps minimising KL + β·AT
-    (`distill=[kd, at]`). The reference's `F.kl_div` default averages over batch *and* classes, i.e. the
-    batch-mean KL / K: conf/scheme/zskt.yaml sets distill.kd.weight = 1/K (0.1 for 10 classes) at T=1,
-    and the generator maximises the same quantity. One pseudo batch per round (`repeat_batch`, the
-    reference's `LearnableLoader` keeps z for n_repeat_batch = 1 + 10 calls), drawn after the generator step."""
+    (`distill=[kd, at]`). One pseudo batch per round (`repeat_batch`, the reference's `LearnableLoader` keeps
+    z for n_repeat_batch = 1 + 10 calls), drawn after the generator step.
+
+    The reference's divergence is `F.kl_div` at `KL_temperature` with its default reduction, the mean over
+    batch *and* classes and no T² factor: the catalogue's batch-mean T²·KL divided by T²·K. Both players use
+    it, so the `kd` term is rescaled here by 1/(T²·K), K the data's class count (0.1 at T=1 for 10 classes,
+    0.01 for 100): `distill.kd.weight` multiplies the reference's divergence, and the loss summary shows
+    the rescaled weight. `temperature` is the reference's one KL_temperature (conf/scheme/zskt.yaml passes
+    it to the `kd` term too). With `scheduled` both rates follow the schedule, as the reference anneals both
+    Adams (CosineAnnealingLR over the run)."""
 
     generator_first = True
+    scheduled_players = ("student", "generator")
 
     def __init__(self, *args: Any, student_steps: int = 10, temperature: float = 1.0, repeat_batch: bool = True,
                  **kwargs: Any) -> None:
         super().__init__(*args, student_steps=student_steps, repeat_batch=repeat_batch, **kwargs)
         self.temperature = float(temperature)
+        if not self.temperature > 0:
+            raise ConfigError(f"scheme.temperature={temperature!r} must be > 0: ZSKT's KL_temperature divides the "
+                              f"logits of both players (the reference's scripts use 1).")
+        kd = self.terms["kd"] if "kd" in self.terms else None
+        if kd is not None:
+            kd.weight = kd.weight / (kd.temperature ** 2 * self.num_classes)
 
     def disagreement(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return zskt_divergence(student_logits, teacher_logits, self.temperature)

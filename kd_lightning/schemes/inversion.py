@@ -111,7 +111,7 @@ class DeepInversion(PoolDistillation):
         except TypeError as error:
             raise ConfigError(f"scheme.synthesis={options} is not a DeepInversion setting ({error}). Its keys: "
                               "batch_size, iterations, lr, betas, ce_weight, bn_weight, first_bn_multiplier, tv_l1, "
-                              "tv_l2, l2, adi_weight, adi_temperature, jitter, flip, random_labels.") from None
+                              "tv_l2, l2, adi_weight, adi_temperature, jitter, flip, random_labels, keep_best.") from None
 
     def synthesis_round(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         return self.synthesizer.synthesize(self.student)
@@ -124,7 +124,8 @@ class FastDatafree(PoolDistillation):
     The generator is the data-free base's (`scheme.generator`): its tanh + affine-free BN head emits
     teacher-space images directly, where the reference's Sigmoid head emits pixels it then normalises.
     The references' warm-up epochs synthesise without training the student: here the first round runs
-    `warmup_rounds` extra rounds before the first student step."""
+    `warmup_rounds` extra rounds before the first student step. Only the student's rate is scheduled
+    (`scheme.schedule`, datafree_kd.py's cosine to 2e-4); the meta Adam stays constant, as fast_meta.py's."""
 
     uses_generator = True
     generator_losses = tuple(f"generator_{name}" for name in ("bn", "ce", "adv"))
@@ -144,7 +145,7 @@ class FastDatafree(PoolDistillation):
         except TypeError as error:
             raise ConfigError(f"scheme.synthesis={options} is not a Fast-Datafree setting ({error}). Its keys: "
                               "batch_size, steps, lr_generator, lr_latent, bn_weight, ce_weight, adv_weight, "
-                              "bn_momentum, warmup_rounds, meta_update, crop_padding.") from None
+                              "bn_momentum, warmup_rounds, meta_update, reset_l0, crop_padding.") from None
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -68,7 +68,12 @@ def keep_best(best: tuple[Tensor, Tensor] | None, loss: Tensor, candidate: Tenso
     return torch.where(better, loss, best[0]), torch.where(better, candidate, best[1])
 
 class DeepInversionSynthesizer:
-    """One `synthesize` call = one batch: Gaussian inputs, `iterations` Adam steps, the lowest-loss batch kept.
+    """One `synthesize` call = one batch: Gaussian inputs, `iterations` Adam steps, the final iterate kept.
+
+    The final iterate is what NVlabs' CIFAR code returns, whose settings these defaults are: its
+    `best_inputs = inputs.data` aliases the optimised tensor, which every later `optimizer.step()` moves.
+    `keep_best=True` keeps the lowest-loss batch, as their ImageNet code (`inputs.data.clone()`) does, taken
+    before that iteration's step.
 
     Loss per step (NVlabs deepinversion.py): ce_weight·CE(T(x̃), y) + bn_weight·R_BN(first_bn_multiplier)
     + tv_l1·TV₁(x̃) + tv_l2·TV₂(x̃) + l2·mean‖x̃‖ + adi_weight·(1 − JS(T(x̃), S(x̃))), x̃ the jittered
@@ -83,7 +88,8 @@ class DeepInversionSynthesizer:
                  ce_weight: float = 1.0, bn_weight: float = 10.0, first_bn_multiplier: float = 1.0,
                  tv_l1: float = 0.0, tv_l2: float = 2.5e-5, l2: float = 0.0, adi_weight: float = 0.0,
                  adi_temperature: float = 3.0, jitter: int = 2, flip: bool = False, random_labels: bool = False,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, seed: int = 0) -> None:
+                 keep_best: bool = False, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 seed: int = 0) -> None:
         for name, value in (("batch_size", batch_size), ("iterations", iterations)):
             if int(value) <= 0:
                 raise ConfigError(f"DeepInversion's {name} must be a positive integer, got {value}.")
@@ -97,6 +103,7 @@ class DeepInversionSynthesizer:
         self.tv_l1, self.tv_l2, self.l2 = tv_l1, tv_l2, l2
         self.adi_weight, self.adi_temperature = adi_weight, adi_temperature
         self.jitter, self.flip, self.random_labels = int(jitter), bool(flip), bool(random_labels)
+        self.keep_best = bool(keep_best)
         self.bounds = pixel_bounds(mean, std, self.image_shape[0])
         self.rng = torch.Generator().manual_seed(int(seed))
         self.rounds = 0
@@ -120,7 +127,8 @@ class DeepInversionSynthesizer:
                 view = jitter_flip(inputs, self.jitter, self.flip, self.rng)
                 parts = self._loss_parts(view, labels, student)
                 loss = sum(parts.values())
-                best = keep_best(best, loss, inputs)
+                if self.keep_best:
+                    best = keep_best(best, loss, inputs)
                 (gradient,) = torch.autograd.grad(loss, [inputs])
                 inputs.grad = gradient
                 optimizer.step()
@@ -129,7 +137,8 @@ class DeepInversionSynthesizer:
                         inputs.copy_(torch.maximum(torch.minimum(inputs, self.bounds[1].to(device)),
                                                    self.bounds[0].to(device)))
         self.rounds += 1
-        return best[1], labels, {name: value.detach() for name, value in parts.items()}
+        images = best[1] if self.keep_best else inputs.detach().clone()
+        return images, labels, {name: value.detach() for name, value in parts.items()}
 
     def _loss_parts(self, view: Tensor, labels: Tensor, student: nn.Module | None) -> dict[str, Tensor]:
         teacher_logits = self.teacher(view)

@@ -19,26 +19,47 @@ from kd_lightning.synthesis.losses import BatchNormStatistics, agreement_adversa
 META_UPDATES = ("fomaml", "reptile")
 # fast_meta.py's `reptile_grad`: the meta gradient is 67·(θ_meta − θ_fast).
 REPTILE_SCALE = 67.0
+# fast_meta.py re-initialises the generator's input layers at its round `120 + warmup` (1-based) under
+# `--reset_l0 1`, which every scripts/fast_cifar.sh run passes.
+RESET_L0_ROUND_AFTER_WARMUP = 120
+
+
+def reset_input_layers(generator: nn.Module, rng: torch.Generator) -> None:
+    """fast_meta.py `reset_l0`: weights ~ N(0, 0.02²) and zero biases for the generator's first Linear and
+    first BatchNorm (the reference's `l1.0` and `conv_blocks.0`; here `project` and `bn0`). Drawn from `rng`
+    on the host, so a resumed run re-initialises them as the uninterrupted one did."""
+    linear = next((m for m in generator.modules() if isinstance(m, nn.Linear)), None)
+    norm = next((m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine),
+                None)
+    with torch.no_grad():
+        for module in (linear, norm):
+            if module is None:
+                continue
+            module.weight.copy_(torch.randn(module.weight.shape, generator=rng) * 0.02)
+            if module.bias is not None:
+                module.bias.zero_()
 
 
 class FastMetaSynthesizer:
     """One `synthesize` call = one batch of `batch_size` images from `steps` fast steps.
 
     Each fast step (fast_meta.py): x = normalise(G'(z)), loss = bn_weight·R_BN(momentum) + ce_weight·CE(T(x̃), y)
-    + adv_weight·adv(S, T) on the crop/flip view x̃, the adversarial term only after `warmup_rounds`
-    rounds; Adam (betas 0.5, 0.999) on G' at `lr_generator` and on z at `lr_latent`. The batch kept is
-    the lowest-loss step's G'(z). Meta update: "fomaml" sums the fast gradients of every step into the
+    + adv_weight·adv(S, T) on the crop/flip view x̃, the adversarial term from the last of `warmup_rounds`
+    rounds on (the reference increments its `ep` before the `ep >= warmup` test); Adam (betas 0.5, 0.999)
+    on G' at `lr_generator` and on z at `lr_latent`. The batch kept is the lowest-loss step's G'(z). With
+    `reset_l0` the meta generator's input layers are re-initialised before round 120 + `warmup_rounds`
+    (1-based), as the reference's `--reset_l0 1`. Meta update: "fomaml" sums the fast gradients of every step into the
     meta generator's gradient; "reptile" uses 67·(θ − θ'); both step a meta Adam at lr_generator·steps.
     Generator output must be pixels in [0, 1] (a Sigmoid head); `mean`/`std` normalise it for the teacher.
     Defaults: scripts/fast_cifar.sh (Fast-2: 2 steps, lr_g 5e-3, lr_z 0.015, bn 10, oh 0.5, adv 1.33,
-    bn_mmt 0.9, warmup 20, first-order MAML).
+    bn_mmt 0.9, warmup 20, first-order MAML, reset_l0 1).
     """
 
     def __init__(self, teacher: nn.Module, generator: nn.Module, num_classes: int, latent_dim: int,
                  batch_size: int = 256, steps: int = 2, lr_generator: float = 5e-3, lr_latent: float = 0.015,
                  bn_weight: float = 10.0, ce_weight: float = 0.5, adv_weight: float = 1.33,
                  bn_momentum: float = 0.9, warmup_rounds: int = 20, meta_update: str = "fomaml",
-                 crop_padding: int = 4, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 reset_l0: bool = True, crop_padding: int = 4, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  seed: int = 0) -> None:
         for name, value in (("batch_size", batch_size), ("steps", steps), ("latent_dim", latent_dim)):
             if int(value) <= 0:
@@ -52,6 +73,7 @@ class FastMetaSynthesizer:
         self.lr_generator, self.lr_latent = float(lr_generator), float(lr_latent)
         self.bn_weight, self.ce_weight, self.adv_weight = bn_weight, ce_weight, adv_weight
         self.warmup_rounds, self.meta_update, self.crop_padding = int(warmup_rounds), meta_update, int(crop_padding)
+        self.reset_l0 = bool(reset_l0)
         self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.meta_optimizer = torch.optim.Adam(generator.parameters(), lr=self.lr_generator * self.steps,
@@ -68,7 +90,10 @@ class FastMetaSynthesizer:
                    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(normalised images, labels, last-step loss parts); `student` feeds the adversarial term. A scheme
         passes its own (checkpointed) optimizer over the generator as `meta_optimizer`; else the synthesizer's."""
-        adversarial = bool(self.adv_weight) and student is not None and self.rounds >= self.warmup_rounds
+        round_number = self.rounds + 1  # the reference's `ep`, incremented before it is read
+        if self.reset_l0 and round_number == RESET_L0_ROUND_AFTER_WARMUP + self.warmup_rounds:
+            reset_input_layers(self.generator, self.rng)
+        adversarial = bool(self.adv_weight) and student is not None and round_number >= self.warmup_rounds
         device = next(self.generator.parameters()).device
         latent = torch.randn((self.batch_size, self.latent_dim), generator=self.rng).to(device).requires_grad_()
         labels = torch.randint(self.num_classes, (self.batch_size,), generator=self.rng).to(device)
