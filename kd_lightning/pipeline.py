@@ -24,7 +24,7 @@ from kd_lightning.acceleration import accelerate
 from kd_lightning.checkpoint_selection import check_test_weights, restore_best, weight_choice_recipe
 from kd_lightning.errors import ConfigError
 from kd_lightning.job_identity import job_record, sweep_name
-from kd_lightning.report import collapse_warning, format_table, network_size
+from kd_lightning.report import format_table, network_size, stage_warning
 from kd_lightning.schemes import Supervised
 from kd_lightning.schemes.base import DistillationModule
 from kd_lightning.stages import Stage, plan_stages
@@ -378,7 +378,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         records[stage.name].update(label=stage.label, models=dict(stage.networks), key=keys[stage.name],
                                    size={role: network_size(net, datamodule.example_input())
                                          for role, net in products[stage.name].items()})
-        warning = collapse_warning(stage.name, records[stage.name]["metrics"], datamodule.num_classes)
+        warning = stage_warning(stage, records, datamodule.num_classes)
         if warning:
             records[stage.name]["warning"] = warning
             log.warning(warning)
