@@ -19,8 +19,9 @@ def test_loss_share_measures_ce_and_each_term_on_the_student(tmp_path):
                              "--student-from", "baseline", "--", "distill=[at]", *fast],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
+    number = r"([\d.e+-]+)"
     rows = {name: (float(value), float(grad), float(ratio)) for name, value, grad, ratio in
-            re.findall(r"^\| (\w+) \| ([\d.e+-]+) \| ([\d.e+-]+) \| ([\d.e+-]+) \|$", result.stdout, flags=re.MULTILINE)}
+            re.findall(rf"^\| (\w+) \| {number} \| {number} \| {number} \|$", result.stdout, flags=re.MULTILINE)}
     assert set(rows) == {"ce", "at"} and rows["ce"][2] == 1.0
     assert rows["at"][1] > 0 and abs(rows["at"][2] - rows["at"][1] / rows["ce"][1]) <= 0.01 * rows["at"][2] + 0.1
     assert "loss = 1.0·CE + 1000.0·at" in result.stdout
