@@ -85,9 +85,9 @@ def baseline_gap_warning(stage: str, metrics: Mapping[str, float], baseline: Map
     return (f"Stage {stage!r} ended at {accuracy:.2f}% {split} accuracy, {reference - accuracy:.1f} points below the "
             f"same run's baseline ({reference:.2f}%, the same network trained with CE alone): its distillation "
             f"({named or 'the scheme'}{f'; {loss}' if loss else ''}) held it back. A published weight belongs to "
-            f"its paper's data and networks; the feature terms' weights were set on 32x32 CIFAR maps, and a loss "
-            f"averaged over a map's positions (AT, NST, FitNet, ...) grows as the maps shrink (AT's 8x8 maps give "
-            f"16x the loss of 32x32 ones), so on small inputs the term can drown the cross-entropy. Usual fix: "
+            f"its paper's data and networks: the feature terms' weights were set on CIFAR networks' 32x32 maps and "
+            f"feature scales, and on other inputs the term can drown the cross-entropy (AT's loss is a mean over "
+            f"map positions of unit-norm maps, so 8x8 maps give it 16x the value of 32x32 ones). Usual fix: "
             f"lower {knobs} (10-100x), choosing it on held-out validation data (data.val_fraction > 0, never the "
             f"test split), and compare with the baseline again.")
 
