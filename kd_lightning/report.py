@@ -87,9 +87,9 @@ def baseline_gap_warning(stage: str, metrics: Mapping[str, float], baseline: Map
             f"({named or 'the scheme'}{f'; {loss}' if loss else ''}) held it back. A published weight belongs to "
             f"its paper's data and networks: the feature terms' weights were set on CIFAR networks' 32x32 maps and "
             f"feature scales, and on other inputs the term can drown the cross-entropy (AT's loss is a mean over "
-            f"map positions of unit-norm maps, so 8x8 maps give it 16x the value of 32x32 ones). Usual fix: "
-            f"lower {knobs} (10-100x), choosing it on held-out validation data (data.val_fraction > 0, never the "
-            f"test split), and compare with the baseline again.")
+            f"map positions of unit-norm maps: for the same mismatch, 8x8 maps give it 16x the value of 32x32 "
+            f"ones). Usual fix: lower {knobs} (10-100x), choosing it on held-out validation data "
+            f"(data.val_fraction > 0, never the test split), and compare with the baseline again.")
 
 
 def stage_warning(stage: Stage, records: Mapping[str, Mapping[str, Any]], num_classes: int) -> str | None:
