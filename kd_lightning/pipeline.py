@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_lightning.checkpoint_selection import check_test_weights
 from kd_lightning.errors import ConfigError
 from kd_lightning.sweeps.identity import job_record
-from kd_lightning.report import collapse_warning, format_table, network_size
+from kd_lightning.report import format_table, network_size, stage_warning
 from kd_lightning.stage_build import (CONTEXT, build_model, build_stage_module, build_terms, constructor_parameters,
                                       construct, scheme_kwargs, stage_config, teacher_arguments)
 from kd_lightning.stage_cache import (file_version, load_cached, single_process, stage_file, stage_lock,
@@ -167,7 +167,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         records[stage.name].update(label=stage.label, models=dict(stage.networks), key=keys[stage.name],
                                    size={role: network_size(net, datamodule.example_input())
                                          for role, net in products[stage.name].items()})
-        warning = collapse_warning(stage.name, records[stage.name]["metrics"], datamodule.num_classes)
+        warning = stage_warning(stage, records, datamodule.num_classes)
         if warning:
             records[stage.name]["warning"] = warning
             log.warning(warning)

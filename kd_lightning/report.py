@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+if TYPE_CHECKING:
+    from kd_lightning.stages import Stage
+
 Row = tuple[str, str, Mapping[str, float], Mapping[str, int]]
 # Below this many times chance (1/K) a network predicts nearly one class for every input.
 COLLAPSE_FACTOR = 1.5
+# A distilled network this far (accuracy, as a fraction) below the same network trained with CE alone on the same
+# seed was held back by its distillation, not taught: seed noise on the embedded digits is about 1 point.
+BASELINE_GAP = 0.10
 
 
 def network_size(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
@@ -61,6 +67,43 @@ def collapse_warning(stage: str, metrics: Mapping[str, float], num_classes: int)
             f"prediction, and its numbers say nothing about the method. The usual cause is a learning rate too "
             f"large for the loss's gradient scale (KD's T² factor at T=4 on a network without BatchNorm does it "
             f"on Fashion-MNIST at SGD 0.05): lower optimizer.lr (e.g. 5-10x) and compare with the baseline stage.")
+
+
+def baseline_gap_warning(stage: str, metrics: Mapping[str, float], baseline: Mapping[str, float],
+                         terms: Mapping[str, Mapping[str, Any]], loss: str | None = None) -> str | None:
+    """A warning when a distilled stage ends more than `BASELINE_GAP` below the run's own baseline (the same
+    network, seed and recipe without distillation), on the split both report (test, else validation). Such a
+    stage sits above chance, so `collapse_warning` stays silent, yet the distillation has cost it accuracy."""
+    split = next((split for split in ("test", "val") if f"{split}/acc" in metrics and f"{split}/acc" in baseline),
+                 None)
+    if split is None or baseline[f"{split}/acc"] - metrics[f"{split}/acc"] <= BASELINE_GAP:
+        return None
+    accuracy, reference = 100 * metrics[f"{split}/acc"], 100 * baseline[f"{split}/acc"]
+    named = ", ".join(f"{name} at weight {term['weight']:g}" if isinstance(term.get("weight"), (int, float))
+                      else name for name, term in terms.items())
+    knobs = " / ".join(f"distill.{name}.weight" for name in terms) or "the scheme's distillation weights"
+    return (f"Stage {stage!r} ended at {accuracy:.2f}% {split} accuracy, {reference - accuracy:.1f} points below the "
+            f"same run's baseline ({reference:.2f}%, the same network trained with CE alone): its distillation "
+            f"({named or 'the scheme'}{f'; {loss}' if loss else ''}) held it back. A published weight belongs to "
+            f"its paper's data and networks: the feature terms' weights were set on CIFAR networks' 32x32 maps and "
+            f"feature scales, and on other inputs the term can drown the cross-entropy (AT's loss is a mean over "
+            f"map positions of unit-norm maps: for the same mismatch, 8x8 maps give it 16x the value of 32x32 "
+            f"ones). Usual fix: lower {knobs} (10-100x), choosing it on held-out validation data "
+            f"(data.val_fraction > 0, never the test split), and compare with the baseline again.")
+
+
+def stage_warning(stage: Stage, records: Mapping[str, Mapping[str, Any]], num_classes: int) -> str | None:
+    """Every warning about a finished stage as one paragraph, or None: near chance (`collapse_warning`), and for
+    a distilled stage far below the baseline stage of the same run on the same networks (`baseline_gap_warning`)."""
+    record = records[stage.name]
+    warnings = [collapse_warning(stage.name, record["metrics"], num_classes)]
+    baseline = records.get("baseline")
+    # Only a stage training the baseline's own networks compares with it (not a TAKD assistant, not DML's peers).
+    if (baseline is not None and stage.name != "baseline" and (stage.distill or stage.teachers)
+            and baseline.get("models") == record.get("models")):
+        warnings.append(baseline_gap_warning(stage.name, record["metrics"], baseline["metrics"], stage.distill or {},
+                                             record.get("loss")))
+    return " ".join(warning for warning in warnings if warning) or None
 
 
 def _percent(value: float | None) -> str:

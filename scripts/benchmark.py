@@ -137,20 +137,35 @@ def method_of(overrides: list[str]) -> str:
     return label_of(values.get("distill", "kd"))
 
 
-def collect(out: Path) -> tuple[dict[str, list[float]], list[float]]:
-    """Test top-1 (%) per method label (the newest job per seed, should a retry have rerun one), and the
+def by_seed(out: Path) -> tuple[dict[str, dict[str, float]], list[float]]:
+    """Test top-1 (%) per method label and seed (the newest job per seed, should a retry have rerun one), and the
     teacher's (one value per job that reports one); jobs read as kd-report reads them."""
-    latest: dict[tuple[str, str], float] = {}
+    latest: dict[str, dict[str, float]] = {}
     teacher: list[float] = []
     for overrides, results in job_results(out / "sweeps"):
         seed = dict(item.split("=", 1) for item in overrides if "=" in item).get("seed", "0")
-        latest[method_of(overrides), seed] = 100 * results["student_metrics"]["test/acc"]
+        latest.setdefault(method_of(overrides), {})[seed] = 100 * results["student_metrics"]["test/acc"]
         if "teacher" in results:
             teacher.append(100 * results["teacher"]["metrics"]["test/acc"])
-    accs: dict[str, list[float]] = {}
-    for (label, _), value in latest.items():
-        accs.setdefault(label, []).append(value)
-    return accs, teacher
+    return latest, teacher
+
+
+def collect(out: Path) -> tuple[dict[str, list[float]], list[float]]:
+    """Test top-1 (%) per method label, one value per seed, and the teacher's."""
+    latest, teacher = by_seed(out)
+    return {label: list(seeds.values()) for label, seeds in latest.items()}, teacher
+
+
+def paired_delta(method: dict[str, float], baseline: dict[str, float]) -> str:
+    """Seed-by-seed difference to the baseline trained on the same seed: mean ± std, and on how many seeds the
+    method is ahead. The unpaired Δ mixes both rows' seed spreads; pairing removes what the seed does to both."""
+    seeds = sorted(set(method) & set(baseline), key=str)
+    if not seeds:
+        return "–"
+    deltas = [method[seed] - baseline[seed] for seed in seeds]
+    mean, std = mean_std(deltas)
+    ahead = sum(delta > 0 for delta in deltas)
+    return f"{mean:+.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" ({ahead}/{len(deltas)} ahead)"
 
 
 def failure(out: Path, run: dict[str, Any]) -> str:
@@ -166,25 +181,28 @@ def failure(out: Path, run: dict[str, Any]) -> str:
 
 def render_table(out: Path, meta: dict[str, Any]) -> tuple[str, list[tuple[str, float, float]]]:
     accs, teacher = collect(out)
+    seeds = by_seed(out)[0]
     base = mean_std(accs[BASELINE])[0] if accs.get(BASELINE) else None
-    rows = ["| method | test top-1 (%) | Δ vs baseline (pp) | seeds |", "| --- | --- | --- | --- |"]
+    rows = ["| method | test top-1 (%) | Δ vs baseline (pp) | paired Δ, same seed (pp) | seeds |",
+            "| --- | --- | --- | --- | --- |"]
     bars = []
     if teacher:
-        rows.append(f"| teacher (trained once, cached) | {teacher[0]:.2f} | {teacher[0] - base:+.2f} | – |"
-                    if base is not None else f"| teacher | {teacher[0]:.2f} | – | – |")
+        rows.append(f"| teacher (trained once, cached) | {teacher[0]:.2f} | {teacher[0] - base:+.2f} | – | – |"
+                    if base is not None else f"| teacher | {teacher[0]:.2f} | – | – | – |")
     ranked = sorted((label for label in accs if label != BASELINE), key=lambda k: -mean_std(accs[k])[0])
     for label in ([BASELINE] if base is not None else []) + ranked:
         mean, std = mean_std(accs[label])
         delta = "–" if label == BASELINE or base is None else f"{mean - base:+.2f}"
         name = "student baseline (CE only)" if label == BASELINE else f"`{label}`"
-        rows.append(f"| {name} | {mean:.2f} ± {std:.2f} | {delta} | {len(accs[label])} |" if std is not None
-                    else f"| {name} | {mean:.2f} | {delta} | {len(accs[label])} |")
+        paired = "–" if label == BASELINE or base is None else paired_delta(seeds[label], seeds[BASELINE])
+        accuracy = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+        rows.append(f"| {name} | {accuracy} | {delta} | {paired} | {len(accs[label])} |")
         if label != BASELINE:
             bars.append((label, mean, std or 0.0))
     last_try = {label: run for run in meta.get("runs", []) for label in run["labels"]}
     for label, run in last_try.items():
         if run["rc"] != 0 and len(accs.get(label, [])) < meta["seeds"]:
-            rows.append(f"| `{label}` | failed (exit {run['rc']}): {failure(out, run)} | – | "
+            rows.append(f"| `{label}` | failed (exit {run['rc']}): {failure(out, run)} | – | – | "
                         f"{len(accs.get(label, []))} |")
     return "\n".join(rows), bars
 
