@@ -81,15 +81,21 @@ def test_a_hit_returns_the_bits_its_miss_computed(tmp_path):
     assert not torch.equal(miss_logits, expected_logits[16:])  # the other view is another input
 
 
-def test_a_cached_run_trains_like_an_uncached_one(make_cfg, recorded_losses, monkeypatch):
-    served = []
+def count_lookups(monkeypatch, outcome: str) -> list[int]:
+    """Record, per training batch, how many of its samples the cache served as `outcome` ("hits" or "misses")."""
+    counts: list[int] = []
     original = TeacherOutputCache.lookup
 
     def counting(self, indices, views):
         original(self, indices, views)
-        served.append(len(self._pending.hits))
+        counts.append(len(getattr(self._pending, outcome)))
 
     monkeypatch.setattr(TeacherOutputCache, "lookup", counting)
+    return counts
+
+
+def test_a_cached_run_trains_like_an_uncached_one(make_cfg, recorded_losses, monkeypatch):
+    served = count_lookups(monkeypatch, "hits")
     common = ("data.augment=true", "+data.train_subset=256", "trainer.max_epochs=4",
               "trainer.limit_train_batches=null", "baseline=false", "teacher.max_epochs=1")
     run(make_cfg(*common))
@@ -180,14 +186,7 @@ def test_a_float16_miss_returns_the_bits_a_later_hit_of_it_will(tmp_path):
 
 def test_a_run_on_an_empty_shared_file_and_one_on_the_file_it_filled_train_alike(make_cfg, recorded_losses,
                                                                                  monkeypatch):
-    misses = []
-    original = TeacherOutputCache.lookup
-
-    def counting(self, indices, views):
-        original(self, indices, views)
-        misses.append(len(self._pending.misses))
-
-    monkeypatch.setattr(TeacherOutputCache, "lookup", counting)
+    misses = count_lookups(monkeypatch, "misses")
     common = ("data.augment=true", "+data.train_subset=256", "trainer.max_epochs=3",
               "trainer.limit_train_batches=null", "baseline=false", "teacher.max_epochs=1", "teacher_cache=mmap")
     run(make_cfg(*common))  # the default float16, on an empty file
