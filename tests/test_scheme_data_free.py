@@ -441,3 +441,11 @@ def test_zskts_temperature_reaches_the_students_kd_term_through_its_config(make_
     # models/generator.py of the reference ends in nn.BatchNorm2d(3, affine=True), DAFL's and DFAD's in affine=False.
     assert module.generator.block2[-1].affine
     assert not build_last_stage(make_cfg(*small("dfad"))).generator.block2[-1].affine
+
+
+def test_zskt_refuses_a_kd_temperature_other_than_its_generators(make_cfg):
+    # solver.py has one KL_temperature; distill.kd.temperature on the command line would split the two players.
+    with pytest.raises(ConfigError, match="scheme.temperature"):
+        build_last_stage(make_cfg(*small("zskt"), "distill.kd.temperature=4"))
+    module = build_last_stage(make_cfg(*small("zskt"), "distill.kd.temperature=4", "scheme.temperature=4"))
+    assert module.temperature == module.terms["kd"].temperature == 4.0

@@ -292,7 +292,7 @@ class ZSKT(Adversarial):
     it, so the `kd` term is rescaled here by 1/(T²·K), K the data's class count (0.1 at T=1 for 10 classes,
     0.01 for 100): `distill.kd.weight` multiplies the reference's divergence, and the loss summary shows
     the rescaled weight. `temperature` is the reference's one KL_temperature (conf/scheme/zskt.yaml passes
-    it to the `kd` term too). With `scheduled` both rates follow the schedule, as the reference anneals both
+    it to the `kd` term too; a `kd` term at another temperature is a ConfigError). With `scheduled` both rates follow the schedule, as the reference anneals both
     Adams (CosineAnnealingLR over the run)."""
 
     generator_first = True
@@ -306,6 +306,13 @@ class ZSKT(Adversarial):
             raise ConfigError(f"scheme.temperature={temperature!r} must be > 0: ZSKT's KL_temperature divides the "
                               f"logits of both players (the reference's scripts use 1).")
         kd = self.terms["kd"] if "kd" in self.terms else None
+        if kd is not None and float(kd.temperature) != self.temperature:
+            # Two temperatures would have the student minimise a different divergence than the generator
+            # maximises; solver.py has one KL_temperature for both players.
+            raise ConfigError(f"ZSKT's kd term has temperature {kd.temperature} but scheme.temperature is "
+                              f"{self.temperature}: the reference uses one KL_temperature for the student and the "
+                              f"generator. Set scheme.temperature=<T> (it reaches the kd term through "
+                              f"recipe.kd_temperature) and drop the distill.kd.temperature override.")
         if kd is not None:
             kd.weight = kd.weight / (kd.temperature ** 2 * self.num_classes)
 
