@@ -185,8 +185,11 @@ def test_image_grids_are_saved_as_png_and_recorded_by_wandb_offline(make_cfg, tm
     (["scheme.generator.latent_dim=-3"], r"scheme.generator.latent_dim=-3 must be"),
     (["scheme.generator.channels=0"], r"scheme.generator.channels=0 must be"),
     (["scheme.generator.bn_eps=0"], r"scheme.generator.bn_eps=0 must be a number > 0"),
-    (["+scheme.schedule={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,eta_min:0}"],
+    (["scheme.scheduled=true", "+scheme.schedule={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,eta_min:0}"],
      r"scheme.schedule=.* is not a scheduler config .*T_max"),
+    # dafl.yaml trains at constant rates: a schedule beside scheduled=false would be dropped without a word.
+    (["+scheme.schedule={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,T_max:10}"],
+     r"scheme.schedule is set but scheme.scheduled=false.*scheme.schedule=null"),
 ])
 def test_bad_data_free_configs_are_refused_with_the_fix(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):

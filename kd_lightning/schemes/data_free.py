@@ -17,7 +17,8 @@ and Fast-Datafree build on it). Its interface, kept stable:
   and step schedules follow the student. The schedule (`scheme.schedule`, else the run's `scheduler`) reaches
   the optimizers the scheme's reference schedules (`scheduled_players`: the student's alone unless the
   reference anneals its generator too, as DFAD and ZSKT do), one scheduler each, stepped by hand after each
-  training step, as automatic optimisation would (`schemes.manual.step_schedulers`).
+  training step, as automatic optimisation would (`schemes.manual.step_schedulers`). `scheme.schedule` beside
+  `scheduled=false` is refused: it would be dropped without a word.
 * The generator, the terms' adapters and all optimizers and schedulers are in the checkpoint; the teacher
   stays outside it (`Offline`), frozen and in eval mode while gradients flow through it to the images.
 * Every `log_images_every_n_steps` student steps a grid of the remembered batch goes to
@@ -121,6 +122,12 @@ class DataFree(Offline):
                               f"{log_images_every_n_steps!r}.")
         super().__init__(student, teacher, terms, num_classes, example_input, ce_weight=0.0, **base)
         self.automatic_optimization = False
+        if schedule and not scheduled:
+            # Refused rather than dropped: a schedule written into the config and then silently not run would
+            # leave the rates constant with nothing in the log to say so.
+            raise ConfigError(f"scheme.schedule is set but scheme.scheduled=false, which trains at constant rates "
+                              f"and would ignore it. Set scheme.schedule=null for constant rates, or "
+                              f"scheme.scheduled=true to run the schedule.")
         if schedule:  # the scheme's own recipe (e.g. DF's cosine to 2e-4), like `student_optimizer`
             self.scheduler_factory = own_schedule(schedule)
         if not scheduled:  # the references' MNIST recipes train at constant rates
