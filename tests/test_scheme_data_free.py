@@ -190,6 +190,9 @@ def test_image_grids_are_saved_as_png_and_recorded_by_wandb_offline(make_cfg, tm
     # dafl.yaml trains at constant rates: a schedule beside scheduled=false would be dropped without a word.
     (["+scheme.schedule={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,T_max:10}"],
      r"scheme.schedule is set but scheme.scheduled=false.*scheme.schedule=null"),
+    # The schedule's T_max counts epochs: per step, the cosine would restart every 2·max_epochs steps.
+    (["scheme.scheduled=true", "+scheme.schedule={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,T_max:10}",
+      "+scheme.scheduler_interval=step"], r"stepped once per epoch.*scheduler_interval='step'"),
 ])
 def test_bad_data_free_configs_are_refused_with_the_fix(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -408,6 +411,18 @@ def test_the_schedule_reaches_the_optimizers_the_reference_schedules(make_cfg, s
     if "generator" in players and "generator" not in scheduled:
         initial = players["generator"].defaults["lr"]
         assert players["generator"].param_groups[0]["lr"] == initial > 0
+
+
+@pytest.mark.parametrize("scheme", ["deep_inversion", "fast_datafree"])
+def test_an_epoch_counted_schedule_is_refused_per_step_and_its_switch_off_must_drop_it(make_cfg, scheme):
+    # T_max: ${trainer.max_epochs} in these recipes; a per-step cosine would restart after max_epochs steps.
+    with pytest.raises(ConfigError, match=r"stepped once per epoch.*scheduler_interval='step'"):
+        build_last_stage(make_cfg(f"scheme={scheme}", "baseline=false", *POOL_SMALL, "+scheme.scheduler_interval=step"))
+    with pytest.raises(ConfigError, match=r"scheme.scheduled=false.*scheme.schedule=null"):
+        build_last_stage(make_cfg(f"scheme={scheme}", "baseline=false", *POOL_SMALL, "++scheme.scheduled=false"))
+    module = build_last_stage(make_cfg(f"scheme={scheme}", "baseline=false", *POOL_SMALL, "++scheme.scheduled=false",
+                                       "scheme.schedule=null"))
+    assert module.configure_optimizers()[1] == []
 
 
 def zskt_module(num_classes: int, temperature: float, kd_weight: float = 1.0) -> ZSKT:

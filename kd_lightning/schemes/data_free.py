@@ -17,8 +17,9 @@ and Fast-Datafree build on it). Its interface, kept stable:
   and step schedules follow the student. The schedule (`scheme.schedule`, else the run's `scheduler`) reaches
   the optimizers the scheme's reference schedules (`scheduled_players`: the student's alone unless the
   reference anneals its generator too, as DFAD and ZSKT do), one scheduler each, stepped by hand after each
-  training step, as automatic optimisation would (`schemes.manual.step_schedulers`). `scheme.schedule` beside
-  `scheduled=false` is refused: it would be dropped without a word.
+  training step, as automatic optimisation would (`schemes.manual.step_schedulers`). `scheme.schedule` counts
+  epochs (T_max: trainer.max_epochs), so `scheduler_interval=step` beside it is refused, and so is
+  `scheduled=false` beside it, which would drop it without a word.
 * The generator, the terms' adapters and all optimizers and schedulers are in the checkpoint; the teacher
   stays outside it (`Offline`), frozen and in eval mode while gradients flow through it to the images.
 * Every `log_images_every_n_steps` student steps a grid of the remembered batch goes to
@@ -128,6 +129,13 @@ class DataFree(Offline):
             raise ConfigError(f"scheme.schedule is set but scheme.scheduled=false, which trains at constant rates "
                               f"and would ignore it. Set scheme.schedule=null for constant rates, or "
                               f"scheme.scheduled=true to run the schedule.")
+        if schedule and self.scheduler_interval != "epoch":
+            # The schemes' schedules count epochs (T_max: ${trainer.max_epochs}); stepped per batch, the cosine
+            # would reach its floor after max_epochs steps and climb back, restarting every 2·max_epochs steps.
+            raise ConfigError(f"scheme.schedule is stepped once per epoch (its T_max and milestones count epochs), "
+                              f"but scheme.scheduler_interval={self.scheduler_interval!r}. Drop the "
+                              f"scheduler_interval override, or set scheme.schedule=null and give the run's "
+                              f"`scheduler` a schedule counted in steps.")
         if schedule:  # the scheme's own recipe (e.g. DF's cosine to 2e-4), like `student_optimizer`
             self.scheduler_factory = own_schedule(schedule)
         if not scheduled:  # the references' MNIST recipes train at constant rates
