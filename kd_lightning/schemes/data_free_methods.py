@@ -273,7 +273,10 @@ class DFAD(Adversarial):
     """DFAD (Fang et al., "Data-Free Adversarial Distillation", 2019; DFAD_mnist.py): 5 student steps on
     G(z).detach() minimising L1(s, t) (the `l1_logits` term), then one generator step maximising the same L1.
     With `scheduled` both rates follow the schedule, as the reference's `--scheduler` steps both (StepLR on
-    MNIST, MultiStepLR [100, 200] on CIFAR)."""
+    MNIST, MultiStepLR [100, 200] on CIFAR). DFAD_cifar.py/DFAD_mnist.py step their schedulers at the *start*
+    of each epoch (`for epoch in range(1, epochs + 1): scheduler_S.step(); ...; train(...)`), so each ×0.1
+    lands one epoch earlier than under Lightning's end-of-epoch stepping: its 1-based epoch 100 already
+    trains at 0.1× the rate. Milestones one less ([99, 199]; step_size − 1 for MNIST) reproduce it."""
 
     scheduled_players = ("student", "generator")
 
