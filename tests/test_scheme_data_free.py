@@ -112,11 +112,11 @@ def tiny_module(cls, datamodule, **options):
                example_input=datamodule.example_input(), **kwargs)
 
 
-def fit(module, datamodule, **trainer_options) -> L.Trainer:
+def fit(module, datamodule, ckpt_path=None, **trainer_options) -> L.Trainer:
     options = {"max_epochs": 1, "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
                "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
     trainer = L.Trainer(**{**options, **trainer_options})
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -342,6 +342,27 @@ def test_a_resume_from_the_epochs_last_step_continues_the_epoch_schedule(tmp_pat
                                             "scheme.generator.width=8", "scheme.student_steps=2",
                                             "scheme.scheduled=true", "scheduler=multistep", "scheduler.milestones=[1]")
     assert resumed == whole
+
+
+def test_a_resume_from_a_checkpoint_with_another_scheduler_count_is_refused(tmp_path):
+    # Lightning zips saved scheduler states with the configured ones: the generator's state in a Fast-Datafree or
+    # scheduled DAFL checkpoint from before only the student was scheduled would be dropped without a word.
+    L.seed_everything(0)
+    datamodule = DigitsDataModule(batch_size=8)
+
+    def module():
+        return tiny_module(DAFL, datamodule, scheduled=True,
+                           scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+
+    trainer = fit(module(), datamodule, max_steps=2, default_root_dir=tmp_path)
+    trainer.save_checkpoint(tmp_path / "now.ckpt")
+    checkpoint = torch.load(tmp_path / "now.ckpt", weights_only=False)
+    assert len(checkpoint["lr_schedulers"]) == 1  # DAFL-train.py anneals the student alone
+    checkpoint["lr_schedulers"] = checkpoint["lr_schedulers"] * 2  # the layout before: student and generator
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.raises(ConfigError, match=r"holds 2 learning-rate scheduler state\(s\).*schedules 1.*ckpt_path"):
+        fit(module(), datamodule, max_steps=4, default_root_dir=tmp_path, ckpt_path=tmp_path / "old.ckpt")
+    fit(module(), datamodule, max_steps=4, default_root_dir=tmp_path, ckpt_path=tmp_path / "now.ckpt")
 
 
 def build_last_stage(cfg):

@@ -272,9 +272,29 @@ class DataFree(Offline):
         if self.generator is not None:
             optimizers.append(instantiate({"_partial_": True, **self.generator_optimizer_cfg})(
                 self.generator.parameters()))
-        players = ("student", "generator")[:len(optimizers)]
+        players = self._players()
         scheduled = [opt for opt, player in zip(optimizers, players) if player in self.scheduled_players]
         return optimizers, scheduler_configs(scheduled, self.scheduler_factory, self.scheduler_interval)
+
+    def _players(self) -> tuple[str, ...]:
+        """The optimizers' owners, in `configure_optimizers`' order."""
+        return ("student", "generator") if self.generator is not None else ("student",)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("lr_schedulers")
+        expected = 0 if self.scheduler_factory is None else \
+            sum(player in self.scheduled_players for player in self._players())
+        # Lightning zips the saved scheduler states with the configured schedulers, so a surplus state (the
+        # generator's, in Fast-Datafree checkpoints and DAFL ones with scheduled=true written before only the
+        # student was scheduled) would be dropped and a missing one started afresh, without a word.
+        if saved is not None and len(saved) != expected:
+            raise ConfigError(f"This checkpoint holds {len(saved)} learning-rate scheduler state(s), but "
+                              f"{type(self).__name__} with these settings schedules {expected} "
+                              f"(players {list(self.scheduled_players) if expected else []}; scheme.scheduled, "
+                              f"scheme.schedule and the run's `scheduler` decide). It was written by another version "
+                              f"or other schedule settings: resume with those, or start without ckpt_path (the "
+                              f"student's weights can still initialise a new run).")
 
     def _build_generator(self, options: dict[str, Any]) -> ImageGenerator:
         channels, height, width = self.input_shape
