@@ -254,7 +254,7 @@ def test_two_ddp_ranks_on_different_shards_end_identical_discriminators_included
         assert torch.equal(rank0["state_dict"][key], rank1["state_dict"][key]), f"ranks disagree on {key}"
 
 
-def cached_module(tmp_path, discriminate=("logits",), terms=None):
+def cached_module(tmp_path, discriminate=("logits",), terms=None, dtype="float32"):
     from kd_lightning.data import DigitsDataModule
     from kd_lightning.teacher_cache import TeacherCacheOptions
 
@@ -266,7 +266,7 @@ def cached_module(tmp_path, discriminate=("logits",), terms=None):
                          ce_weight=0.1, optimizer=SGD, discriminator_optimizer=ADAM, discriminate=list(discriminate),
                          train_size=data.train_size, train_targets=data.train_targets,
                          teacher_cache=TeacherCacheOptions(storage="memory", directory=tmp_path / "outputs",
-                                                           dtype="float32"))
+                                                           dtype=dtype))
     return module, data
 
 
@@ -293,6 +293,38 @@ def test_the_discriminator_sees_the_whole_batchs_teacher_logits_under_the_teache
         assert torch.equal(seen, module.teacher(images))
         module.release_features()
     assert cache.hits == 32 + 16
+
+
+def test_a_float16_cache_gives_the_discriminator_rounded_teacher_logits_in_float32(tmp_path):
+    # A hit returns the stored float16 row cast back to the forward's dtype, so on a lossy table the teacher side
+    # the discriminator compares with the (exact) student is rounded to 11 significant bits. Misses are rounded
+    # the same way once teacher_cache's `_as_stored` (main's float16 fix: a miss returns what a later hit will) is
+    # here; without it an all-miss batch passes the forward's exact values.
+    from kd_lightning.teacher_cache import TeacherOutputCache, stored_inputs
+
+    module, data = cached_module(tmp_path, dtype="float16")
+    cache = module.teacher_outputs
+    cache.open(data, module.teacher.model, module.teacher_forward, torch.device("cpu"), "32-true")
+    positions = torch.arange(32)
+    raw = stored_inputs(data.train_set, positions.tolist())
+    views = data.train_views.draw(32, torch.Generator().manual_seed(0))
+    other = views.clone()
+    other[16:] = (views[16:] + 1) % data.train_views.count
+    targets = torch.randint(0, 10, (32,))
+    misses_rounded = hasattr(TeacherOutputCache, "_as_stored")
+    for batch_views, hit in ((views, torch.zeros(32, dtype=torch.bool)), (views, torch.ones(32, dtype=torch.bool)),
+                             (other, torch.arange(32) < 16)):
+        images = data.train_views.crop_flip(raw, batch_views)
+        cache.lookup(positions, batch_views)
+        module.training_losses(images, targets, positions)
+        seen = module.discriminated_outputs("teacher")["logits"]
+        module.release_features()
+        exact = module.teacher(images)
+        module.release_features()
+        rounded = exact.half().float()
+        assert seen.dtype == torch.float32 and not torch.equal(rounded, exact)
+        assert torch.equal(seen[hit], rounded[hit])
+        assert torch.equal(seen[~hit], rounded[~hit] if misses_rounded else exact[~hit])
 
 
 def test_adversarial_trains_with_a_precomputed_teacher_cache(make_cfg):

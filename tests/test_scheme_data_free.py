@@ -112,11 +112,11 @@ def tiny_module(cls, datamodule, **options):
                example_input=datamodule.example_input(), **kwargs)
 
 
-def fit(module, datamodule, **trainer_options) -> L.Trainer:
+def fit(module, datamodule, ckpt_path=None, **trainer_options) -> L.Trainer:
     options = {"max_epochs": 1, "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
                "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
     trainer = L.Trainer(**{**options, **trainer_options})
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -185,8 +185,14 @@ def test_image_grids_are_saved_as_png_and_recorded_by_wandb_offline(make_cfg, tm
     (["scheme.generator.latent_dim=-3"], r"scheme.generator.latent_dim=-3 must be"),
     (["scheme.generator.channels=0"], r"scheme.generator.channels=0 must be"),
     (["scheme.generator.bn_eps=0"], r"scheme.generator.bn_eps=0 must be a number > 0"),
-    (["+scheme.schedule={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,eta_min:0}"],
+    (["scheme.scheduled=true", "+scheme.schedule={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,eta_min:0}"],
      r"scheme.schedule=.* is not a scheduler config .*T_max"),
+    # dafl.yaml trains at constant rates: a schedule beside scheduled=false would be dropped without a word.
+    (["+scheme.schedule={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,T_max:10}"],
+     r"scheme.schedule is set but scheme.scheduled=false.*scheme.schedule=null"),
+    # The schedule's T_max counts epochs: per step, the cosine would restart every 2·max_epochs steps.
+    (["scheme.scheduled=true", "+scheme.schedule={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,T_max:10}",
+      "+scheme.scheduler_interval=step"], r"stepped once per epoch.*scheduler_interval='step'"),
 ])
 def test_bad_data_free_configs_are_refused_with_the_fix(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -338,6 +344,27 @@ def test_a_resume_from_the_epochs_last_step_continues_the_epoch_schedule(tmp_pat
     assert resumed == whole
 
 
+def test_a_resume_from_a_checkpoint_with_another_scheduler_count_is_refused(tmp_path):
+    # Lightning zips saved scheduler states with the configured ones: the generator's state in a Fast-Datafree or
+    # scheduled DAFL checkpoint from before only the student was scheduled would be dropped without a word.
+    L.seed_everything(0)
+    datamodule = DigitsDataModule(batch_size=8)
+
+    def module():
+        return tiny_module(DAFL, datamodule, scheduled=True,
+                           scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+
+    trainer = fit(module(), datamodule, max_steps=2, default_root_dir=tmp_path)
+    trainer.save_checkpoint(tmp_path / "now.ckpt")
+    checkpoint = torch.load(tmp_path / "now.ckpt", weights_only=False)
+    assert len(checkpoint["lr_schedulers"]) == 1  # DAFL-train.py anneals the student alone
+    checkpoint["lr_schedulers"] = checkpoint["lr_schedulers"] * 2  # the layout before: student and generator
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.raises(ConfigError, match=r"holds 2 learning-rate scheduler state\(s\).*schedules 1.*ckpt_path"):
+        fit(module(), datamodule, max_steps=4, default_root_dir=tmp_path, ckpt_path=tmp_path / "old.ckpt")
+    fit(module(), datamodule, max_steps=4, default_root_dir=tmp_path, ckpt_path=tmp_path / "now.ckpt")
+
+
 def build_last_stage(cfg):
     """The run's last stage as the pipeline builds it (untrained networks), with the config's scheme options."""
     from kd_lightning import pipeline
@@ -407,6 +434,18 @@ def test_the_schedule_reaches_the_optimizers_the_reference_schedules(make_cfg, s
         assert players["generator"].param_groups[0]["lr"] == initial > 0
 
 
+@pytest.mark.parametrize("scheme", ["deep_inversion", "fast_datafree"])
+def test_an_epoch_counted_schedule_is_refused_per_step_and_its_switch_off_must_drop_it(make_cfg, scheme):
+    # T_max: ${trainer.max_epochs} in these recipes; a per-step cosine would restart after max_epochs steps.
+    with pytest.raises(ConfigError, match=r"stepped once per epoch.*scheduler_interval='step'"):
+        build_last_stage(make_cfg(f"scheme={scheme}", "baseline=false", *POOL_SMALL, "+scheme.scheduler_interval=step"))
+    with pytest.raises(ConfigError, match=r"scheme.scheduled=false.*scheme.schedule=null"):
+        build_last_stage(make_cfg(f"scheme={scheme}", "baseline=false", *POOL_SMALL, "++scheme.scheduled=false"))
+    module = build_last_stage(make_cfg(f"scheme={scheme}", "baseline=false", *POOL_SMALL, "++scheme.scheduled=false",
+                                       "scheme.schedule=null"))
+    assert module.configure_optimizers()[1] == []
+
+
 def zskt_module(num_classes: int, temperature: float, kd_weight: float = 1.0) -> ZSKT:
     return ZSKT(student=build_model("convnet_tiny", num_classes, 1), teacher=build_model("convnet_large", num_classes, 1),
                 terms={"kd": KD(weight=kd_weight, temperature=temperature)}, num_classes=num_classes,
@@ -441,3 +480,11 @@ def test_zskts_temperature_reaches_the_students_kd_term_through_its_config(make_
     # models/generator.py of the reference ends in nn.BatchNorm2d(3, affine=True), DAFL's and DFAD's in affine=False.
     assert module.generator.block2[-1].affine
     assert not build_last_stage(make_cfg(*small("dfad"))).generator.block2[-1].affine
+
+
+def test_zskt_refuses_a_kd_temperature_other_than_its_generators(make_cfg):
+    # solver.py has one KL_temperature; distill.kd.temperature on the command line would split the two players.
+    with pytest.raises(ConfigError, match="scheme.temperature"):
+        build_last_stage(make_cfg(*small("zskt"), "distill.kd.temperature=4"))
+    module = build_last_stage(make_cfg(*small("zskt"), "distill.kd.temperature=4", "scheme.temperature=4"))
+    assert module.temperature == module.terms["kd"].temperature == 4.0

@@ -430,9 +430,12 @@ def test_reset_l0_reinitialises_the_input_layers_before_round_120_after_the_warm
 def test_deep_inversion_returns_the_final_iterate_as_nvlabs_cifar_or_the_best_as_their_imagenet(monkeypatch,
                                                                                                  keep_best) -> None:
     # deepinversion_cifar10.py: `best_inputs = inputs.data` aliases the optimised tensor, so the batch returned is
-    # the one after the last Adam step; imagenet's deepinversion.py keeps `inputs.data.clone()` of the best loss.
+    # the one after the last Adam step; imagenet's deepinversion.py:349-357 steps, clips, and only then keeps
+    # `inputs.data.clone()` when that iteration's loss is the lowest so far — the post-step, post-clip iterate of
+    # the argmin, which is what the next iteration starts from. A constant added to the loss (no gradient) puts
+    # the argmin mid-run, and mean/std make the clip bite, so pre-step, pre-clip and post-clip copies all differ.
     teacher, student = tiny_teacher(), tiny_student()
-    before, after, losses = [], [], []
+    before, after = [], []
     step = torch.optim.Adam.step
 
     def recording_step(self, *args, **kwargs):
@@ -442,16 +445,20 @@ def test_deep_inversion_returns_the_final_iterate_as_nvlabs_cifar_or_the_best_as
         return result
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
-    synth = deep_inversion(teacher, mean=None, std=None, iterations=8, keep_best=keep_best)
-    original = synth._loss_parts
+    synth = deep_inversion(teacher, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), iterations=8, keep_best=keep_best)
+    original, best, calls = synth._loss_parts, 3, []
 
-    def recording_parts(*args):
+    def scripted_parts(*args):
         parts = original(*args)
-        losses.append(sum(parts.values()).item())
+        parts["offset"] = torch.tensor(-1e3 if len(calls) == best else 0.0)
+        calls.append(len(calls))
         return parts
 
-    synth._loss_parts = recording_parts
+    synth._loss_parts = scripted_parts
     images = synth.synthesize(student)[0]
-    assert len(before) == len(after) == len(losses) == 8
-    expected = before[int(np.argmin(losses))] if keep_best else after[-1]
+    assert len(before) == len(after) == 8
+    clipped = [a.clamp(-2.0, 2.0) for a in after]  # pixel range [0, 1] under mean 0.5, std 0.25
+    assert torch.equal(clipped[best], before[best + 1])
+    assert not torch.equal(clipped[best], after[best]) and not torch.equal(clipped[best], before[best])
+    expected = clipped[best] if keep_best else clipped[-1]
     torch.testing.assert_close(images, expected, rtol=0, atol=0)

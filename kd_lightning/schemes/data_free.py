@@ -17,7 +17,9 @@ and Fast-Datafree build on it). Its interface, kept stable:
   and step schedules follow the student. The schedule (`scheme.schedule`, else the run's `scheduler`) reaches
   the optimizers the scheme's reference schedules (`scheduled_players`: the student's alone unless the
   reference anneals its generator too, as DFAD and ZSKT do), one scheduler each, stepped by hand after each
-  training step, as automatic optimisation would (`schemes.manual.step_schedulers`).
+  training step, as automatic optimisation would (`schemes.manual.step_schedulers`). `scheme.schedule` counts
+  epochs (T_max: trainer.max_epochs), so `scheduler_interval=step` beside it is refused, and so is
+  `scheduled=false` beside it, which would drop it without a word.
 * The generator, the terms' adapters and all optimizers and schedulers are in the checkpoint; the teacher
   stays outside it (`Offline`), frozen and in eval mode while gradients flow through it to the images.
 * Every `log_images_every_n_steps` student steps a grid of the remembered batch goes to
@@ -121,6 +123,19 @@ class DataFree(Offline):
                               f"{log_images_every_n_steps!r}.")
         super().__init__(student, teacher, terms, num_classes, example_input, ce_weight=0.0, **base)
         self.automatic_optimization = False
+        if schedule and not scheduled:
+            # Refused rather than dropped: a schedule written into the config and then silently not run would
+            # leave the rates constant with nothing in the log to say so.
+            raise ConfigError(f"scheme.schedule is set but scheme.scheduled=false, which trains at constant rates "
+                              f"and would ignore it. Set scheme.schedule=null for constant rates, or "
+                              f"scheme.scheduled=true to run the schedule.")
+        if schedule and self.scheduler_interval != "epoch":
+            # The schemes' schedules count epochs (T_max: ${trainer.max_epochs}); stepped per batch, the cosine
+            # would reach its floor after max_epochs steps and climb back, restarting every 2·max_epochs steps.
+            raise ConfigError(f"scheme.schedule is stepped once per epoch (its T_max and milestones count epochs), "
+                              f"but scheme.scheduler_interval={self.scheduler_interval!r}. Drop the "
+                              f"scheduler_interval override, or set scheme.schedule=null and give the run's "
+                              f"`scheduler` a schedule counted in steps.")
         if schedule:  # the scheme's own recipe (e.g. DF's cosine to 2e-4), like `student_optimizer`
             self.scheduler_factory = own_schedule(schedule)
         if not scheduled:  # the references' MNIST recipes train at constant rates
@@ -257,9 +272,29 @@ class DataFree(Offline):
         if self.generator is not None:
             optimizers.append(instantiate({"_partial_": True, **self.generator_optimizer_cfg})(
                 self.generator.parameters()))
-        players = ("student", "generator")[:len(optimizers)]
+        players = self._players()
         scheduled = [opt for opt, player in zip(optimizers, players) if player in self.scheduled_players]
         return optimizers, scheduler_configs(scheduled, self.scheduler_factory, self.scheduler_interval)
+
+    def _players(self) -> tuple[str, ...]:
+        """The optimizers' owners, in `configure_optimizers`' order."""
+        return ("student", "generator") if self.generator is not None else ("student",)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("lr_schedulers")
+        expected = 0 if self.scheduler_factory is None else \
+            sum(player in self.scheduled_players for player in self._players())
+        # Lightning zips the saved scheduler states with the configured schedulers, so a surplus state (the
+        # generator's, in Fast-Datafree checkpoints and DAFL ones with scheduled=true written before only the
+        # student was scheduled) would be dropped and a missing one started afresh, without a word.
+        if saved is not None and len(saved) != expected:
+            raise ConfigError(f"This checkpoint holds {len(saved)} learning-rate scheduler state(s), but "
+                              f"{type(self).__name__} with these settings schedules {expected} "
+                              f"(players {list(self.scheduled_players) if expected else []}; scheme.scheduled, "
+                              f"scheme.schedule and the run's `scheduler` decide). It was written by another version "
+                              f"or other schedule settings: resume with those, or start without ckpt_path (the "
+                              f"student's weights can still initialise a new run).")
 
     def _build_generator(self, options: dict[str, Any]) -> ImageGenerator:
         channels, height, width = self.input_shape

@@ -273,7 +273,10 @@ class DFAD(Adversarial):
     """DFAD (Fang et al., "Data-Free Adversarial Distillation", 2019; DFAD_mnist.py): 5 student steps on
     G(z).detach() minimising L1(s, t) (the `l1_logits` term), then one generator step maximising the same L1.
     With `scheduled` both rates follow the schedule, as the reference's `--scheduler` steps both (StepLR on
-    MNIST, MultiStepLR [100, 200] on CIFAR)."""
+    MNIST, MultiStepLR [100, 200] on CIFAR). DFAD_cifar.py/DFAD_mnist.py step their schedulers at the *start*
+    of each epoch (`for epoch in range(1, epochs + 1): scheduler_S.step(); ...; train(...)`), so each ×0.1
+    lands one epoch earlier than under Lightning's end-of-epoch stepping: its 1-based epoch 100 already
+    trains at 0.1× the rate. Milestones one less ([99, 199]; step_size − 1 for MNIST) reproduce it."""
 
     scheduled_players = ("student", "generator")
 
@@ -292,7 +295,7 @@ class ZSKT(Adversarial):
     it, so the `kd` term is rescaled here by 1/(T²·K), K the data's class count (0.1 at T=1 for 10 classes,
     0.01 for 100): `distill.kd.weight` multiplies the reference's divergence, and the loss summary shows
     the rescaled weight. `temperature` is the reference's one KL_temperature (conf/scheme/zskt.yaml passes
-    it to the `kd` term too). With `scheduled` both rates follow the schedule, as the reference anneals both
+    it to the `kd` term too; a `kd` term at another temperature is a ConfigError). With `scheduled` both rates follow the schedule, as the reference anneals both
     Adams (CosineAnnealingLR over the run)."""
 
     generator_first = True
@@ -306,6 +309,13 @@ class ZSKT(Adversarial):
             raise ConfigError(f"scheme.temperature={temperature!r} must be > 0: ZSKT's KL_temperature divides the "
                               f"logits of both players (the reference's scripts use 1).")
         kd = self.terms["kd"] if "kd" in self.terms else None
+        if kd is not None and float(kd.temperature) != self.temperature:
+            # Two temperatures would have the student minimise a different divergence than the generator
+            # maximises; solver.py has one KL_temperature for both players.
+            raise ConfigError(f"ZSKT's kd term has temperature {kd.temperature} but scheme.temperature is "
+                              f"{self.temperature}: the reference uses one KL_temperature for the student and the "
+                              f"generator. Set scheme.temperature=<T> (it reaches the kd term through "
+                              f"recipe.kd_temperature) and drop the distill.kd.temperature override.")
         if kd is not None:
             kd.weight = kd.weight / (kd.temperature ** 2 * self.num_classes)
 

@@ -59,8 +59,9 @@ def balanced_labels(batch_size: int, num_classes: int) -> Tensor:
 
 
 def keep_best(best: tuple[Tensor, Tensor] | None, loss: Tensor, candidate: Tensor) -> tuple[Tensor, Tensor]:
-    """(loss, batch) of the lower loss so far, as the references' `if loss.item() < best_loss` chooses it,
-    but on the device: a synthesis round of thousands of steps waits for no host copy."""
+    """(loss, batch) of the strictly lower loss so far, the first call always taken (`best` None), as the
+    references' `if best_cost > loss.item() or iteration == 1` chooses it, but on the device: a synthesis
+    round of thousands of steps waits for no host copy. Which batch goes with a loss is the caller's choice."""
     loss, candidate = loss.detach(), candidate.detach()
     if best is None:
         return loss, candidate.clone()
@@ -72,8 +73,9 @@ class DeepInversionSynthesizer:
 
     The final iterate is what NVlabs' CIFAR code returns, whose settings these defaults are: its
     `best_inputs = inputs.data` aliases the optimised tensor, which every later `optimizer.step()` moves.
-    `keep_best=True` keeps the lowest-loss batch, as their ImageNet code (`inputs.data.clone()`) does, taken
-    before that iteration's step.
+    `keep_best=True` keeps what their ImageNet code keeps (deepinversion.py:349-357): the iteration whose loss
+    was lowest so far (strictly lower; the first iteration always counts) has its inputs copied after that
+    iteration's Adam step and pixel clip — the iterate following the lowest loss, not the one it was measured on.
 
     Loss per step (NVlabs deepinversion.py): ce_weight·CE(T(x̃), y) + bn_weight·R_BN(first_bn_multiplier)
     + tv_l1·TV₁(x̃) + tv_l2·TV₂(x̃) + l2·mean‖x̃‖ + adi_weight·(1 − JS(T(x̃), S(x̃))), x̃ the jittered
@@ -121,14 +123,13 @@ class DeepInversionSynthesizer:
         labels = self._labels().to(device)
         inputs = torch.randn((self.batch_size, *self.image_shape), generator=self.rng).to(device).requires_grad_()
         optimizer = torch.optim.Adam([inputs], lr=self.lr, betas=self.betas)
-        best, parts = (torch.tensor(float("inf"), device=device), inputs.detach().clone()), {}
+        best: tuple[Tensor, Tensor] | None = None
+        parts: dict[str, Tensor] = {}
         with synthesis_mode(self.teacher, student if self.adi_weight else None), self.statistics:
             for _ in range(self.iterations):
                 view = jitter_flip(inputs, self.jitter, self.flip, self.rng)
                 parts = self._loss_parts(view, labels, student)
                 loss = sum(parts.values())
-                if self.keep_best:
-                    best = keep_best(best, loss, inputs)
                 (gradient,) = torch.autograd.grad(loss, [inputs])
                 inputs.grad = gradient
                 optimizer.step()
@@ -136,8 +137,12 @@ class DeepInversionSynthesizer:
                     with torch.no_grad():
                         inputs.copy_(torch.maximum(torch.minimum(inputs, self.bounds[1].to(device)),
                                                    self.bounds[0].to(device)))
+                if self.keep_best:
+                    # After the step and clip, as deepinversion.py:349-357 copies `inputs.data`: the batch kept
+                    # is the one the lowest loss was followed by, not the one it was measured on.
+                    best = keep_best(best, loss, inputs)
         self.rounds += 1
-        images = best[1] if self.keep_best else inputs.detach().clone()
+        images = best[1] if best is not None else inputs.detach().clone()
         return images, labels, {name: value.detach() for name, value in parts.items()}
 
     def _loss_parts(self, view: Tensor, labels: Tensor, student: nn.Module | None) -> dict[str, Tensor]:
