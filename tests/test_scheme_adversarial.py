@@ -270,12 +270,12 @@ def cached_module(tmp_path, discriminate=("logits",), terms=None, dtype="float32
     return module, data
 
 
-def test_the_discriminator_sees_the_whole_batchs_teacher_logits_under_the_teacher_cache(tmp_path):
-    # The teacher runs only on the samples the cache misses, so a forward hook sees part of the batch (all hits:
-    # nothing, the KeyError of issue 19); the discriminator must get the cache's merged whole-batch logits.
+def cache_meetings(module, data):
+    """Train-step a cached module on one batch that meets the cache in each way (all misses, all hits, half
+    and half) and yield, per step, the teacher logits the discriminator saw, the teacher's exact logits, and
+    which samples hit."""
     from kd_lightning.teacher_cache import stored_inputs
 
-    module, data = cached_module(tmp_path)
     cache = module.teacher_outputs
     cache.open(data, module.teacher.model, module.teacher_forward, torch.device("cpu"), "32-true")
     positions = torch.arange(32)
@@ -284,34 +284,6 @@ def test_the_discriminator_sees_the_whole_batchs_teacher_logits_under_the_teache
     other = views.clone()
     other[16:] = (views[16:] + 1) % data.train_views.count
     targets = torch.randint(0, 10, (32,))
-    for batch_views in (views, views, other):  # all misses, all hits, half and half
-        images = data.train_views.crop_flip(raw, batch_views)
-        cache.lookup(positions, batch_views)
-        module.training_losses(images, targets, positions)
-        seen = module.discriminated_outputs("teacher")["logits"]
-        module.release_features()
-        assert torch.equal(seen, module.teacher(images))
-        module.release_features()
-    assert cache.hits == 32 + 16
-
-
-def test_a_float16_cache_gives_the_discriminator_rounded_teacher_logits_in_float32(tmp_path):
-    # A hit returns the stored float16 row cast back to the forward's dtype, so on a lossy table the teacher side
-    # the discriminator compares with the (exact) student is rounded to 11 significant bits. Misses are rounded
-    # the same way once teacher_cache's `_as_stored` (main's float16 fix: a miss returns what a later hit will) is
-    # here; without it an all-miss batch passes the forward's exact values.
-    from kd_lightning.teacher_cache import TeacherOutputCache, stored_inputs
-
-    module, data = cached_module(tmp_path, dtype="float16")
-    cache = module.teacher_outputs
-    cache.open(data, module.teacher.model, module.teacher_forward, torch.device("cpu"), "32-true")
-    positions = torch.arange(32)
-    raw = stored_inputs(data.train_set, positions.tolist())
-    views = data.train_views.draw(32, torch.Generator().manual_seed(0))
-    other = views.clone()
-    other[16:] = (views[16:] + 1) % data.train_views.count
-    targets = torch.randint(0, 10, (32,))
-    misses_rounded = hasattr(TeacherOutputCache, "_as_stored")
     for batch_views, hit in ((views, torch.zeros(32, dtype=torch.bool)), (views, torch.ones(32, dtype=torch.bool)),
                              (other, torch.arange(32) < 16)):
         images = data.train_views.crop_flip(raw, batch_views)
@@ -321,10 +293,28 @@ def test_a_float16_cache_gives_the_discriminator_rounded_teacher_logits_in_float
         module.release_features()
         exact = module.teacher(images)
         module.release_features()
+        yield seen, exact, hit
+
+
+def test_the_discriminator_sees_the_whole_batchs_teacher_logits_under_the_teacher_cache(tmp_path):
+    # The teacher runs only on the samples the cache misses, so a forward hook sees part of the batch (all hits:
+    # nothing, the KeyError of issue 19); the discriminator must get the cache's merged whole-batch logits.
+    module, data = cached_module(tmp_path)
+    for seen, exact, _ in cache_meetings(module, data):
+        assert torch.equal(seen, exact)
+    assert module.teacher_outputs.hits == 32 + 16
+
+
+def test_a_float16_cache_gives_the_discriminator_rounded_teacher_logits_in_float32(tmp_path):
+    # A hit returns the stored float16 row cast back to the forward's dtype, and a miss returns what its later
+    # hit will, so on a lossy table the teacher side the discriminator compares with the (exact) student is
+    # rounded to 11 significant bits for every sample, hit or miss.
+    module, data = cached_module(tmp_path, dtype="float16")
+    for seen, exact, hit in cache_meetings(module, data):
         rounded = exact.half().float()
         assert seen.dtype == torch.float32 and not torch.equal(rounded, exact)
         assert torch.equal(seen[hit], rounded[hit])
-        assert torch.equal(seen[~hit], rounded[~hit] if misses_rounded else exact[~hit])
+        assert torch.equal(seen[~hit], rounded[~hit])
 
 
 def test_adversarial_trains_with_a_precomputed_teacher_cache(make_cfg):
