@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.data.inputs import pick
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
 from kd_lightning.schemes.base import DistillationModule, batch_views, unpack_batch
@@ -108,7 +109,7 @@ class Offline(DistillationModule):
     def teacher_logits_and_features(self, images: Tensor) -> tuple[Tensor, Mapping[str, Tensor]]:
         if self.teacher_outputs is None:
             return self.teacher(images), self.teacher_taps.features
-        outputs = self.teacher_outputs.outputs(self.teacher_forward, images)
+        outputs = self.teacher_outputs.outputs(self.teacher_forward, pick(images, self.teacher))
         return outputs.pop(LOGITS), outputs
 
     def on_train_start(self) -> None:
@@ -205,7 +206,9 @@ class Offline(DistillationModule):
             for name, term in self.terms.items():
                 term.check_batch(name, indices)
             if self.teacher_outputs is not None:
-                self.teacher_outputs.lookup(indices, batch_views(batch))
+                views = batch_views(batch)
+                # Keyed by what the teacher saw: its own input's view.
+                self.teacher_outputs.lookup(indices, views if views is None else pick(views, self.teacher))
         return batch
 
     def on_train_epoch_start(self) -> None:
