@@ -18,13 +18,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.data.inputs import RoleInputs, attach_input
 from kd_lightning.errors import ConfigError
-from kd_lightning.schemes.base import DistillationModule
+from kd_lightning.schemes.base import DistillationModule, labeled_subset
 from kd_lightning.stages import Stage
 from kd_lightning.teacher_cache import OFF_SWITCH, cache_options
 
 # Arguments every scheme may take from the run rather than from its config (see build_stage_module).
 CONTEXT = ("terms", "example_input", "train_size", "train_targets", "max_epochs", "num_classes", "optimizer",
-           "scheduler", "teacher_cache", "inputs")
+           "scheduler", "teacher_cache", "inputs", "labeled")
 
 
 def construct(node: DictConfig, **kwargs: Any) -> Any:
@@ -65,6 +65,14 @@ def configure_inputs(cfg: DictConfig, datamodule: Any) -> RoleInputs:
         if roles.student is not None and cfg.get("student") is not None:
             cfg.student.input = roles.student
     return roles
+
+
+def labels_kept(stage_cfg: DictConfig, datamodule: Any) -> torch.Tensor | None:
+    """Which training samples keep their label in this stage (`labeled_fraction` < 1), None when all do."""
+    fraction = float(stage_cfg.get("labeled_fraction", 1.0))
+    if fraction >= 1.0:
+        return None
+    return labeled_subset(datamodule.train_targets, fraction, int(getattr(datamodule, "seed", 0)))
 
 
 def scheme_kwargs(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
@@ -132,10 +140,16 @@ def build_stage_module(stage_cfg: DictConfig, stage: Stage, datamodule: Any,
     if cache is not None and stage.teachers and "teacher_cache" not in accepted:
         raise ConfigError(f"scheme {scheme_class.__name__} (stage {stage.name!r}) cannot serve its teachers' outputs "
                           f"from the teacher cache. Train it with {OFF_SWITCH}.")
+    labeled = labels_kept(stage_cfg, datamodule)
+    if labeled is not None and "labeled" not in accepted:
+        raise ConfigError(f"labeled_fraction={stage_cfg.labeled_fraction} hides most training labels, but scheme "
+                          f"{scheme_class.__name__} (stage {stage.name!r}) trains on every label. Semi-supervised "
+                          f"distillation runs with scheme=offline (and its teacher and baseline stages); set "
+                          f"labeled_fraction=1 for this scheme.")
     networks = {arg: [build_model(m, datamodule) for m in value] if isinstance(value, (list, tuple))
                 else build_model(value, datamodule) for arg, value in stage.networks.items()}
     context = {"terms": build_terms(stage_cfg), "example_input": datamodule.example_input(),
-               "inputs": RoleInputs.from_config(stage_cfg.get("inputs")),
+               "inputs": RoleInputs.from_config(stage_cfg.get("inputs")), "labeled": labeled,
                "train_size": datamodule.train_size, "train_targets": datamodule.train_targets,
                "max_epochs": stage_cfg.trainer.max_epochs, "teacher_cache": cache if stage.teachers else None,
                **scheme_kwargs(stage_cfg, datamodule)}

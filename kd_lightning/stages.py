@@ -104,7 +104,8 @@ def teacher_stage(cfg: DictConfig, name: str = "teacher", label: str = "teacher"
     loaded from its checkpoint or torchvision weights, or trained and cached with the run's recipe and the
     teacher's own seed, epochs and learning rate."""
     teacher = cfg.teacher if teacher is None else teacher
-    overrides: dict[str, Any] = {}
+    # A teacher learns its own modality from every label; `labeled_fraction` hides the student's (its baseline's).
+    overrides: dict[str, Any] = {"labeled_fraction": 1.0} if float(cfg.get("labeled_fraction", 1.0)) < 1 else {}
     if teacher.get("max_epochs") is not None:
         overrides["trainer.max_epochs"] = teacher.max_epochs
     if teacher.get("lr") is not None:  # e.g. RepDistiller trains teachers at 0.05 for lr-0.01 students

@@ -232,3 +232,53 @@ def test_the_teacher_cache_serves_the_teachers_own_view(make_cfg, recorded_losse
     assert len(files) == 1
     header = files[0].read_bytes()[:4096].rstrip(b"\0")
     assert b'"views": 9' in header  # digits' one-pixel shifts, as the teacher's own draw sees them
+
+
+# --- hidden labels: supervision transfer's setting ------------------------------------------------------------
+def test_the_labeled_subset_keeps_a_fraction_of_every_class_and_is_seeded():
+    from kd_lightning.schemes.base import labeled_subset
+
+    targets = torch.arange(200) % 4
+    mask = labeled_subset(targets, 0.1, seed=3)
+    assert [int(mask[targets == label].sum()) for label in range(4)] == [5, 5, 5, 5]
+    assert torch.equal(mask, labeled_subset(targets, 0.1, seed=3))
+    assert not torch.equal(mask, labeled_subset(targets, 0.1, seed=4))
+
+
+def test_hidden_labels_leave_their_samples_out_of_the_cross_entropy_only():
+    from functools import partial
+
+    from kd_lightning.models import build_model
+    from kd_lightning.schemes import Supervised
+
+    torch.manual_seed(0)
+    labeled = torch.tensor([True, False, True, False])
+    module = Supervised(build_model("convnet_tiny", num_classes=10, in_channels=1), num_classes=10,
+                        optimizer=partial(torch.optim.SGD, lr=0.1), labeled=labeled)
+    images, targets, indices = torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4]), torch.arange(4)
+    module.log = lambda *args, **kwargs: None
+    module.is_logging_step = lambda: False
+    loss = module.training_step((images, targets, indices, torch.zeros(4, dtype=torch.long)), 0)
+    # The same train-mode forward (BatchNorm statistics of the whole batch), its labeled rows' CE.
+    expected = torch.nn.functional.cross_entropy(module.student(images)[labeled], targets[labeled])
+    torch.testing.assert_close(loss, expected)
+    # A batch without a labeled sample contributes no CE (rather than NaN).
+    none = module.training_step((images[[1, 3]], targets[[1, 3]], indices[[1, 3]], torch.zeros(2)), 0)
+    assert float(none) == 0.0
+
+
+def test_labels_hidden_from_the_student_leave_its_teacher_trained_on_all(make_cfg, tmp_path):
+    full = run(make_cfg())
+    scarce = run(make_cfg("labeled_fraction=0.1"))
+    assert scarce["stages"]["teacher"]["key"] == full["stages"]["teacher"]["key"]
+    assert scarce["stages"]["baseline"]["key"] != full["stages"]["baseline"]["key"]
+    assert len(list((tmp_path / "cache" / "stages").glob("teacher-*.pt"))) == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("scheme=dml",), r"labeled_fraction=0.1 hides most training labels, but scheme DML"),
+    (("distill=[dkd]",), r"distill=\['dkd'\] read every sample's label"),
+])
+def test_hidden_labels_are_refused_where_a_loss_needs_them(make_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run(make_cfg("labeled_fraction=0.1", *overrides))
