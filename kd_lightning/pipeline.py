@@ -21,7 +21,7 @@ from kd_lightning.checkpoint_selection import check_test_weights
 from kd_lightning.errors import ConfigError
 from kd_lightning.sweeps.identity import job_record
 from kd_lightning.report import format_table, network_size, stage_warning
-from kd_lightning.stage_build import (CONTEXT, build_model, build_stage_module, build_terms, constructor_parameters,
+from kd_lightning.stage_build import (CONTEXT, build_model, configure_inputs, build_stage_module, build_terms, constructor_parameters,
                                       construct, scheme_kwargs, stage_config, teacher_arguments)
 from kd_lightning.stage_cache import (file_version, load_cached, single_process, stage_file, stage_lock,
                                       stage_recipe)
@@ -44,7 +44,7 @@ __all__ = ["CONTEXT", "build_callbacks", "build_loggers", "build_model", "build_
 def run_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, products: dict[str, dict[str, torch.nn.Module]],
               key: str, ckpt_path: str | None) -> tuple[dict[str, torch.nn.Module], dict[str, Any], L.Trainer | None]:
     """Train, load or evaluate one stage; returns (its products by role, its record for results, its trainer)."""
-    teachers = teacher_arguments(stage, products)
+    teachers = teacher_arguments(stage, products, (stage_cfg.get("inputs") or {}).get("teacher"))
     if not stage.trains:
         module = build_stage_module(stage_cfg, stage, datamodule, teachers)
         networks = module.products()
@@ -142,6 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_accelerator(cfg.trainer)
     job = job_record(cfg)  # before the stages: they must not change what identifies the job
     datamodule = construct(cfg.data)
+    configure_inputs(cfg, datamodule)
     check_test_weights(cfg, datamodule)
     stages = plan_stages(cfg)
     if cache_options(cfg) and not any(stage.teachers for stage in stages):
@@ -154,7 +155,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     untrained: dict[str, dict[str, torch.nn.Module]] = {}
     for stage in stages:
         untrained[stage.name] = build_stage_module(stage_config(cfg, stage), stage, datamodule,
-                                                   teacher_arguments(stage, untrained)).products()
+                                                   teacher_arguments(stage, untrained, cfg.inputs.get("teacher")
+                                                                     if cfg.get("inputs") else None)).products()
     products: dict[str, dict[str, torch.nn.Module]] = {}
     records: dict[str, dict[str, Any]] = {}
     keys: dict[str, str] = {}

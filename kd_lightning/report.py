@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kd_lightning.data.inputs import select
+
 if TYPE_CHECKING:
     from kd_lightning.stages import Stage
 
@@ -19,14 +21,14 @@ COLLAPSE_FACTOR = 1.5
 BASELINE_GAP = 0.10
 
 
-def network_size(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+def network_size(model: nn.Module, example_input: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, int]:
     """Parameters and FLOPs of one forward pass per image (torch's FlopCounterMode: 2 FLOPs per
     multiply-accumulate of matmuls and convolutions), measured in eval mode on one example image."""
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(example_input[:1])
+        model(select(example_input, slice(0, 1)))  # a network of named inputs picks its own
     model.train(was_training)
     return {"params": sum(p.numel() for p in model.parameters()), "flops": int(counter.get_total_flops())}
 

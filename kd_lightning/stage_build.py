@@ -16,14 +16,15 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kd_lightning.data.inputs import RoleInputs, attach_input
 from kd_lightning.errors import ConfigError
-from kd_lightning.schemes.base import DistillationModule
+from kd_lightning.schemes.base import DistillationModule, labeled_subset
 from kd_lightning.stages import Stage
 from kd_lightning.teacher_cache import OFF_SWITCH, cache_options
 
 # Arguments every scheme may take from the run rather than from its config (see build_stage_module).
 CONTEXT = ("terms", "example_input", "train_size", "train_targets", "max_epochs", "num_classes", "optimizer",
-           "scheduler", "teacher_cache")
+           "scheduler", "teacher_cache", "inputs", "labeled")
 
 
 def construct(node: DictConfig, **kwargs: Any) -> Any:
@@ -37,7 +38,41 @@ def construct(node: DictConfig, **kwargs: Any) -> Any:
 
 
 def build_model(model_cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
-    return construct(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels)
+    """A network of the model config, sized for the input it reads: `input` (set from `inputs.<role>`) names it;
+    with named inputs a network that names none reads the data's default source."""
+    if not OmegaConf.is_config(model_cfg):
+        model_cfg = OmegaConf.create(model_cfg)
+    name = model_cfg.get("input")
+    if name is None and not datamodule.named_inputs:
+        return construct(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels)
+    model_cfg = copy.deepcopy(model_cfg)
+    with open_dict(model_cfg):
+        model_cfg.pop("input", None)
+    name = str(name or datamodule.default_source)
+    model = construct(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.input_shape_of(name)[0])
+    return attach_input(model, name)
+
+
+def configure_inputs(cfg: DictConfig, datamodule: Any) -> RoleInputs:
+    """The run's `inputs` config applied: the data serves the named inputs, and the teacher's and the student's
+    model configs say what they read (so the stage cache keys on it and later stages build them alike)."""
+    node = cfg.get("inputs") or {}
+    roles = RoleInputs.from_config(node)
+    datamodule.use_inputs(node.get("views"), roles)
+    with open_dict(cfg):
+        if roles.teacher is not None and cfg.get("teacher") is not None:
+            cfg.teacher.model.input = roles.teacher
+        if roles.student is not None and cfg.get("student") is not None:
+            cfg.student.input = roles.student
+    return roles
+
+
+def labels_kept(stage_cfg: DictConfig, datamodule: Any) -> torch.Tensor | None:
+    """Which training samples keep their label in this stage (`labeled_fraction` < 1), None when all do."""
+    fraction = float(stage_cfg.get("labeled_fraction", 1.0))
+    if fraction >= 1.0:
+        return None
+    return labeled_subset(datamodule.train_targets, fraction, int(getattr(datamodule, "seed", 0)))
 
 
 def scheme_kwargs(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
@@ -105,9 +140,16 @@ def build_stage_module(stage_cfg: DictConfig, stage: Stage, datamodule: Any,
     if cache is not None and stage.teachers and "teacher_cache" not in accepted:
         raise ConfigError(f"scheme {scheme_class.__name__} (stage {stage.name!r}) cannot serve its teachers' outputs "
                           f"from the teacher cache. Train it with {OFF_SWITCH}.")
+    labeled = labels_kept(stage_cfg, datamodule)
+    if labeled is not None and "labeled" not in accepted:
+        raise ConfigError(f"labeled_fraction={stage_cfg.labeled_fraction} hides most training labels, but scheme "
+                          f"{scheme_class.__name__} (stage {stage.name!r}) trains on every label. Semi-supervised "
+                          f"distillation runs with scheme=offline (and its teacher and baseline stages); set "
+                          f"labeled_fraction=1 for this scheme.")
     networks = {arg: [build_model(m, datamodule) for m in value] if isinstance(value, (list, tuple))
                 else build_model(value, datamodule) for arg, value in stage.networks.items()}
     context = {"terms": build_terms(stage_cfg), "example_input": datamodule.example_input(),
+               "inputs": RoleInputs.from_config(stage_cfg.get("inputs")), "labeled": labeled,
                "train_size": datamodule.train_size, "train_targets": datamodule.train_targets,
                "max_epochs": stage_cfg.trainer.max_epochs, "teacher_cache": cache if stage.teachers else None,
                **scheme_kwargs(stage_cfg, datamodule)}
@@ -115,7 +157,18 @@ def build_stage_module(stage_cfg: DictConfig, stage: Stage, datamodule: Any,
     return scheme_class(**networks, **teachers, **options, **context)
 
 
-def teacher_arguments(stage: Stage, products: dict[str, dict[str, torch.nn.Module]]) -> dict[str, Any]:
+def teacher_arguments(stage: Stage, products: dict[str, dict[str, torch.nn.Module]],
+                      teacher_input: str | None = None) -> dict[str, Any]:
+    """The earlier stages' products this stage reads, by constructor argument. With `inputs.teacher` set, a product
+    that teaches (argument `teacher`) reads that input: a Born-Again generation or a TAKD assistant trained on the
+    student's input teaches from the teacher's (Noisy Student's clean teacher of a noised student)."""
+    arguments = _teacher_products(stage, products)
+    if teacher_input is not None and isinstance(arguments.get("teacher"), torch.nn.Module):
+        attach_input(arguments["teacher"], teacher_input)
+    return arguments
+
+
+def _teacher_products(stage: Stage, products: dict[str, dict[str, torch.nn.Module]]) -> dict[str, Any]:
     def product(reference: str) -> torch.nn.Module:
         name, _, role = reference.partition(":")
         networks = products[name]

@@ -56,6 +56,12 @@ def stage_recipe(stage_cfg: DictConfig, stage: Stage, teacher_keys: dict[str, st
               "scheduler": OmegaConf.to_container(scheduler, resolve=True) if scheduler else None,
               "teachers": {name: teacher_keys[name] for name in stage.teacher_names()},
               **weight_choice_recipe(stage_cfg)}
+    if float(stage_cfg.get("labeled_fraction", 1.0)) < 1:
+        recipe["labeled_fraction"] = float(stage_cfg.labeled_fraction)
+    inputs = stage_cfg.get("inputs") or {}
+    if inputs.get("views") or any(inputs.get(role) is not None for role in inputs if role != "views"):
+        # What each network reads: a named view's definition (its draw, its size) trains another network.
+        recipe["inputs"] = OmegaConf.to_container(inputs, resolve=True)
     cache = cache_options(stage_cfg)
     if stage.teachers and cache is not None and not cache.lossless:
         recipe["teacher_outputs"] = cache.dtype  # rounded teacher outputs train a (slightly) different network

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
+from kd_lightning.data.inputs import RoleInputs
 from kd_lightning.errors import ConfigError
 
 SUPERVISED = "kd_lightning.schemes.Supervised"
@@ -103,7 +104,8 @@ def teacher_stage(cfg: DictConfig, name: str = "teacher", label: str = "teacher"
     loaded from its checkpoint or torchvision weights, or trained and cached with the run's recipe and the
     teacher's own seed, epochs and learning rate."""
     teacher = cfg.teacher if teacher is None else teacher
-    overrides: dict[str, Any] = {}
+    # A teacher learns its own modality from every label; `labeled_fraction` hides the student's (its baseline's).
+    overrides: dict[str, Any] = {"labeled_fraction": 1.0} if float(cfg.get("labeled_fraction", 1.0)) < 1 else {}
     if teacher.get("max_epochs") is not None:
         overrides["trainer.max_epochs"] = teacher.max_epochs
     if teacher.get("lr") is not None:  # e.g. RepDistiller trains teachers at 0.05 for lr-0.01 students
@@ -174,7 +176,7 @@ def teacher_config(cfg: DictConfig, entry: Any, position: int, where: str) -> Di
                           f"model name or a mapping of {sorted(TEACHER_KEYS)}.")
     model = options.pop("model", None) or options.pop("name", None)
     options.pop("name", None)
-    node = {"model": model_config(model, where), "checkpoint": None, "max_epochs": cfg.teacher.get("max_epochs"),
+    node = {"model": role_input(cfg, "teachers", position, model_config(model, where)), "checkpoint": None, "max_epochs": cfg.teacher.get("max_epochs"),
             "lr": cfg.teacher.get("lr"), "seed": int(cfg.teacher.seed) + position, **options}
     return OmegaConf.create(node)
 
@@ -309,6 +311,20 @@ def tf_kd_self_plan(cfg: DictConfig, label_smoothing: float | None = 0.1) -> lis
                   seed=int(cfg.seed))]
 
 
+def role_input(cfg: DictConfig, role: str, position: int, model: dict[str, Any]) -> dict[str, Any]:
+    """`model` reading `inputs.<role>[position]` (one per teacher or peer) when the run names one."""
+    roles = RoleInputs.from_config(cfg.get("inputs"))
+    names = getattr(roles, role)
+    if names is None and role == "teachers" and roles.teacher is not None:
+        names = (roles.teacher,)  # one input for every teacher
+    if names is None:
+        return model
+    if len(names) > 1 and position >= len(names):
+        raise ConfigError(f"inputs.{role} names {len(names)} inputs {list(names)}, but there is a {role[:-1]} at "
+                          f"position {position}. Name one input per {role[:-1]}, or one for all.")
+    return {**model, "input": names[position] if len(names) > 1 else names[0]}
+
+
 def online_plan(cfg: DictConfig) -> list[Stage]:
     """(baselines: each distinct peer trained alone) → the peers trained together by `cfg.scheme`.
 
@@ -320,6 +336,7 @@ def online_plan(cfg: DictConfig) -> list[Stage]:
     if peers_cfg is not None and not isinstance(peers_cfg, (list, tuple)):
         peers_cfg = [peers_cfg]
     peers = [model_config(peer, f"scheme.peers[{index}]") for index, peer in enumerate(peers_cfg)] if peers_cfg is not None else [_plain(cfg.student)] * 2
+    peers = [role_input(cfg, "peers", index, peer) for index, peer in enumerate(peers)]
     stages: list[Stage] = []
     if cfg.get("baseline"):
         distinct = list({json.dumps(peer, sort_keys=True): peer for peer in peers}.values())

@@ -156,6 +156,7 @@ class TeacherOutputCache:
         self.table: Tensor | None = None
         self.filled: Tensor | None = None
         self.key: str | None = None
+        self.teacher_input: Any = None
         self.dtypes: dict[str, torch.dtype] = {}
         self._pending: _Lookup | None = None
         self.hits = self.misses = 0
@@ -173,6 +174,18 @@ class TeacherOutputCache:
                               f"views (train_views is None: e.g. ImageNet's RandomResizedCrop draws continuous "
                               f"scales). Train with {OFF_SWITCH}, or use a data module whose augmentation is a "
                               f"pad-crop/flip (CIFAR, digits) or none.")
+        # With named inputs the entry is keyed by the teacher's own input: its view (its augmentation when it draws
+        # its own) and its definition (source, size) in the file's key.
+        named = getattr(datamodule, "input_views", None)
+        teacher_input = getattr(teacher, "kd_input", None)
+        self.teacher_input = None if named is None or teacher_input is None else named[teacher_input]
+        if self.teacher_input is not None:
+            views = self.teacher_input.augmentation(views)
+            if self.options.precompute:
+                raise ConfigError(f"teacher_cache.precompute fills the table from the stored training images, but "
+                                  f"this run's teacher reads the named input {teacher_input!r}, which precompute "
+                                  f"does not make. Set teacher_cache.precompute=false: the table fills as training "
+                                  f"reaches each (sample, view), with the same values.")
         self.views = views
         self.pin = device.type == "cuda"  # pinned rows copy to the device without waiting for it
         count, size = int(datamodule.train_size), views.count
@@ -205,7 +218,8 @@ class TeacherOutputCache:
                      f"{nbytes / 1e9:.2f} GB, {where} ({int(self.filled.sum())} of {count * size} entries filled)")
         # Zeros, not `example_input`: drawing from the global RNG would move the run's augmentation stream.
         with torch.no_grad(), forward_context():
-            probe = forward(torch.zeros(2, *datamodule.input_shape, device=device))
+            shape = datamodule.input_shape if self.teacher_input is None else datamodule.input_shape_of(teacher_input)
+            probe = forward(torch.zeros(2, *shape, device=device))
         self.dtypes = {name: probe[name].dtype for name in self.slices}
         if self.options.precompute:
             self.precompute(datamodule.train_set, forward, device, forward_context, rank, world_size)
@@ -223,7 +237,8 @@ class TeacherOutputCache:
         labels = datamodule.train_targets.contiguous().numpy().tobytes()
         recipe = {"teacher": weights.hexdigest(), "data": [type(datamodule).__name__, data, int(datamodule.train_size),
                                                           hashlib.sha256(labels).hexdigest()],
-                  "views": repr(self.views), "outputs": {n: [s.start, s.stop] for n, s in self.slices.items()},
+                  "views": repr(self.views), **({"input": repr(self.teacher_input)} if self.teacher_input else {}),
+                  "outputs": {n: [s.start, s.stop] for n, s in self.slices.items()},
                   "dtype": self.options.dtype, "device": device.type, "precision": str(precision)}
         digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
         name = getattr(teacher, "kd_spec", {}).get("name", type(teacher).__name__)

@@ -101,6 +101,17 @@ def load_weights(model: nn.Module, path: str | os.PathLike, role: str = "teacher
     state_dict, spec = read_weights(path)
     expected = getattr(model, "kd_spec", None)
     if spec and expected:
+        if spec.get("input", expected.get("input")) != expected.get("input") or spec.get("in_channels") != expected.get(
+                "in_channels"):
+            trained_on = spec.get("input") or "the data's one input"
+            raise ConfigError(
+                f"The {role} checkpoint {str(path)!r} was trained on input {trained_on!r} "
+                f"({spec.get('in_channels')} channels or features), but this run's {role} reads "
+                f"{expected.get('input') or 'the data’s one input'!r} ({expected.get('in_channels')}). A network "
+                f"trained on one modality or shape cannot read another: set inputs.{role}={spec.get('input') or '<that input>'}"
+                f" (with the data set it was trained on), or point {role}.checkpoint at a checkpoint trained on "
+                f"{expected.get('input') or 'this input'}."
+            )
         for key in ("name", "num_classes", "in_channels"):
             if key in spec and spec[key] != expected[key]:
                 raise ConfigError(

@@ -95,6 +95,8 @@ RULES = (
     Rule(("distill.*.warmup_epochs", "distill.*.init_epochs"), lambda v: is_whole(v, 0), "a whole number ≥ 0", "0"),
     Rule(("torch_threads",), lambda v: is_whole(v, 1), "a whole number ≥ 1 or null (torch's default)", "1",
          optional=True),
+    Rule(("labeled_fraction",), lambda v: is_real(v) and 0 < v <= 1,
+         "a fraction in (0, 1]: the share of training labels the student may read", "0.1", optional=True),
     Rule(("seed", "teacher.seed", "data.seed"), lambda v: is_whole(v, 0) and v < 2**32,
          "a whole number in [0, 2^32)", "0"),
 )

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kd_lightning.data import DigitsDataModule
+from kd_lightning.data.inputs import attach_input
 from kd_lightning.losses.terms import KD, FitNet
 from kd_lightning.models import build_model
 from kd_lightning.schemes import BYOT, DML, KDCL, MultiTeacher, Offline, TfKDReg
@@ -56,7 +57,13 @@ MODULES: dict[str, Callable[[torch.Tensor], L.LightningModule]] = {
     # Heads on every stage but the deepest: more parameters DDP must reduce.
     "byot": lambda example: BYOT(model("convnet_small"), num_classes=10, example_input=example, optimizer=SGD),
     "tf_kd_reg": lambda example: TfKDReg(model("convnet_tiny"), num_classes=10, optimizer=SGD),
+    # Named inputs: the student reads a 4×4 view resized on the device, the teacher the 8×8 image.
+    "offline_low_res": lambda example: Offline(
+        student=attach_input(model("convnet_tiny"), "low"), teacher=attach_input(model("convnet_large"), "image"),
+        num_classes=10, example_input=example, terms=kd_fitnet(), ce_weight=0.1, optimizer=SGD),
 }
+# What the data module serves for a scheme of named inputs (`inputs.views`).
+NAMED_VIEWS = {"offline_low_res": {"low": {"size": 4}}}
 
 
 def rank_batches(dataset, rank: int) -> list[list[int]]:
@@ -83,7 +90,11 @@ def main(scheme: str, mode: str, out: Path) -> None:
     L.seed_everything(SEED)
     datamodule = DigitsDataModule(batch_size=BATCH)
     datamodule.setup("fit")
+    if scheme in NAMED_VIEWS:
+        datamodule.use_inputs(NAMED_VIEWS[scheme])
     module = MODULES[scheme](datamodule.example_input())
+    if scheme in NAMED_VIEWS:  # the resize the data module does on the device when the trainer holds it
+        module.on_after_batch_transfer = datamodule.on_after_batch_transfer
     if mode == "ddp":
         batches = rank_batches(datamodule.train_set, int(os.environ.get("LOCAL_RANK", 0)))
         options = {"strategy": "ddp", "devices": RANKS}

@@ -17,10 +17,14 @@ from kd_lightning import pipeline
 from kd_lightning.pipeline import run
 from kd_lightning.schemes.data_free import DataFree
 from kd_lightning.schemes.online import MutualLearning
+from kd_lightning.stage_build import configure_inputs
 from kd_lightning.stages import plan_stages
-from scheme_cases import CONF_DIR, SCHEME_CASES
+from scheme_cases import CONF_DIR, NAMED_INPUT_CASES, SCHEME_CASES
 
 SCHEMES = sorted(SCHEME_CASES)
+# Each scheme under its first case, and the named-input cases (a student on a resized view, ...).
+WALK = [pytest.param(scheme, SCHEME_CASES[scheme][0], id=scheme) for scheme in SCHEMES] + [
+    pytest.param(scheme, overrides, id=f"{scheme}-named_inputs") for scheme, overrides in NAMED_INPUT_CASES]
 
 
 def test_every_scheme_config_has_a_case():
@@ -52,10 +56,11 @@ def unregistered_modules(module: nn.Module) -> list[nn.Module]:
     return held
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_every_teacher_is_outside_optimizer_and_checkpoint_and_stays_in_eval(make_cfg, scheme):
-    cfg = make_cfg(f"scheme={scheme}", *SCHEME_CASES[scheme][0])
+@pytest.mark.parametrize("scheme, overrides", WALK)
+def test_every_teacher_is_outside_optimizer_and_checkpoint_and_stays_in_eval(make_cfg, scheme, overrides):
+    cfg = make_cfg(f"scheme={scheme}", *overrides)
     datamodule = pipeline.construct(cfg.data)
+    configure_inputs(cfg, datamodule)
     built: dict[str, dict[str, nn.Module]] = {}
     for stage in plan_stages(cfg):
         given = pipeline.teacher_arguments(stage, built)
@@ -77,12 +82,12 @@ def test_every_teacher_is_outside_optimizer_and_checkpoint_and_stays_in_eval(mak
             assert not any(m.training for m in teacher.modules()), f"{stage.name}: train() reached a teacher"
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_bf16_mixed_on_cpu_follows_the_fp32_run(make_cfg, recorded_losses, scheme):
+@pytest.mark.parametrize("scheme, overrides", WALK)
+def test_bf16_mixed_on_cpu_follows_the_fp32_run(make_cfg, recorded_losses, scheme, overrides):
     first = {}
     for precision in ("32-true", "bf16-mixed"):
         recorded_losses.clear()
-        cfg = make_cfg(f"scheme={scheme}", *SCHEME_CASES[scheme][0], "baseline=false", f"trainer.precision={precision}")
+        cfg = make_cfg(f"scheme={scheme}", *overrides, "baseline=false", f"trainer.precision={precision}")
         run(cfg)
         first[precision] = recorded_losses[plan_stages(cfg)[-1].name][0]
     # bf16 keeps 8 mantissa bits: the first loss moves in the third digit, not more; equal would mean the

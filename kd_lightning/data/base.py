@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from kd_lightning.data.device import DeviceBatches, ResidentSplit, fits_on, parse_device_resident
+from kd_lightning.data.inputs import InputView, NamedSamples, RoleInputs, check_named, parse_views, resize, view_shape
 from kd_lightning.data.resumable import EpochPermutationSampler, ResumableLoader, global_seed
 from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
 from kd_lightning.data.views import CropFlipViews, ViewedTransform
@@ -54,17 +55,23 @@ class IndexedDataset(Dataset):
     """
 
     def __init__(self, base: Dataset, indices: Sequence[int] | None = None,
-                 transform: Callable[[Any], Any] | None = None, fixed_view: int = UNNAMED_VIEW) -> None:
+                 transform: Callable[[Any], Any] | None = None, fixed_view: int = UNNAMED_VIEW,
+                 named: NamedSamples | None = None) -> None:
         self.base = base
         self.indices = None if indices is None else list(indices)
         self.transform = transform
         self.fixed_view = int(fixed_view)
+        # Set when the run reads named inputs (`data/inputs.py`): samples become ({name: input}, ..., {name: view}).
+        self.named = named
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[Any, Any, int, int]:
+    def __getitem__(self, index: int) -> tuple[Any, Any, int, Any]:
         image, target = self.raw(index)
+        if self.named is not None:
+            inputs, views = self.named(image, self.transform, self.fixed_view)
+            return inputs, target, index, views
         view = self.fixed_view
         if isinstance(self.transform, ViewedTransform):
             image, view = self.transform(image)
@@ -163,6 +170,8 @@ class KDDataModule(L.LightningDataModule):
         self.train_set: IndexedDataset | None = None
         self.val_set: IndexedDataset | None = None
         self.test_set: IndexedDataset | None = None
+        # The run's named inputs (`use_inputs`); None: every network reads the one input, as plain tensors.
+        self.input_views: dict[str, InputView] | None = None
         # Stored in checkpoints only: logging would clash with the LightningModule's hparams on shared keys.
         self.save_hyperparameters(logger=False)
 
@@ -209,12 +218,81 @@ class KDDataModule(L.LightningDataModule):
 
     # --- shapes, known before setup ----------------------------------------------------------------------
     @property
-    def input_shape(self) -> tuple[int, int, int]:
+    def input_shape(self) -> tuple[int, ...]:
         return (self.in_channels, *self.image_size)
 
-    def example_input(self, batch_size: int = 2) -> Tensor:
-        """A random batch of the input shape, for probing feature shapes before any data is loaded."""
-        return torch.randn(batch_size, *self.input_shape)
+    @property
+    def sources(self) -> dict[str, tuple[int, ...]]:
+        """The inputs each sample carries, by name, with their per-sample shapes (several for paired modalities)."""
+        return {self.default_source: tuple(self.input_shape)}
+
+    @property
+    def default_source(self) -> str:
+        """The input a network reads when the run names none."""
+        return "image"
+
+    @property
+    def pad_fill(self) -> float | tuple[float, ...]:
+        """The value a crop pads with, in the scale of the split's stored tensors (for an `own` view of data that
+        is served without augmentation): 0 for images converted and normalised later."""
+        views = self.train_views
+        return views.fill if views is not None else 0.0
+
+    @property
+    def named_inputs(self) -> bool:
+        """Whether batches carry named inputs (a mapping name → tensor) rather than one tensor."""
+        return self.input_views is not None
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.input_views) if self.input_views is not None else list(self.sources)
+
+    def input_shape_of(self, name: str | None) -> tuple[int, ...]:
+        """The per-sample shape of input `name` (None: the default source), after any resize."""
+        views = self.input_views if self.input_views is not None else parse_views({}, self.sources, self.default_source)
+        name = self.default_source if name is None else name
+        if name not in views:
+            raise ConfigError(f"{type(self).__name__} has no input {name!r}; its inputs are {sorted(views)}. Name one "
+                              f"of those, or define a view of one with inputs.views.{name}={{source: <input>, ...}}.")
+        return view_shape(views[name], self.sources)
+
+    def use_inputs(self, views: Any = None, roles: RoleInputs | None = None) -> None:
+        """Serve the run's named inputs (`inputs.views`; `roles` are checked against them). Named inputs are on when
+        the data has several sources, views are defined or a role names an input; otherwise batches stay plain."""
+        roles = roles or RoleInputs()
+        parsed = parse_views(views, self.sources, self.default_source)
+        check_named(roles, parsed)
+        if len(self.sources) == 1 and not views and not roles.any:
+            self.input_views = None
+        else:
+            self.input_views = parsed
+        for split in (self.train_set, self.val_set, self.test_set):
+            if split is not None:
+                split.named = self._named_samples(train=split is self.train_set)
+
+    def _named_samples(self, train: bool) -> NamedSamples | None:
+        if self.input_views is None:
+            return None
+        views = self.train_views
+        augmentation = None if views is None else dataclasses.replace(views, fill=self.pad_fill)
+        return NamedSamples(self.input_views, self.default_source, augmentation, train)
+
+    def example_input(self, batch_size: int = 2) -> Tensor | dict[str, Tensor]:
+        """A random batch of the input shape (of every named input, when there are several), for probing
+        feature shapes before any data is loaded."""
+        if self.input_views is None:
+            return torch.randn(batch_size, *self.input_shape)
+        return {name: torch.randn(batch_size, *self.input_shape_of(name)) for name in self.input_views}
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Resizes the inputs that ask for another size, on the device the batch now lives on."""
+        if self.input_views is None or not isinstance(batch[0], dict):
+            return batch
+        sized = {name: view.size for name, view in self.input_views.items() if view.size is not None}
+        if not sized:
+            return batch
+        inputs = {name: resize(value, sized[name]) if name in sized else value for name, value in batch[0].items()}
+        return (inputs, *batch[1:])
 
     @property
     def train_size(self) -> int:
@@ -272,6 +350,8 @@ class KDDataModule(L.LightningDataModule):
         else:
             train = IndexedDataset(pool, transform=self.train_transform(), fixed_view=self._fixed_train_view())
             val = test
+        train.named, val.named, test.named = (self._named_samples(True), self._named_samples(False),
+                                              self._named_samples(False))
         self.train_set, self.val_set, self.test_set = self._take_subset(train), val, test
 
     def _fixed_train_view(self) -> int:
@@ -296,7 +376,8 @@ class KDDataModule(L.LightningDataModule):
         chosen = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:self._subset_size(n)]
         positions = sorted(chosen.tolist())
         indices = positions if train.indices is None else [train.indices[p] for p in positions]
-        return IndexedDataset(train.base, indices, transform=train.transform, fixed_view=train.fixed_view)
+        return IndexedDataset(train.base, indices, transform=train.transform, fixed_view=train.fixed_view,
+                              named=train.named)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -351,6 +432,9 @@ class KDDataModule(L.LightningDataModule):
             chosen = torch.as_tensor(self.train_set.indices, dtype=torch.long)
             stored = ResidentSplit(stored.images[chosen], stored.targets[chosen], stored.mean, stored.std)
         stored.views = views
+        if self.input_views is not None:
+            # Named inputs may draw their own crops even from a split served without augmentation.
+            stored.views, stored.named = views or dataclasses.replace(NO_AUGMENTATION, fill=0), self.input_views
         return stored.to(device)
 
     def device_batches(self, split: ResidentSplit, pairs: bool) -> DeviceBatches:

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from kd_lightning.data.inputs import InputView
 from kd_lightning.data.resumable import EpochPermutationSampler
 from kd_lightning.data.views import CropFlipViews
 from kd_lightning.errors import ConfigError
@@ -48,21 +49,24 @@ class ResidentSplit:
     std: Tensor | None = None
     views: CropFlipViews | None = None
     channels_last: bool = False
+    # The run's named inputs of this (single-source) split, when it has any: see `data/inputs.py`.
+    named: dict[str, InputView] | None = None
 
     def to(self, device: torch.device) -> "ResidentSplit":
         move = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return ResidentSplit(move(self.images), move(self.targets), move(self.mean), move(self.std), self.views,
-                             self.channels_last)
+                             self.channels_last, self.named)
 
     @property
     def nbytes(self) -> int:
         return self.images.numel() * self.images.element_size() + self.targets.numel() * 8
 
-    def inputs(self, indices: Tensor, views: Tensor | None) -> Tensor:
+    def inputs(self, indices: Tensor, views: Tensor | None, augmentation: CropFlipViews | None = None) -> Tensor:
         images = self.images.index_select(0, indices)
-        if self.views is not None and views is not None:
+        augmentation = self.views if augmentation is None else augmentation
+        if augmentation is not None and views is not None:
             # Views drawn by `CropFlipViews.draw` are in range; checking them would wait for the device.
-            images = self.views.crop_flip(images, views, check=False)
+            images = augmentation.crop_flip(images, views, check=False)
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
         if self.mean is not None:
@@ -128,15 +132,40 @@ class DeviceBatches:
             views = self.split.views.draw(slots, generator, device)
         else:
             views = torch.zeros(slots, dtype=torch.long, device=device)  # the identity view of no augmentation
+        draws = self._named_draws(views, slots, epoch, device) if self.split.named is not None else None
         order = torch.tensor([index for batch in batches for index in batch], dtype=torch.long).to(device)
         start = 0
         for batch in batches:
             indices = order[start:start + len(batch)]
-            batch_views = views[first + start:first + start + len(batch)]
+            rows = slice(first + start, first + start + len(batch))
             start += len(batch)
             self.batches_delivered += 1
-            yield (self.split.inputs(indices, batch_views), self.split.targets.index_select(0, indices), indices,
-                   batch_views)
+            targets = self.split.targets.index_select(0, indices)
+            if draws is None:
+                yield self.split.inputs(indices, views[rows]), targets, indices, views[rows]
+                continue
+            inputs = {name: self.split.inputs(indices, drawn[rows], augmentation)
+                      for name, (augmentation, drawn) in draws.items()}
+            yield inputs, targets, indices, {name: drawn[rows] for name, (_, drawn) in draws.items()}
+
+    def _named_draws(self, shared: Tensor, slots: int, epoch: int,
+                     device: torch.device) -> dict[str, tuple[CropFlipViews | None, Tensor]]:
+        """Each named input's augmentation and its views for every slot of the epoch: the shared draw is the one
+        an unnamed batch gets; an `own` input draws from a generator of its own, seeded by (seed, epoch, rank) and
+        its position, so a resumed epoch replays it too."""
+        assert self.split.named is not None
+        draws = {}
+        for position, (name, view) in enumerate(self.split.named.items(), start=1):
+            augmentation = view.augmentation(self.split.views)
+            if augmentation is None or view.draw == "shared":
+                draws[name] = (augmentation, shared)
+            elif view.draw == "none":
+                draws[name] = (augmentation, torch.full_like(shared, augmentation.identity))
+            else:
+                generator = torch.Generator(device=device).manual_seed(
+                    view_seed(self.seed, epoch, self.rank) + 104_729 * position)
+                draws[name] = (augmentation, augmentation.draw(slots, generator, device))
+        return draws
 
     def state_dict(self) -> dict[str, int]:
         position, _ = self._position()

@@ -56,11 +56,14 @@ class DigitsDataModule(KDDataModule):
     def train_views(self) -> CropFlipViews:
         if not self.augment:
             return NO_AUGMENTATION
-        # Shifts of one pixel (RandomCrop(8, padding=1)), no flip: about what 8×8 digits tolerate. Images are
-        # normalised already, so the padding takes the normalised value of a blank pixel rather than 0.
+        # Shifts of one pixel (RandomCrop(8, padding=1)), no flip: about what 8×8 digits tolerate.
+        return CropFlipViews(pad=1, flip=False, fill=self.pad_fill)
+
+    @property
+    def pad_fill(self) -> float:
+        # Images are normalised already, so the padding takes the normalised value of a blank pixel rather than 0.
         train = self._load()[0]
-        blank = float(-train.mean.flatten()[0] / train.std.flatten()[0])  # type: ignore[union-attr]
-        return CropFlipViews(pad=1, flip=False, fill=blank)
+        return float(-train.mean.flatten()[0] / train.std.flatten()[0])  # type: ignore[union-attr]
 
     def train_transform(self) -> Callable[[Any], Any] | None:
         return ViewedTransform(self.train_views) if self.augment else None

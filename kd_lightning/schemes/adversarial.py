@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from kd_lightning.data.inputs import batch_size_of
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms.base import DistillTerm
 from kd_lightning.schemes.base import unpack_batch
@@ -212,17 +213,17 @@ class Adversarial(Offline):
         images, targets, indices = unpack_batch(batch)
         losses = self.training_losses(images, targets, indices)
         if self.init_stage:  # the terms' initialisation: no discriminator yet, a constant rate, no schedule
-            return self._step(self.optimizers(), self.log_training_losses(losses, len(images)))
+            return self._step(self.optimizers(), self.log_training_losses(losses, batch_size_of(images)))
         student_optimizer, discriminator_optimizer = self.optimizers()
         teacher, student = self.discriminated_outputs("teacher"), self.discriminated_outputs("student")
         with self.toggled_optimizer(discriminator_optimizer):
-            self._train_discriminators(discriminator_optimizer, teacher, student, len(images))
+            self._train_discriminators(discriminator_optimizer, teacher, student, batch_size_of(images))
         with self.toggled_optimizer(student_optimizer):
             scores = self.discriminator_scores(student)
             adversarial = torch.stack([fooling_loss(value) for value in scores.values()]).sum()
             self.nonfinite.record("adversarial", adversarial, self.global_step)
             losses["adversarial"] = self.adversarial_weight * adversarial
-            total = self._step(student_optimizer, self.log_training_losses(losses, len(images)))
+            total = self._step(student_optimizer, self.log_training_losses(losses, batch_size_of(images)))
         step_schedulers(self)
         return total
 

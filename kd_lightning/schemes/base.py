@@ -41,6 +41,22 @@ def batch_views(batch: Any) -> Tensor | None:
     return batch[3] if len(batch) == 4 else None
 
 
+# The target of a training sample whose label the run hides (`labeled_fraction`): F.cross_entropy's ignore_index.
+UNLABELED = -100
+
+
+def labeled_subset(targets: Tensor, fraction: float, seed: int) -> Tensor:
+    """A boolean mask over the training split: `fraction` of each class's samples (at least one), chosen by a
+    permutation seeded by `seed` (the data's, so every job of a sweep hides the same labels)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(len(targets), generator=generator)
+    mask = torch.zeros(len(targets), dtype=torch.bool)
+    for label in targets.unique():
+        members = order[targets[order] == label]
+        mask[members[:max(1, round(fraction * len(members)))]] = True
+    return mask
+
+
 def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
     metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
     if num_classes > 10:
@@ -73,6 +89,21 @@ class DistillationModule(L.LightningModule):
         # Schemes that watch their losses for NaN/inf set this; the base reads it where reading is free.
         self.nonfinite: NonFiniteWatch | None = None
         self._resumed_rng_states: dict[str, Any] | None = None
+        # Which training samples keep their label (`labeled_fraction` < 1; schemes that take `labeled`): a
+        # non-persistent buffer, so it follows the module to the device and stays out of checkpoints.
+        self.register_buffer("labeled", None, persistent=False)
+
+    def hide_labels(self, labeled: Tensor | None) -> None:
+        """Train with the labels of the samples outside `labeled` hidden: their CE is left out (`cross_entropy`);
+        every other loss still reads them (semi-supervised distillation, supervision transfer's setting)."""
+        self.labeled = None if labeled is None else labeled.bool()
+
+    def cross_entropy(self, logits: Tensor, targets: Tensor, **options: Any) -> Tensor:
+        """The CE of the labeled samples: the mean over those of the batch (0 for a batch without any)."""
+        if self.labeled is None:
+            return F.cross_entropy(logits.float(), targets, **options)
+        known = (targets != UNLABELED).sum()
+        return F.cross_entropy(logits.float(), targets, reduction="sum", **options) / known.clamp_min(1)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.student(images)
@@ -96,7 +127,13 @@ class DistillationModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement training_losses()")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.log_training_losses(self.training_losses(*unpack_batch(batch)), len(batch[0]))
+        images, targets, indices = unpack_batch(batch)
+        if self.labeled is not None:
+            if indices is None:
+                raise ConfigError("labeled_fraction < 1 hides labels by training-sample index, but the batches carry no "
+                                  "indices. Use a kd_lightning data module, or labeled_fraction=1.")
+            targets = targets.masked_fill(~self.labeled[indices], UNLABELED)
+        return self.log_training_losses(self.training_losses(images, targets, indices), len(targets))
 
     def log_training_losses(self, losses: dict[str, Tensor], batch_size: int) -> Tensor:
         """Logs `train/loss` (returned: the sum of `losses`) and each named loss; shared by manual-optimisation

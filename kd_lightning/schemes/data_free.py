@@ -115,6 +115,12 @@ class DataFree(Offline):
                  schedule: Mapping[str, Any] | None = None,
                  clip_grad_norm: float | None = None, log_images_every_n_steps: int = 0, **base: Any) -> None:
         check_data_free_terms(terms, type(self).__name__.lower())
+        if isinstance(example_input, Mapping):
+            raise ConfigError(f"scheme {type(self).__name__} is data-free: its student learns from images a generator "
+                              f"makes in the teacher's input shape, never from the data's samples, so it has no "
+                              f"named inputs to choose from (the run has {sorted(example_input)}). Remove the "
+                              f"inputs.<role> and inputs.views settings and use single-input data, or choose a "
+                              f"scheme that reads the data (scheme=offline).")
         for name, value in (("steps_per_epoch", steps_per_epoch), ("batch_size", batch_size)):
             if int(value) < 1:
                 raise ConfigError(f"scheme.{name} must be a positive integer, got {value!r}.")

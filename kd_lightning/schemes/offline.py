@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lightning.data.inputs import pick
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
 from kd_lightning.schemes.base import DistillationModule, batch_views, unpack_batch
@@ -44,8 +45,10 @@ class Offline(DistillationModule):
     def __init__(self, student: nn.Module, teacher: nn.Module, terms: Mapping[str, DistillTerm],
                  num_classes: int, example_input: Tensor, ce_weight: float | None = None,
                  train_size: int | None = None, max_epochs: int | None = None, train_targets: Tensor | None = None,
-                 teacher_cache: TeacherCacheOptions | None = None, **base: Any) -> None:
+                 teacher_cache: TeacherCacheOptions | None = None, labeled: Tensor | None = None,
+                 **base: Any) -> None:
         super().__init__(student, num_classes, **base)
+        self.hide_labels(labeled)
         # Kept outside the module tree on purpose: see FrozenTeacher.
         object.__setattr__(self, "teacher", teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher))
         self.terms = nn.ModuleDict(dict(terms))
@@ -57,6 +60,11 @@ class Offline(DistillationModule):
                                   f"_target_ in conf/distill/{name}.yaml.")
             term.expand_taps(declared_taps(student).stages, declared_taps(self.teacher.model).stages)
         self.ce_weight = resolve_ce_weight(ce_weight, self.terms)
+        readers = [name for name, term in self.terms.items() if term.reads_targets]
+        if labeled is not None and readers:
+            raise ConfigError(f"distill={readers} read every sample's label, but labeled_fraction < 1 hides most of them. "
+                              f"Use terms that learn from the teacher alone (kd, fitnet, supervision_transfer, ...) or "
+                              f"labeled_fraction=1.")
         self.student_taps = FeatureTaps(student, [t for term in self.terms.values() for t in term.student_taps],
                                         getattr(student, "kd_spec", {}).get("name", "student"))
         self.teacher_taps = FeatureTaps(self.teacher.model, [t for term in self.terms.values() for t in term.teacher_taps],
@@ -108,7 +116,7 @@ class Offline(DistillationModule):
     def teacher_logits_and_features(self, images: Tensor) -> tuple[Tensor, Mapping[str, Tensor]]:
         if self.teacher_outputs is None:
             return self.teacher(images), self.teacher_taps.features
-        outputs = self.teacher_outputs.outputs(self.teacher_forward, images)
+        outputs = self.teacher_outputs.outputs(self.teacher_forward, pick(images, self.teacher))
         return outputs.pop(LOGITS), outputs
 
     def on_train_start(self) -> None:
@@ -194,7 +202,7 @@ class Offline(DistillationModule):
             for name, value in losses.items():
                 self.nonfinite.record(name, value, self.global_step)
             return losses
-        ce = F.cross_entropy(student_logits.float(), targets)
+        ce = self.cross_entropy(student_logits, targets)
         self.nonfinite.record("ce", ce, self.global_step)
         return {"ce": self.ce_weight * ce, **weighted_term_losses(self.terms, inputs, self.nonfinite, self.global_step)}
 
@@ -205,7 +213,9 @@ class Offline(DistillationModule):
             for name, term in self.terms.items():
                 term.check_batch(name, indices)
             if self.teacher_outputs is not None:
-                self.teacher_outputs.lookup(indices, batch_views(batch))
+                views = batch_views(batch)
+                # Keyed by what the teacher saw: its own input's view.
+                self.teacher_outputs.lookup(indices, views if views is None else pick(views, self.teacher))
         return batch
 
     def on_train_epoch_start(self) -> None:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from kd_lightning.data.base import CLASS_PAIRS
+from kd_lightning.data.inputs import RoleInputs, attach_input, select
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
 from kd_lightning.losses.terms.base import BuildContext, DistillInputs, DistillTerm
@@ -157,13 +158,13 @@ class CSKD(DistillationModule):
                            f"{self.lambda_cls}·cs_kd(T={self.temperature}, partner → anchor)", *terms])
 
     def training_losses(self, images: Tensor, targets: Tensor, indices: Tensor | None) -> dict[str, Tensor]:
-        half = len(images) // 2
-        if half == 0 or len(images) % 2:
-            raise ConfigError(f"CS-KD got a batch of {len(images)} samples; it needs anchors and their partners in "
+        half = len(targets) // 2
+        if half == 0 or len(targets) % 2:
+            raise ConfigError(f"CS-KD got a batch of {len(targets)} samples; it needs anchors and their partners in "
                               f"equal halves. Train it through kd-train (scheme=cs_kd), whose data module pairs them.")
-        logits = self.student(images[:half])
+        logits = self.student(select(images, slice(0, half)))
         with torch.no_grad():
-            partner_logits = self.student(images[half:])
+            partner_logits = self.student(select(images, slice(half, None)))
         ce = F.cross_entropy(logits.float(), targets[:half])
         class_kd = functional.kd(logits, partner_logits, self.temperature)
         self.nonfinite.record("ce", ce, self.global_step)
@@ -224,9 +225,9 @@ class MeanTeacher(Offline):
       (`symmetric_mse_loss`). The head trains with the network, is checkpointed, and is not exported.
       `null` (the reference's default −1) distils the class logits themselves.
 
-    Where it differs: the reference gives the teacher an independent augmentation of each image
-    (`(input, ema_input)`); here both networks see the same augmented batch, because a batch carries one
-    view per sample. Its EMA starts from an independent initialisation; here from the student's own
+    The reference gives the teacher an independent augmentation of each image (`(input, ema_input)`): here
+    `inputs.ema_teacher=<view>` with `inputs.views.<view>.draw=own` does (README, "Cross-modal and
+    cross-resolution"); without it both networks see the same augmented batch. Where it differs: its EMA starts from an independent initialisation; here from the student's own
     initial weights. The run's optimizer and schedule are used (the reference: SGD 0.05 Nesterov, wd 2e-4,
     cosine ramp-down over 210 epochs), and the product is the student, where the paper reports the EMA.
     Every catalogue term composes; the default is the consistency cost (`distill=[consistency]`).
@@ -236,7 +237,7 @@ class MeanTeacher(Offline):
 
     def __init__(self, student: nn.Module, terms: Mapping[str, DistillTerm], num_classes: int,
                  example_input: Tensor, ema_decay: float = 0.97, logit_distance_cost: float | None = 0.01,
-                 **offline: Any) -> None:
+                 inputs: RoleInputs | None = None, **offline: Any) -> None:
         if not 0.0 < float(ema_decay) < 1.0:
             raise ConfigError(f"scheme.ema_decay={ema_decay} must lie strictly between 0 and 1: at 0 the teacher "
                               f"is the student itself, at 1 it never leaves its initialisation (mean teacher uses "
@@ -248,6 +249,8 @@ class MeanTeacher(Offline):
         # Parameters only: the teacher's BatchNorm statistics come from its own train-mode forwards.
         ema = AveragedModel(student, use_buffers=False)
         ema.requires_grad_(False).eval()
+        if inputs is not None and inputs.ema_teacher is not None:
+            attach_input(ema.module, inputs.ema_teacher)  # e.g. an independent draw of the student's view
         super().__init__(student, ema.module, terms, num_classes, example_input, **offline)
         object.__setattr__(self, "ema", ema)  # outside the module tree, like the teacher it holds
         self.ema_decay = float(ema_decay)

@@ -64,6 +64,8 @@ class DistillTerm(nn.Module):
 
     needs_teacher: ClassVar[bool] = True
     needs_indices: ClassVar[bool] = False
+    # Whether the loss reads each sample's label (DKD's target mask): refused when labels are hidden.
+    reads_targets: ClassVar[bool] = False
     main_stage_loss: ClassVar[bool] = True
     recipe_ce_weight: float = 1.0
 

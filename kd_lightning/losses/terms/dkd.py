@@ -20,6 +20,8 @@ class DKD(DistillTerm):
     recipe is conf/distill/dkd_ls.yaml.
     """
 
+    reads_targets = True  # the target-class mask
+
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup_epochs: int = 20,
                  weight: float = 1.0, logit_standardization: bool = False) -> None:
         super().__init__(weight, warmup_epochs)
