@@ -232,3 +232,15 @@ def test_taps_of_other_ranks_wrong_eps_counts_and_indivisible_heads_are_config_e
         built(OFA(student_taps=["x"]), {"x": (BATCH, 8)}, nn.Conv2d(1, 1, 1), Classifier(8), stages=())
     with pytest.raises(ConfigError, match="positive"):
         OFA(eps=0.0)
+
+
+def test_ofa_reads_only_the_teachers_logits_so_the_teacher_cache_takes_it(tmp_path):
+    from kd_lightning.teacher_cache import TeacherCacheOptions
+
+    datamodule = SyntheticDataModule(num_classes=CLASSES, in_channels=1, image_size=8, train_size=8, val_size=8,
+                                     test_size=8, batch_size=8)
+    module = Offline(student=tiny_vit(), teacher=build_model("convnet_large", CLASSES, 1),
+                     terms={"ofa": OFA(student_taps=["blocks.1"])}, num_classes=CLASSES,
+                     example_input=datamodule.example_input(), optimizer=torch.optim.SGD,
+                     teacher_cache=TeacherCacheOptions(storage="memory", directory=tmp_path, dtype="float32"))
+    assert module.terms["ofa"].teacher_taps == [] and module.teacher_outputs is not None
