@@ -63,7 +63,8 @@ def test_cnn_branches_downsample_to_the_last_stage_like_the_reference_for_resnet
             assert [block[5].out_channels for block in sepconvs] == [*(shapes[f"stage{k}"][1] * 2**j
                                                                        for j in range(1, 4 - k)), 512]
         else:
-            assert isinstance(branch[0], nn.Conv2d) and branch[0].kernel_size == (1, 1) and branch[0].out_channels == 512
+            conv = branch[0]
+            assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.out_channels == 512
         assert branch[-1].in_features == 512 and branch[-1].out_features == CLASSES
         assert branch(torch.randn(2, *shapes[f"stage{k}"][1:])).shape == (2, CLASSES)
 

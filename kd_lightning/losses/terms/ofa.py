@@ -64,8 +64,11 @@ class OFA(DistillTerm):
         DeiT's cls + dist; here their mean is used (the same for one token).
       - Generalisations the reference does not have, none of which changes its own cases: stage counts
         other than four (d as above), a token width that differs from the student's feature width without
-        merging (a linear map to it, of the prefix tokens too), token counts that are not a square grid (no merging), vector
-        taps (the reference has no MLP whose stages are vectors; its MLPs emit tokens).
+        merging (a linear map to it, of the prefix tokens too), token counts that are not a square grid
+        (no merging), vector taps (the reference has no MLP whose stages are vectors; its MLPs emit tokens).
+      - Models without declared stages (timm ViTs) are tapped by module path; the reference's stages of a
+        12-block ViT/DeiT are `blocks.1`, `blocks.3`, `blocks.9`, `blocks.11` (`custom_forward/
+        vision_transformer.py`, `stage_info`).
     """
 
     def __init__(self, weight: float = 1.0, student_taps: str | Sequence[str] = STAGES,
