@@ -630,3 +630,52 @@ def test_small_batch_gradients_are_finite(batch):
         total = total + Fn.rkd(s, t)
     total.backward()
     assert torch.isfinite(s.grad).all()
+
+
+# ----------------------------------------------------------------------------- OFA-KD
+
+
+def ref_ofa(s, t, y, eps, temperature, form="code"):
+    """Hao et al. NeurIPS 2023. form="code": Hao840/OFAKD `ofa_loss`, weights (p_t + onehot)^eps − onehot;
+    form="paper": the paper's −(1 + p_t,y)^γ log p_s,y − Σ_{c≠y} p_t,c log p_s,c. Batch mean, no T²."""
+    s, t, y = np64(s), np64(t), y.tolist()
+    total = 0.0
+    for i in range(len(s)):
+        log_p_s = log_softmax_row(s[i] / temperature)
+        p_t = np.exp(log_softmax_row(t[i] / temperature))
+        for c in range(len(p_t)):
+            if c == y[i]:
+                weight = (1.0 + p_t[c]) ** eps - (1.0 if form == "code" else 0.0)
+            else:
+                weight = p_t[c] ** eps if form == "code" else p_t[c]
+            total -= weight * log_p_s[c]
+    return total / len(s)
+
+
+@pytest.mark.parametrize("shape", LOGIT_SHAPES)
+@pytest.mark.parametrize("eps,temperature", [(1.0, 1.0), (1.5, 1.0), (2.0, 4.0), (0.5, 2.0)])
+def test_ofa_target_enhanced_matches_the_reference_code(shape, eps, temperature):
+    s, t = logits(shape, seed=31)
+    y = labels(shape[0], shape[1], seed=31)
+    close(Fn.ofa_target_enhanced(s, t, y, eps, temperature), ref_ofa(s, t, y, eps, temperature))
+
+
+def test_ofa_target_enhanced_departs_from_the_paper_equation_as_documented():
+    """At eps=1 the code's loss is the soft-target cross-entropy and the paper's is that plus hard-label CE;
+    for eps≠1 they differ beyond that CE, in the exponentiated non-target weights."""
+    s, t = logits((16, 100), seed=32)
+    y = labels(16, 100, seed=32)
+    hard_ce = float(-np.mean([log_softmax_row(row)[label] for row, label in zip(np64(s), y.tolist())]))
+    close(Fn.ofa_target_enhanced(s, t, y, 1.0), ref_ofa(s, t, y, 1.0, 1.0, form="paper") - hard_ce)
+    close(Fn.ofa_target_enhanced(s, t, y, 1.0), Fn.soft_cross_entropy(s, t, temperature=1.0).item())
+    code, paper = ref_ofa(s, t, y, 1.5, 1.0), ref_ofa(s, t, y, 1.5, 1.0, form="paper")
+    assert abs((paper - hard_ce) - code) > 1e-2
+
+
+def test_ofa_target_enhanced_stays_finite_where_the_student_probability_underflows():
+    # log(softmax) of the reference code would be −inf here and the loss +inf; log_softmax keeps it finite.
+    s = torch.tensor([[200.0, -200.0, 0.0]])
+    t = torch.tensor([[0.0, 5.0, 0.0]])
+    loss = Fn.ofa_target_enhanced(s, t, torch.tensor([1]), 1.5)
+    assert torch.isfinite(loss)
+    close(loss, ref_ofa(s, t, torch.tensor([1]), 1.5, 1.0), rtol=1e-6)

@@ -14,6 +14,7 @@ from kd_lightning.losses.terms.ft import FT
 from kd_lightning.losses.terms.kd import KD
 from kd_lightning.losses.terms.l1_logits import L1Logits
 from kd_lightning.losses.terms.nst import NST
+from kd_lightning.losses.terms.ofa import OFA
 from kd_lightning.losses.terms.ofd import OFD
 from kd_lightning.losses.terms.pkt import PKT
 from kd_lightning.losses.terms.reviewkd import ReviewKD
@@ -23,4 +24,4 @@ from kd_lightning.losses.terms.tf_kd import TfKD
 from kd_lightning.losses.terms.vid import VID
 
 __all__ = ["AB", "AT", "BuildContext", "CC", "CRD", "Consistency", "DIST", "DKD", "DistillInputs", "DistillTerm", "FSP", "FT",
-           "FitNet", "KD", "L1Logits", "NST", "OFD", "PKT", "RKD", "ReviewKD", "SP", "TfKD", "VID"]
+           "FitNet", "KD", "L1Logits", "NST", "OFA", "OFD", "PKT", "RKD", "ReviewKD", "SP", "TfKD", "VID"]
