@@ -325,6 +325,19 @@ def role_input(cfg: DictConfig, role: str, position: int, model: dict[str, Any])
     return {**model, "input": names[position] if len(names) > 1 else names[0]}
 
 
+def baseline_input(cfg: DictConfig, model: dict[str, Any]) -> dict[str, Any]:
+    """`model` as its baseline trains it: on the source of the view it reads (KDCL's per-peer distortions are
+    draws of one augmentation, so the peers of one architecture share one baseline; a peer on another modality
+    gets its own)."""
+    name = model.get("input")
+    views = (cfg.get("inputs") or {}).get("views") or {}
+    if name is None or name not in views:
+        return model
+    source = (views[name] or {}).get("source")
+    alone = {key: value for key, value in model.items() if key != "input"}
+    return alone if source is None else {**alone, "input": source}
+
+
 def online_plan(cfg: DictConfig) -> list[Stage]:
     """(baselines: each distinct peer trained alone) → the peers trained together by `cfg.scheme`.
 
@@ -339,7 +352,8 @@ def online_plan(cfg: DictConfig) -> list[Stage]:
     peers = [role_input(cfg, "peers", index, peer) for index, peer in enumerate(peers)]
     stages: list[Stage] = []
     if cfg.get("baseline"):
-        distinct = list({json.dumps(peer, sort_keys=True): peer for peer in peers}.values())
+        alone = [baseline_input(cfg, peer) for peer in peers]
+        distinct = list({json.dumps(peer, sort_keys=True): peer for peer in alone}.values())
         for index, peer in enumerate(distinct):
             name = "baseline" if len(distinct) == 1 else f"baseline_{index + 1}_{peer['name']}".replace(":", "_")
             stages.append(baseline_stage(cfg, peer, name=name, label=f"{peer['name']} alone"))

@@ -192,8 +192,7 @@ def test_a_data_free_scheme_given_a_named_input_is_refused(make_cfg):
 
 # --- schemes that need a second view ------------------------------------------------------------------------
 def test_the_mean_teacher_reads_an_independent_view_when_named(make_cfg):
-    cfg = make_cfg("scheme=mean_teacher", "data.augment=true", "+inputs.views.second={draw:own}",
-                   "inputs.ema_teacher=second")
+    cfg = make_cfg("scheme=mean_teacher", "data.augment=true")  # the scheme's default: the reference's own view
     from kd_lightning.stages import plan_stages
     from kd_lightning.stage_build import build_stage_module, stage_config
 
@@ -207,14 +206,21 @@ def test_the_mean_teacher_reads_an_independent_view_when_named(make_cfg):
     module.student.register_forward_pre_hook(lambda m, args: seen.__setitem__("student", args[0]))
     inputs, targets, indices, views = next(iter(datamodule.sample_loader()))
     module.training_losses(inputs, targets, indices)
-    assert seen["teacher"] is inputs["second"] and seen["student"] is inputs["image"]
-    assert not torch.equal(views["second"], views["image"])
+    assert seen["teacher"] is inputs["ema_view"] and seen["student"] is inputs["image"]
+    assert not torch.equal(views["ema_view"], views["image"])
 
 
-def test_kdcl_peers_each_read_their_own_distortion(make_cfg):
-    results = run(make_cfg("scheme=kdcl", "data.augment=true", "+inputs.views.image_b={draw:own}",
-                           "inputs.peers=[image,image_b]"))
-    assert [model["input"] for model in results["stages"]["peers"]["models"]["peers"]] == ["image", "image_b"]
+def test_kdcl_peers_each_read_their_own_distortion_and_share_one_baseline(make_cfg):
+    results = run(make_cfg("scheme=kdcl", "data.augment=true"))
+    assert [model["input"] for model in results["stages"]["peers"]["models"]["peers"]] == ["peer1_view", "peer2_view"]
+    # Two draws of one augmentation: the peers of one architecture compare with one baseline, on the data's input.
+    assert [name for name in results["stages"] if name.startswith("baseline")] == ["baseline"]
+    assert "input" not in results["stages"]["baseline"]["models"]["student"]
+
+
+def test_a_third_peer_needs_a_third_view(make_cfg):
+    with pytest.raises(ConfigError, match=r"inputs.peers names 2 inputs.*position 2"):
+        run(make_cfg("scheme=kdcl", "scheme.peers=[convnet_tiny,convnet_tiny,convnet_small]"))
 
 
 def test_the_teacher_cache_serves_the_teachers_own_view(make_cfg, recorded_losses, tmp_path):

@@ -157,7 +157,10 @@ class NamedSamples:
             if own is None or len(tensors[view.source].shape) != 3:
                 inputs[name], views[name] = tensors[view.source], fixed_view
                 continue
-            index = shared if view.draw == "shared" else own.identity if view.draw == "none" else int(own.draw(1)[0])
+            if view.draw == "own" and own.count > 1:
+                index = int(own.draw(1)[0])
+            else:  # one view only (no augmentation): nothing to draw, and the global generator stays untouched
+                index = shared if view.draw == "shared" else own.identity
             seen = own.crop_flip(tensors[view.source].unsqueeze(0), torch.tensor([index]))[0]
             inputs[name], views[name] = (after(seen) if after is not None else seen), index
         return inputs, views
