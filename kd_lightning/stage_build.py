@@ -17,6 +17,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.models import check_input_size
 from kd_lightning.schemes.base import DistillationModule
 from kd_lightning.stages import Stage
 from kd_lightning.teacher_cache import OFF_SWITCH, cache_options
@@ -36,8 +37,12 @@ def construct(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def build_model(model_cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
-    return construct(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels)
+def build_model(model_cfg: DictConfig, datamodule: Any, role: str = "student") -> torch.nn.Module:
+    model = construct(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels)
+    image_size = getattr(datamodule, "image_size", None)
+    if image_size is not None:
+        check_input_size(model, tuple(image_size), role)
+    return model
 
 
 def scheme_kwargs(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
@@ -105,8 +110,9 @@ def build_stage_module(stage_cfg: DictConfig, stage: Stage, datamodule: Any,
     if cache is not None and stage.teachers and "teacher_cache" not in accepted:
         raise ConfigError(f"scheme {scheme_class.__name__} (stage {stage.name!r}) cannot serve its teachers' outputs "
                           f"from the teacher cache. Train it with {OFF_SWITCH}.")
-    networks = {arg: [build_model(m, datamodule) for m in value] if isinstance(value, (list, tuple))
-                else build_model(value, datamodule) for arg, value in stage.networks.items()}
+    role = "teacher" if stage.name.startswith("teacher") else "student"  # which config node holds its options
+    networks = {arg: [build_model(m, datamodule, role) for m in value] if isinstance(value, (list, tuple))
+                else build_model(value, datamodule, role) for arg, value in stage.networks.items()}
     context = {"terms": build_terms(stage_cfg), "example_input": datamodule.example_input(),
                "train_size": datamodule.train_size, "train_targets": datamodule.train_targets,
                "max_epochs": stage_cfg.trainer.max_epochs, "teacher_cache": cache if stage.teachers else None,
