@@ -209,6 +209,9 @@ def _declare_vit_taps(model: nn.Module) -> None:
     blocks = vit_stage_blocks(len(model.blocks))
     names = [f"stage{k}" for k in range(1, len(blocks) + 1)]
     points = {name: f"blocks.{index}" for name, index in zip(names, blocks)}
+    if isinstance(getattr(model, "norm_pre", None), nn.Module):
+        # The tokens entering the first block (patch embeddings, prefix tokens, position embedding): the stem.
+        points["stem"] = "norm_pre"
     points.update({f"{name}_pre": f"blocks.{index}" for name, index in zip(names, blocks)})
     classifier = _classifier_path(model)
     if classifier:
