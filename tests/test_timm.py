@@ -243,3 +243,19 @@ def test_tiny_vit_student_resumes_mid_epoch_with_the_uninterrupted_losses(tmp_pa
     resumed = run_recording(compose_cfg(tmp_path / "cache", tmp_path / "resumed", *settings,
                                         f"ckpt_path='{checkpoint}'"), monkeypatch)
     assert resumed and resumed == {step: loss for step, loss in whole.items() if step > RESUME_STEP}
+
+
+def test_a_file_for_another_image_size_has_its_position_embedding_resized(tmp_path):
+    source = tiny_vit(img_size=16)
+    path = tmp_path / "vit16.safetensors"
+    save_file(source.state_dict(), str(path))
+    loaded = build_model(num_classes=10, in_channels=1, weights=str(path), **TINY_VIT)
+    assert loaded.pos_embed.shape == (1, 1 + 16, 32)
+    assert torch.equal(loaded.pos_embed[:, :1], source.pos_embed[:, :1])  # the class token's is kept as it is
+
+
+def test_a_dynamic_size_vit_maps_the_tokens_of_whatever_square_input_it_gets():
+    model = tiny_vit(dynamic_img_size=True).eval()
+    with FeatureTaps(model, ["stage1"]) as taps:
+        model(torch.randn(2, 1, 12, 12))
+        assert taps.features["stage1"].shape == (2, 32, 6, 6)
