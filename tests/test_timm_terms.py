@@ -26,6 +26,8 @@ VIT = {"name": "timm:vit_tiny_patch16_224", "img_size": 8, "patch_size": 2, "emb
 REFUSED = {("fsp", "cnn_teacher_vit_student"): "equal channel counts",
            ("fsp", "vit_teacher_cnn_student"): "equal channel counts",
            ("ofd", "vit_teacher_cnn_student"): "vision-transformer teacher"}
+# CRD's negatives cut to the 16-image split.
+SMALL_MEMORY = {"crd": ["distill.crd.nce_k=8"], "crd_queue": ["distill.crd_queue.queue_size=16"]}
 PAIRS = {"cnn_teacher_vit_student": ("convnet_large", VIT), "vit_teacher_cnn_student": (VIT, "convnet_small")}
 
 
@@ -54,8 +56,7 @@ def test_term_trains_between_cnn_and_vit_or_is_refused_up_front(make_cfg, term_n
     datamodule = SyntheticDataModule(num_classes=10, in_channels=1, image_size=8, train_size=16, val_size=8,
                                      test_size=8, batch_size=8)
     teacher_spec, student_spec = PAIRS[pair]
-    terms = build_terms(make_cfg(f"distill=[{term_name}]", *({"crd": ["distill.crd.nce_k=8"],
-                                                              "crd_queue": ["distill.crd_queue.queue_size=16"]}.get(term_name, []))))
+    terms = build_terms(make_cfg(f"distill=[{term_name}]", *SMALL_MEMORY.get(term_name, [])))
     try:
         module = Offline(student=network(student_spec), teacher=FrozenTeacher(network(teacher_spec)), terms=terms,
                          num_classes=10, example_input=datamodule.example_input(), optimizer=sgd,

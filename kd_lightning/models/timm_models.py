@@ -81,7 +81,8 @@ def hub_cache_file(name: str, model: nn.Module) -> Path:
     raise ConfigError(f"The weights of timm model {name!r} ({repo}) are not in the local Hugging Face hub cache "
                       f"({constants.HF_HUB_CACHE}) and kd_lightning never downloads. On a machine with internet run "
                       f"`huggingface-cli download {repo} model.safetensors` and copy its hub cache folder "
-                      f"models--{repo.replace('/', '--')} into {constants.HF_HUB_CACHE} (set HF_HUB_CACHE to move it), or "
+                      f"models--{repo.replace('/', '--')} into {constants.HF_HUB_CACHE} (set HF_HUB_CACHE to move "
+                      f"it), or "
                       f"set weights to the path of the downloaded file.")
 
 
@@ -90,7 +91,8 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise ConfigError(f"The weights file {str(path)!r} does not exist and kd_lightning never downloads. Put the "
                           f"model's .safetensors (or .pth/.bin state_dict) file there, e.g. model.safetensors from its "
-                          f"Hugging Face repository, or set weights to the path where it is, or to null for random init.")
+                          f"Hugging Face repository, or set weights to the path where it is, or to null for random "
+                          f"init.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -128,9 +130,10 @@ def load_timm_weights(model: nn.Module, path: Path, name: str) -> None:
         try:
             state_dict = convert(state_dict, model)
         except Exception as error:  # a file of another architecture fails inside timm's converter
-            raise ConfigError(f"The weights file {str(path)!r} does not fit timm model {name!r} ({type(error).__name__}: "
-                              f"{error}). It was saved from another architecture: choose the file of {name!r}, or the "
-                              f"model name and options (depth, embed_dim, patch_size, ...) it was saved from.") from error
+            raise ConfigError(f"The weights file {str(path)!r} does not fit timm model {name!r} "
+                              f"({type(error).__name__}: {error}). It was saved from another architecture: choose the "
+                              f"file of {name!r}, or the model name and options (depth, embed_dim, patch_size, ...) it "
+                              f"was saved from.") from error
     own = model.state_dict()
     config = getattr(model, "pretrained_cfg", None) or {}
     _adapt_first_conv(state_dict, own, config.get("first_conv"))
