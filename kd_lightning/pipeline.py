@@ -52,7 +52,7 @@ def run_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, products: di
             for network in networks.values():
                 load_weights(network, stage.checkpoint)
         network = next(iter(networks.values()))
-        source = f"checkpoint {stage.checkpoint}" if stage.checkpoint else f"torchvision weights {network.kd_spec.get('weights')}"
+        source = f"checkpoint {stage.checkpoint}" if stage.checkpoint else f"weights {getattr(network, 'kd_weights', None)}"
         return networks, {"metrics": evaluate(stage_cfg, network, datamodule, stage.name), "source": source}, None
     cache_file = stage_file(stage_cfg, stage, key)
     if not stage.cache or ckpt_path is not None:  # a resumed stage trains on from its checkpoint

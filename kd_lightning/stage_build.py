@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lightning.data.inputs import RoleInputs, attach_input
 from kd_lightning.errors import ConfigError
+from kd_lightning.models import check_input_size
 from kd_lightning.schemes.base import DistillationModule, labeled_subset
 from kd_lightning.stages import Stage
 from kd_lightning.teacher_cache import OFF_SWITCH, cache_options
@@ -37,19 +38,28 @@ def construct(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def build_model(model_cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
+def build_model(model_cfg: DictConfig, datamodule: Any, role: str = "student") -> torch.nn.Module:
     """A network of the model config, sized for the input it reads: `input` (set from `inputs.<role>`) names it;
-    with named inputs a network that names none reads the data's default source."""
+    with named inputs a network that names none reads the data's default source. A model with a fixed input
+    size (a ViT's img_size/patch_size) is checked against that input's size; `role` names the config node in
+    the message."""
     if not OmegaConf.is_config(model_cfg):
         model_cfg = OmegaConf.create(model_cfg)
     name = model_cfg.get("input")
     if name is None and not datamodule.named_inputs:
-        return construct(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels)
+        model = construct(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels)
+        image_size = getattr(datamodule, "image_size", None)
+        if image_size is not None:
+            check_input_size(model, tuple(image_size), role)
+        return model
     model_cfg = copy.deepcopy(model_cfg)
     with open_dict(model_cfg):
         model_cfg.pop("input", None)
     name = str(name or datamodule.default_source)
-    model = construct(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.input_shape_of(name)[0])
+    shape = datamodule.input_shape_of(name)
+    model = construct(model_cfg, num_classes=datamodule.num_classes, in_channels=shape[0])
+    if len(shape) == 3:
+        check_input_size(model, tuple(shape[1:]), role)
     return attach_input(model, name)
 
 
@@ -146,8 +156,9 @@ def build_stage_module(stage_cfg: DictConfig, stage: Stage, datamodule: Any,
                           f"{scheme_class.__name__} (stage {stage.name!r}) trains on every label. Semi-supervised "
                           f"distillation runs with scheme=offline (and its teacher and baseline stages); set "
                           f"labeled_fraction=1 for this scheme.")
-    networks = {arg: [build_model(m, datamodule) for m in value] if isinstance(value, (list, tuple))
-                else build_model(value, datamodule) for arg, value in stage.networks.items()}
+    role = "teacher" if stage.name.startswith("teacher") else "student"  # which config node holds its options
+    networks = {arg: [build_model(m, datamodule, role) for m in value] if isinstance(value, (list, tuple))
+                else build_model(value, datamodule, role) for arg, value in stage.networks.items()}
     context = {"terms": build_terms(stage_cfg), "example_input": datamodule.example_input(),
                "inputs": RoleInputs.from_config(stage_cfg.get("inputs")), "labeled": labeled,
                "train_size": datamodule.train_size, "train_targets": datamodule.train_targets,

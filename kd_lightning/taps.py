@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.tokens import LAYOUT_ATTRIBUTE, as_feature_map
 
 INPUT_SUFFIX = ":input"
 
@@ -66,10 +67,18 @@ class FeatureTaps:
     Use as a context manager or call `remove()`; `features` maps each requested tap name to the tensor
     captured in the most recent forward. A tensor that a later in-place op (e.g. `ReLU(inplace=True)`)
     modified is refused when read, because the feature would silently be the post-op value.
+
+    A model that declares a token layout (`kd_lightning.tokens`, e.g. a timm ViT) has its declared B×N×C token
+    taps (`stage1..N`, ...) read as B×C×h×w maps of the patch tokens, here and nowhere else, so every term that
+    names stages sees maps from any model. A tap named by module path (`blocks.3`, `blocks.3.attn.qkv`) is what
+    the module returns: tokens with their class/distillation tokens, for the terms that read tokens.
     """
 
     def __init__(self, model: nn.Module, taps: list[str] | tuple[str, ...], model_name: str = "model") -> None:
         self.model_name = model_name
+        self.token_layout = getattr(model, LAYOUT_ATTRIBUTE, None)
+        declared = declared_taps(model).points
+        self._as_maps = {tap for tap in taps if tap in declared}
         self._captured: dict[str, torch.Tensor] = {}
         self._versions: dict[str, int] = {}
         self._handles = []
@@ -98,7 +107,8 @@ class FeatureTaps:
                     f"(e.g. the block output instead of a ':input' before an inplace ReLU), or construct the "
                     f"model with inplace=False."
                 )
-        return dict(self._captured)
+        return {tap: as_feature_map(tensor, self.token_layout) if tap in self._as_maps else tensor
+                for tap, tensor in self._captured.items()}
 
     def clear(self) -> None:
         self._captured.clear()

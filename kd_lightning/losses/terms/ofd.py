@@ -45,6 +45,13 @@ class OFD(DistillTerm):
         pairs = stage_pairs("ofd", self.student_taps, self.teacher_taps, context)
         if context.teacher is None:
             raise ConfigError("ofd reads its margins from the teacher's BatchNorm layers, but no teacher was given.")
+        if getattr(context.teacher, "kd_token_layout", None) is not None:
+            raise ConfigError(
+                "ofd cannot distil from a vision-transformer teacher: its margin is the expected negative response "
+                "of the BatchNorm before each pre-ReLU teacher feature, and a transformer's residual stream has "
+                "LayerNorms and no ReLU, so there is no margin and no rectification to respect. Use fitnet (a "
+                "regressor on the teacher's block tokens read as maps), at or nst for feature maps, or rkd/pkt/crd on "
+                "the penultimate embedding; ofd works with a ViT student and a convolutional teacher.")
         self.connectors = nn.ModuleList(bn_connector(s_shape[1], t_shape[1]) for _, _, s_shape, t_shape in pairs)
         bns = batchnorm_before(context.teacher, self.teacher_taps, context.teacher_shapes)
         for i, t_tap in enumerate(self.teacher_taps):
@@ -133,7 +140,7 @@ def _dry_forward(model: nn.Module, taps: list[str], shapes: Mapping[str, torch.S
                                     device=parameter.device, dtype=parameter.dtype)
                 try:
                     model(probe)
-                except (RuntimeError, ValueError):
+                except (RuntimeError, ValueError, AssertionError):  # timm asserts on input sizes it was not built for
                     continue
                 if all(tap in reached and reached[tap][1][1:] == shapes[tap][1:] for tap in taps):
                     return
