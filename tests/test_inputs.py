@@ -288,3 +288,25 @@ def test_labels_hidden_from_the_student_leave_its_teacher_trained_on_all(make_cf
 def test_hidden_labels_are_refused_where_a_loss_needs_them(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
         run(make_cfg("labeled_fraction=0.1", *overrides))
+
+
+def test_noisy_student_generations_teach_from_the_clean_view_and_learn_on_the_augmented_one(make_cfg):
+    from kd_lightning.stage_build import build_stage_module, stage_config, teacher_arguments
+    from kd_lightning.stages import plan_stages
+
+    cfg = make_cfg("experiment=schemes/noisy_student", "data.augment=true")
+    datamodule = construct(cfg.data)
+    configure_inputs(cfg, datamodule)
+    datamodule.setup("fit")
+    built: dict = {}
+    for stage in plan_stages(cfg):
+        given = teacher_arguments(stage, built, cfg.inputs.teacher)
+        module = build_stage_module(stage_config(cfg, stage), stage, datamodule, given)
+        built[stage.name] = module.products()
+        if stage.teachers:
+            assert module.teacher.model.kd_input == "clean" and module.student.kd_input == "image"
+    inputs, targets, indices, views = next(iter(datamodule.sample_loader()))
+    assert torch.all(views["clean"] == datamodule.train_views.identity)
+    assert not torch.equal(views["image"], views["clean"])
+    results = run(make_cfg("experiment=schemes/noisy_student", "data.augment=true"))
+    assert results["stages"]["generation1"]["metrics"]["test/acc"] > 0 and "student" in results["stages"]
