@@ -56,6 +56,7 @@ class Offline(DistillationModule):
                 raise ConfigError(f"distill.{name} built a {type(term).__name__}, not a DistillTerm; check its "
                                   f"_target_ in conf/distill/{name}.yaml.")
             term.expand_taps(declared_taps(student).stages, declared_taps(self.teacher.model).stages)
+            term.resolve_model_taps(student, self.teacher.model)
         self.ce_weight = resolve_ce_weight(ce_weight, self.terms)
         self.student_taps = FeatureTaps(student, [t for term in self.terms.values() for t in term.student_taps],
                                         getattr(student, "kd_spec", {}).get("name", "student"))
