@@ -8,6 +8,9 @@ from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 TERMS = sorted(path.stem for path in (CONF_DIR / "distill").glob("*.yaml"))
+# Terms that read transformer blocks (and refuse CNNs): walked with the digits ViT pair.
+TRANSFORMER_TERMS = ("minilm", "minivit", "vitkd")
+TRANSFORMER_PAIR = ["student=vit_digits", "teacher=vit_digits_large"]
 # Recipes cut to the tests' size: init stages of one epoch, warm-ups that end within two epochs, CRD with
 # 64 negatives instead of 16384, FSP between networks of equal widths.
 TERM_OVERRIDES = {
@@ -15,6 +18,7 @@ TERM_OVERRIDES = {
     "fsp": ["distill.fsp.init_epochs=1", "student=convnet_large"],
     "dkd": ["distill.dkd.warmup_epochs=2"], "dkd_ls": ["distill.dkd_ls.warmup_epochs=2"],
     "reviewkd": ["distill.reviewkd.warmup_epochs=2"], "crd": ["distill.crd.nce_k=64"],
+    **{term: TRANSFORMER_PAIR for term in TRANSFORMER_TERMS},
 }
 DATA_FREE = ["scheme.batch_size=16", "scheme.generator.width=8"]
 POOL = ["scheme.steps_per_epoch=4", "scheme.steps_per_round=3", "scheme.batch_size=8", "scheme.pool_size=20",
