@@ -18,9 +18,13 @@ from kd_lightning.pipeline import run
 from kd_lightning.schemes.data_free import DataFree
 from kd_lightning.schemes.online import MutualLearning
 from kd_lightning.stages import plan_stages
-from scheme_cases import CONF_DIR, SCHEME_CASES
+from scheme_cases import CONF_DIR, SCHEME_CASES, TERM_OVERRIDES, TRANSFORMER_TERMS
 
 SCHEMES = sorted(SCHEME_CASES)
+# Each scheme's first case, plus the transformer terms: their networks (ViTs) are no other case's.
+WALKS = [pytest.param(scheme, SCHEME_CASES[scheme][0], id=scheme) for scheme in SCHEMES] + [
+    pytest.param("offline", [f"distill=[{term}]", *TERM_OVERRIDES[term]], id=f"offline-{term}")
+    for term in TRANSFORMER_TERMS]
 
 
 def test_every_scheme_config_has_a_case():
@@ -52,9 +56,9 @@ def unregistered_modules(module: nn.Module) -> list[nn.Module]:
     return held
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_every_teacher_is_outside_optimizer_and_checkpoint_and_stays_in_eval(make_cfg, scheme):
-    cfg = make_cfg(f"scheme={scheme}", *SCHEME_CASES[scheme][0])
+@pytest.mark.parametrize(("scheme", "case"), WALKS)
+def test_every_teacher_is_outside_optimizer_and_checkpoint_and_stays_in_eval(make_cfg, scheme, case):
+    cfg = make_cfg(f"scheme={scheme}", *case)
     datamodule = pipeline.construct(cfg.data)
     built: dict[str, dict[str, nn.Module]] = {}
     for stage in plan_stages(cfg):
@@ -77,12 +81,12 @@ def test_every_teacher_is_outside_optimizer_and_checkpoint_and_stays_in_eval(mak
             assert not any(m.training for m in teacher.modules()), f"{stage.name}: train() reached a teacher"
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_bf16_mixed_on_cpu_follows_the_fp32_run(make_cfg, recorded_losses, scheme):
+@pytest.mark.parametrize(("scheme", "case"), WALKS)
+def test_bf16_mixed_on_cpu_follows_the_fp32_run(make_cfg, recorded_losses, scheme, case):
     first = {}
     for precision in ("32-true", "bf16-mixed"):
         recorded_losses.clear()
-        cfg = make_cfg(f"scheme={scheme}", *SCHEME_CASES[scheme][0], "baseline=false", f"trainer.precision={precision}")
+        cfg = make_cfg(f"scheme={scheme}", *case, "baseline=false", f"trainer.precision={precision}")
         run(cfg)
         first[precision] = recorded_losses[plan_stages(cfg)[-1].name][0]
     # bf16 keeps 8 mantissa bits: the first loss moves in the third digit, not more; equal would mean the
