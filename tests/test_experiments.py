@@ -207,7 +207,7 @@ FSP_REFUSES = {"cifar100/wrn_40_2_wrn_40_1", "cifar100/vgg13_MobileNetV2", "cifa
 
 def expected_refusal(cfg: DictConfig, experiment: str, method: str, student: torch.nn.Module) -> str | None:
     """The ConfigError a method must raise for this experiment, or None when it must train."""
-    if method in TRANSFORMER_TERMS and not hasattr(student, "blocks"):
+    if method in TRANSFORMER_TERMS and not any(hasattr(module, "qkv") for module in student.modules()):
         return "no transformer blocks"
     if cfg.distill[method].get("warmup_epochs", 0) > cfg.trainer.max_epochs:  # e.g. 20-epoch ramps, 10-epoch demo
         return "longer than training"
