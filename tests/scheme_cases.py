@@ -8,6 +8,14 @@ from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 TERMS = sorted(path.stem for path in (CONF_DIR / "distill").glob("*.yaml"))
+# Terms that read transformer blocks (and refuse CNNs): walked with the digits ViT pair.
+TRANSFORMER_TERMS = ("minilm", "minivit", "vitkd")
+TRANSFORMER_PAIR = ["student=vit_digits", "teacher=vit_digits_large"]
+# The networks of conf/student/vit_digits.yaml and conf/teacher/vit_digits_large.yaml, for tests that build
+# models directly: `build_model(**VIT_DIGITS, num_classes=10, in_channels=1)`.
+_DIGITS_VIT = {"name": "timm:vit_tiny_patch16_224", "img_size": 8, "patch_size": 2}
+VIT_DIGITS = {**_DIGITS_VIT, "embed_dim": 32, "depth": 3, "num_heads": 2}
+VIT_DIGITS_LARGE = {**_DIGITS_VIT, "embed_dim": 64, "depth": 4, "num_heads": 4}
 # Recipes cut to the tests' size: init stages of one epoch, warm-ups that end within two epochs, CRD with
 # 64 negatives instead of 16384, FSP between networks of equal widths.
 TERM_OVERRIDES = {
@@ -15,6 +23,7 @@ TERM_OVERRIDES = {
     "fsp": ["distill.fsp.init_epochs=1", "student=convnet_large"],
     "dkd": ["distill.dkd.warmup_epochs=2"], "dkd_ls": ["distill.dkd_ls.warmup_epochs=2"],
     "reviewkd": ["distill.reviewkd.warmup_epochs=2"], "crd": ["distill.crd.nce_k=64"],
+    **{term: TRANSFORMER_PAIR for term in TRANSFORMER_TERMS},
 }
 DATA_FREE = ["scheme.batch_size=16", "scheme.generator.width=8"]
 POOL = ["scheme.steps_per_epoch=4", "scheme.steps_per_round=3", "scheme.batch_size=8", "scheme.pool_size=20",

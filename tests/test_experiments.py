@@ -22,6 +22,7 @@ from kd_lightning.pipeline import build_terms
 from kd_lightning.schemes import Offline, Supervised
 from kd_lightning.schemes.base import unpack_batch
 from kd_lightning.teachers import FrozenTeacher
+from scheme_cases import TRANSFORMER_TERMS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # schemes/: a scheme's reference recipe (optimizer, schedule, data), not a teacher → student pair; tested with
@@ -204,8 +205,10 @@ FSP_REFUSES = {"cifar100/wrn_40_2_wrn_40_1", "cifar100/vgg13_MobileNetV2", "cifa
 # pre-activation sum cannot be tapped. AB, OFD and ReviewKD distil pre-ReLU teacher features.
 
 
-def expected_refusal(cfg: DictConfig, experiment: str, method: str) -> str | None:
+def expected_refusal(cfg: DictConfig, experiment: str, method: str, student: torch.nn.Module) -> str | None:
     """The ConfigError a method must raise for this experiment, or None when it must train."""
+    if method in TRANSFORMER_TERMS and not any(hasattr(module, "qkv") for module in student.modules()):
+        return "no transformer blocks"
     if cfg.distill[method].get("warmup_epochs", 0) > cfg.trainer.max_epochs:  # e.g. 20-epoch ramps, 10-epoch demo
         return "longer than training"
     if method == "fsp" and experiment in FSP_REFUSES:
@@ -220,7 +223,7 @@ DISTILL_CASES = [(experiment, method) for experiment in PAIR_CONFIGS for method 
 @pytest.mark.parametrize(("experiment", "method"), DISTILL_CASES)
 def test_pair_trains_one_step_with_every_method(make_cfg, experiment, method):
     cfg, teacher, student, data = prepared(experiment, make_cfg)
-    refused = expected_refusal(cfg, experiment, method)
+    refused = expected_refusal(cfg, experiment, method, student)
     if refused:
         teacher = copy.deepcopy(teacher)  # a refused build leaves its hooks behind: keep them off the shared one
     terms = build_terms(only(cfg, method))

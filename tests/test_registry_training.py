@@ -14,6 +14,7 @@ from kd_lightning.models import MODELS, build_model
 from kd_lightning.pipeline import build_terms
 from kd_lightning.schemes import Offline, Supervised
 from kd_lightning.teachers import FrozenTeacher
+from scheme_cases import TRANSFORMER_TERMS, VIT_DIGITS, VIT_DIGITS_LARGE
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SMALL_INPUT_MODELS = {"convnet_tiny", "convnet_small", "convnet_large"}
@@ -59,11 +60,15 @@ def distill_options() -> list[str]:
 @pytest.mark.parametrize("term_name", distill_options())
 def test_every_term_trains_with_the_offline_scheme(make_cfg, term_name):
     torch.manual_seed(0)
-    datamodule = SyntheticDataModule(num_classes=10, in_channels=3, image_size=32, train_size=32, val_size=8,
-                                     test_size=8, batch_size=8)
-    teacher = build_model("resnet20", num_classes=10)
+    transformer = term_name in TRANSFORMER_TERMS
+    datamodule = SyntheticDataModule(num_classes=10, in_channels=1 if transformer else 3,
+                                     image_size=8 if transformer else 32, train_size=32, val_size=8, test_size=8,
+                                     batch_size=8)
+    channels = datamodule.in_channels
+    teacher = build_model(**(VIT_DIGITS_LARGE if transformer else {"name": "resnet20"}), num_classes=10,
+                          in_channels=channels)
     teacher_before = snapshot(teacher)
-    student = build_model("resnet8", num_classes=10)
+    student = build_model(**(VIT_DIGITS if transformer else {"name": "resnet8"}), num_classes=10, in_channels=channels)
     student_before = snapshot(student)
     terms = build_terms(make_cfg(f"distill=[{term_name}]"))
     module = Offline(student=student, teacher=FrozenTeacher(teacher), terms=terms, num_classes=10,

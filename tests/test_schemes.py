@@ -19,12 +19,15 @@ from kd_lightning.schemes.data_free import DataFree
 from kd_lightning.schemes.online import MutualLearning
 from kd_lightning.stage_build import configure_inputs
 from kd_lightning.stages import plan_stages
-from scheme_cases import CONF_DIR, NAMED_INPUT_CASES, SCHEME_CASES
+from scheme_cases import CONF_DIR, NAMED_INPUT_CASES, SCHEME_CASES, TERM_OVERRIDES, TRANSFORMER_TERMS
 
 SCHEMES = sorted(SCHEME_CASES)
-# Each scheme under its first case, and the named-input cases (a student on a resized view, ...).
-WALK = [pytest.param(scheme, SCHEME_CASES[scheme][0], id=scheme) for scheme in SCHEMES] + [
-    pytest.param(scheme, overrides, id=f"{scheme}-named_inputs") for scheme, overrides in NAMED_INPUT_CASES]
+# Each scheme's first case, the named-input cases (a student on a resized view, ...) and the transformer terms:
+# their networks (ViTs) are no other case's.
+WALKS = [pytest.param(scheme, SCHEME_CASES[scheme][0], id=scheme) for scheme in SCHEMES] + [
+    pytest.param(scheme, overrides, id=f"{scheme}-named_inputs") for scheme, overrides in NAMED_INPUT_CASES] + [
+    pytest.param("offline", [f"distill=[{term}]", *TERM_OVERRIDES[term]], id=f"offline-{term}")
+    for term in TRANSFORMER_TERMS]
 
 
 def test_every_scheme_config_has_a_case():
@@ -56,9 +59,9 @@ def unregistered_modules(module: nn.Module) -> list[nn.Module]:
     return held
 
 
-@pytest.mark.parametrize("scheme, overrides", WALK)
-def test_every_teacher_is_outside_optimizer_and_checkpoint_and_stays_in_eval(make_cfg, scheme, overrides):
-    cfg = make_cfg(f"scheme={scheme}", *overrides)
+@pytest.mark.parametrize(("scheme", "case"), WALKS)
+def test_every_teacher_is_outside_optimizer_and_checkpoint_and_stays_in_eval(make_cfg, scheme, case):
+    cfg = make_cfg(f"scheme={scheme}", *case)
     datamodule = pipeline.construct(cfg.data)
     configure_inputs(cfg, datamodule)
     built: dict[str, dict[str, nn.Module]] = {}
@@ -82,12 +85,12 @@ def test_every_teacher_is_outside_optimizer_and_checkpoint_and_stays_in_eval(mak
             assert not any(m.training for m in teacher.modules()), f"{stage.name}: train() reached a teacher"
 
 
-@pytest.mark.parametrize("scheme, overrides", WALK)
-def test_bf16_mixed_on_cpu_follows_the_fp32_run(make_cfg, recorded_losses, scheme, overrides):
+@pytest.mark.parametrize(("scheme", "case"), WALKS)
+def test_bf16_mixed_on_cpu_follows_the_fp32_run(make_cfg, recorded_losses, scheme, case):
     first = {}
     for precision in ("32-true", "bf16-mixed"):
         recorded_losses.clear()
-        cfg = make_cfg(f"scheme={scheme}", *overrides, "baseline=false", f"trainer.precision={precision}")
+        cfg = make_cfg(f"scheme={scheme}", *case, "baseline=false", f"trainer.precision={precision}")
         run(cfg)
         first[precision] = recorded_losses[plan_stages(cfg)[-1].name][0]
     # bf16 keeps 8 mantissa bits: the first loss moves in the third digit, not more; equal would mean the

@@ -193,13 +193,13 @@ def test_timm_cnn_stages_come_from_feature_info():
     ({"img_size": 9, "patch_size": 3}, "Set student.patch_size=2"),
 ])
 def test_a_vit_that_does_not_fit_the_data_is_refused_with_the_setting_to_change(make_cfg, options, fix):
-    cfg = make_cfg("student=vit_tiny_digits", *(f"student.{key}={value}" for key, value in options.items()))
+    cfg = make_cfg("student=vit_digits", *(f"student.{key}={value}" for key, value in options.items()))
     with pytest.raises(ConfigError, match=fix):
         build_from_config(cfg.student, DigitsDataModule())
 
 
 def test_a_teacher_vit_that_does_not_fit_names_the_teacher_node(make_cfg):
-    cfg = make_cfg("teacher=vit_tiny_digits", "teacher.model.img_size=16")
+    cfg = make_cfg("teacher=vit_digits_large", "teacher.model.img_size=16")
     with pytest.raises(ConfigError, match="Set teacher.model.img_size=8"):
         run(cfg)
 
@@ -211,7 +211,7 @@ def test_a_dinov2_teacher_file_loads_through_the_config_without_network(make_cfg
     source = build_model(num_classes=0, in_channels=1, **TINY_DINOV2)  # released DINOv2 files have no head
     path = tmp_path / "dinov2_tiny.safetensors"
     save_file(source.state_dict(), str(path))
-    overrides = ["teacher=vit_tiny_digits", f"teacher.model.weights={path}", "baseline=false",
+    overrides = ["teacher=vit_digits_large", f"teacher.model.weights={path}", "baseline=false",
                  *(f"teacher.model.{key}={value}" for key, value in TINY_DINOV2.items())]
     cfg = make_cfg(*overrides)
     assert not plan_stages(cfg)[0].trains  # a teacher with weights is evaluated, never trained
@@ -226,7 +226,7 @@ def test_tiny_vit_student_distils_and_runs_bf16(make_cfg, recorded_losses):
     first_steps = {}
     for precision in ("32-true", "bf16-mixed"):
         recorded_losses.clear()
-        run(make_cfg("student=vit_tiny_digits", "baseline=false", "distill=[kd,fitnet]", "scheme.ce_weight=0.1",
+        run(make_cfg("student=vit_digits", "baseline=false", "distill=[kd,fitnet]", "scheme.ce_weight=0.1",
                      f"trainer.precision={precision}"))
         assert all(torch.isfinite(torch.tensor(recorded_losses["student"])))
         first_steps[precision] = recorded_losses["student"][0]
@@ -237,7 +237,7 @@ def test_tiny_vit_student_distils_and_runs_bf16(make_cfg, recorded_losses):
 def test_tiny_vit_student_resumes_mid_epoch_with_the_uninterrupted_losses(tmp_path, monkeypatch):
     from test_resume import RESUME_STEP, compose_cfg, run_recording
 
-    settings = ["student=vit_tiny_digits", "distill=[kd,fitnet]", "scheme.ce_weight=0.1",
+    settings = ["student=vit_digits", "distill=[kd,fitnet]", "scheme.ce_weight=0.1",
                 "student.drop_path_rate=0.1"]  # stochastic depth draws random numbers: the RNG state must resume
     whole = run_recording(compose_cfg(tmp_path / "cache", tmp_path / "whole", *settings), monkeypatch)
     checkpoint = tmp_path / "whole" / "student" / "checkpoints" / f"epoch=0-step={RESUME_STEP}.ckpt"

@@ -18,7 +18,7 @@ from kd_lightning.teachers import FrozenTeacher
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TERMS = sorted(path.stem for path in (CONF / "distill").glob("*.yaml"))
-# conf/student/vit_tiny_digits.yaml, two blocks fewer: the walk is about shapes, not capacity.
+# conf/student/vit_digits.yaml, one block fewer: the walk is about shapes, not capacity.
 VIT = {"name": "timm:vit_tiny_patch16_224", "img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2,
        "num_heads": 2}
 # The only refusals, with what their messages must say: FSP's Gram matrices need equal widths on both sides

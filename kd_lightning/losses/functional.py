@@ -649,3 +649,52 @@ def ofa_target_enhanced(student_logits: Tensor, teacher_logits: Tensor, target: 
     target_mask = F.one_hot(target, num_classes=student_logits.shape[1]).to(p_teacher.dtype)
     weights = (p_teacher + target_mask).pow(eps) - target_mask
     return -(weights * log_p_student).sum(dim=1).mean()
+def self_attention_relation(first: Tensor, second: Tensor, heads: int) -> Tensor:
+    """MiniLMv2's relation logits (Wang et al. 2021, eq. 2 before the softmax): the token vectors (B, N, C) of
+    all attention heads, concatenated, are split again into `heads` relation heads of C/heads channels, and
+    each head's scaled dot products first_a · second_aᵀ / √(C/heads) give (B, heads, N, N). With `heads` the
+    model's own head count, (q, k) is the model's attention logits and (v, v) MiniLM v1's value relation."""
+    batch, tokens, channels = first.shape
+    if channels % heads:
+        raise ValueError(f"{heads} relation heads do not divide {channels} channels")
+    width = channels // heads
+    first = first.float().reshape(batch, tokens, heads, width).transpose(1, 2)
+    second = second.float().reshape(batch, tokens, heads, width).transpose(1, 2)
+    return first @ second.transpose(-1, -2) / math.sqrt(width)
+
+
+def relation_kl(student_relation_logits: Tensor, teacher_relation_logits: Tensor) -> Tensor:
+    """KL(softmax(teacher row) ‖ softmax(student row)) for every relation row (B, heads, N, N), averaged over
+    batch, heads and rows: MiniLM's 1/(A_h·|x|) Σ_a Σ_t D_KL. In float32: bf16 logits lose the small
+    probabilities that the KL weighs."""
+    log_student = F.log_softmax(student_relation_logits.float(), dim=-1)
+    log_teacher = F.log_softmax(teacher_relation_logits.float(), dim=-1)
+    return _row_kl(log_teacher, log_student).mean()
+
+
+def attention_probability_kl(student_probabilities: Tensor, teacher_probabilities: Tensor) -> Tensor:
+    """MiniLM v1's attention transfer on the probabilities a model computed (B, heads, N, N after the
+    softmax): KL(teacher row ‖ student row) averaged over batch, heads and rows. A probability that
+    underflowed to zero is clamped to the smallest normal float32 before the log, so the loss stays finite."""
+    tiny = torch.finfo(torch.float32).tiny
+    log_student = student_probabilities.float().clamp_min(tiny).log()
+    log_teacher = teacher_probabilities.float().clamp_min(tiny).log()
+    return _row_kl(log_teacher, log_student).mean()
+
+
+def hidden_relation_mse(student_hidden: Tensor, teacher_hidden: Tensor) -> Tensor:
+    """MiniViT's hidden-state relation loss (microsoft/Cream MiniViT/Mini-Swin main.py
+    `cal_hidden_relation_loss`): the cosine similarities between a sample's tokens (B, N, N), squared error to
+    the teacher's, averaged over entries and multiplied by the token count N (the reference's ×49 is its 7×7
+    window), i.e. summed over one axis and averaged over the other two."""
+    student = F.normalize(student_hidden.float(), dim=-1)
+    teacher = F.normalize(teacher_hidden.float(), dim=-1)
+    student_relation = student @ student.transpose(-1, -2)
+    teacher_relation = teacher @ teacher.transpose(-1, -2)
+    return (student_relation - teacher_relation).pow(2).mean() * student_hidden.shape[1]
+
+
+def _row_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Σ over the last dim of p·(log p − log q); entries with p = 0 contribute 0."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)

@@ -110,6 +110,7 @@ class MultiTeacher(Offline):
         """Size teacher `index`'s term copies against its own tap shapes and register them in `self.terms`."""
         for term in terms.values():
             term.expand_taps(declared_taps(self.student).stages, declared_taps(teacher.model).stages)
+            term.resolve_model_taps(self.student, teacher.model)
         taps = FeatureTaps(teacher.model, [t for term in terms.values() for t in term.teacher_taps],
                            getattr(teacher.model, "kd_spec", {}).get("name", f"teacher{index + 1}"))
         was_training = self.student.training

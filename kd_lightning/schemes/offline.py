@@ -59,6 +59,7 @@ class Offline(DistillationModule):
                 raise ConfigError(f"distill.{name} built a {type(term).__name__}, not a DistillTerm; check its "
                                   f"_target_ in conf/distill/{name}.yaml.")
             term.expand_taps(declared_taps(student).stages, declared_taps(self.teacher.model).stages)
+            term.resolve_model_taps(student, self.teacher.model)
         self.ce_weight = resolve_ce_weight(ce_weight, self.terms)
         readers = [name for name, term in self.terms.items() if term.reads_targets]
         if labeled is not None and readers:

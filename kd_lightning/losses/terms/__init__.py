@@ -13,6 +13,7 @@ from kd_lightning.losses.terms.fsp import FSP
 from kd_lightning.losses.terms.ft import FT
 from kd_lightning.losses.terms.kd import KD
 from kd_lightning.losses.terms.l1_logits import L1Logits
+from kd_lightning.losses.terms.minilm import MiniLM
 from kd_lightning.losses.terms.nst import NST
 from kd_lightning.losses.terms.ofa import OFA
 from kd_lightning.losses.terms.ofd import OFD
@@ -22,6 +23,8 @@ from kd_lightning.losses.terms.rkd import RKD
 from kd_lightning.losses.terms.sp import SP
 from kd_lightning.losses.terms.tf_kd import TfKD
 from kd_lightning.losses.terms.vid import VID
+from kd_lightning.losses.terms.vitkd import ViTKD
 
 __all__ = ["AB", "AT", "BuildContext", "CC", "CRD", "Consistency", "DIST", "DKD", "DistillInputs", "DistillTerm", "FSP", "FT",
-           "FitNet", "KD", "L1Logits", "NST", "OFA", "OFD", "PKT", "RKD", "ReviewKD", "SP", "TfKD", "VID"]
+           "FitNet", "KD", "L1Logits", "MiniLM", "NST", "OFA", "OFD", "PKT", "RKD", "ReviewKD", "SP", "TfKD", "VID",
+           "ViTKD"]

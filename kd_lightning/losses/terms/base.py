@@ -94,6 +94,11 @@ class DistillTerm(nn.Module):
         self.student_taps = _expand(self.student_taps, student_stages, "student")
         self.teacher_taps = _expand(self.teacher_taps, teacher_stages, "teacher")
 
+    def resolve_model_taps(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Set taps that depend on the networks' structure (a transformer's blocks by index) and switch a
+        network to the code path those taps read. Called once per (student, teacher) by the scheme after
+        `expand_taps`, before any hook is registered or example forward runs, so shapes reach `build`."""
+
     def build(self, context: BuildContext) -> None:
         """Create shape-dependent parts (regressors, embeddings, memory banks)."""
 
