@@ -245,3 +245,21 @@ def test_ofa_reads_only_the_teachers_logits_so_the_teacher_cache_takes_it(tmp_pa
                      example_input=datamodule.example_input(), optimizer=torch.optim.SGD,
                      teacher_cache=TeacherCacheOptions(storage="memory", directory=tmp_path, dtype="float32"))
     assert module.terms["ofa"].teacher_taps == [] and module.teacher_outputs is not None
+
+
+def test_a_zoo_vit_students_branches_read_its_tokens_class_token_included():
+    # timm: models declare stages that FeatureTaps reads as patch maps; OFA's ViT branches are the reference's
+    # token branches, so it taps the same blocks by module path.
+    from kd_lightning.models import build_model
+    from kd_lightning.schemes import Offline
+    from kd_lightning.losses.terms.ofa import OFA
+    from scheme_cases import VIT_DIGITS
+
+    student = build_model(**VIT_DIGITS, num_classes=10, in_channels=1)
+    teacher = build_model("convnet_large", num_classes=10, in_channels=1)
+    module = Offline(student=student, teacher=teacher, terms={"ofa": OFA()}, num_classes=10,
+                     example_input=torch.randn(2, 1, 8, 8), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    term = module.terms["ofa"]
+    assert all(tap.startswith("blocks.") for tap in term.student_taps)
+    student(torch.randn(3, 1, 8, 8))
+    assert all(feature.dim() == 3 and feature.shape[1] == 17 for feature in module.student_taps.features.values())

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import functional
 from kd_lightning.losses.terms.base import STAGES, BuildContext, DistillInputs, DistillTerm, as_tap_list
+from kd_lightning.taps import declared_taps
+from kd_lightning.tokens import LAYOUT_ATTRIBUTE
 
 # The reference merges ViT patch tokens down to a 7×7 grid, the resolution of a ResNet's last stage at 224².
 FINAL_TOKEN_GRID = 7
@@ -103,6 +105,15 @@ class OFA(DistillTerm):
     def expand_taps(self, student_stages: Sequence[str], teacher_stages: Sequence[str]) -> None:
         super().expand_taps(student_stages, teacher_stages)
         self.student_stages = list(student_stages)
+
+    def resolve_model_taps(self, student: nn.Module, teacher: nn.Module) -> None:
+        # The reference's ViT branches read tokens, class token included; `FeatureTaps` reads a ViT's declared
+        # stages as maps of the patch tokens, so its stages are tapped by their module paths here.
+        if getattr(student, LAYOUT_ATTRIBUTE, None) is None:
+            return
+        points = declared_taps(student).points
+        self.student_taps = [points.get(tap, tap) for tap in self.student_taps]
+        self.student_stages = [points.get(stage, stage) for stage in self.student_stages]
 
     def stages_after(self, index: int) -> int:
         """How many stages follow a tap: the reference sizes each branch by it (4 − stage)."""
