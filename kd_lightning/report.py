@@ -19,14 +19,16 @@ COLLAPSE_FACTOR = 1.5
 BASELINE_GAP = 0.10
 
 
-def network_size(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+def network_size(model: nn.Module, example_input: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, int]:
     """Parameters and FLOPs of one forward pass per image (torch's FlopCounterMode: 2 FLOPs per
     multiply-accumulate of matmuls and convolutions), measured in eval mode on one example image."""
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(example_input[:1])
+        # One sample of every named source when the input is a dict of them (the network picks its own).
+        model({name: batch[:1] for name, batch in example_input.items()} if isinstance(example_input, Mapping)
+              else example_input[:1])
     model.train(was_training)
     return {"params": sum(p.numel() for p in model.parameters()), "flops": int(counter.get_total_flops())}
 

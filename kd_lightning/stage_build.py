@@ -16,6 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kd_lightning.data.base import reads_source
 from kd_lightning.errors import ConfigError
 from kd_lightning.schemes.base import DistillationModule
 from kd_lightning.stages import Stage
@@ -37,7 +38,11 @@ def construct(node: DictConfig, **kwargs: Any) -> Any:
 
 
 def build_model(model_cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
-    return construct(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels)
+    """A network for `datamodule`'s default input; with named sources it picks that one out of the batch dict."""
+    model = construct(model_cfg, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels)
+    if getattr(datamodule, "named_sources", False):
+        reads_source(model, datamodule.default_source)
+    return model
 
 
 def scheme_kwargs(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:

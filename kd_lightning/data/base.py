@@ -20,11 +20,11 @@ Validation split convention (`val_fraction`):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from kd_lightning.data.device import DeviceBatches, ResidentSplit, fits_on, parse_device_resident
@@ -208,12 +208,39 @@ class KDDataModule(L.LightningDataModule):
         return ResidentSplit(base.images, base.targets, mean, std)
 
     # --- shapes, known before setup ----------------------------------------------------------------------
+    # Whether a sample's input is a dict of named sources (`sources`) rather than one tensor; then batches carry
+    # a dict name → B×... tensor and `example_input` is such a dict.
+    named_sources: bool = False
+
     @property
-    def input_shape(self) -> tuple[int, int, int]:
+    def input_shape(self) -> tuple[int, ...]:
+        """The per-sample shape of the default source: what a network that names no source reads."""
         return (self.in_channels, *self.image_size)
 
-    def example_input(self, batch_size: int = 2) -> Tensor:
-        """A random batch of the input shape, for probing feature shapes before any data is loaded."""
+    @property
+    def sources(self) -> dict[str, tuple[int, ...]]:
+        """The inputs a sample carries, name → per-sample shape. A single-input module has one, "image"."""
+        return {self.default_source: self.input_shape}
+
+    @property
+    def default_source(self) -> str:
+        """The source networks read when the config names none."""
+        return "image"
+
+    def input_shape_of(self, source: str) -> tuple[int, ...]:
+        """The per-sample shape of `source`, refused with the available names when the module has no such input."""
+        shapes = self.sources
+        if source not in shapes:
+            raise ConfigError(f"{type(self).__name__} has no input named {source!r}; its inputs are "
+                              f"{', '.join(repr(name) for name in shapes)} (default {self.default_source!r}). Name one "
+                              f"of them.")
+        return shapes[source]
+
+    def example_input(self, batch_size: int = 2) -> Tensor | dict[str, Tensor]:
+        """A random batch of the input shape (a dict of one per source when samples carry named sources), for
+        probing feature shapes before any data is loaded."""
+        if self.named_sources:
+            return {name: torch.randn(batch_size, *shape) for name, shape in self.sources.items()}
         return torch.randn(batch_size, *self.input_shape)
 
     @property
@@ -394,6 +421,31 @@ class KDDataModule(L.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
 
+def reads_source(model: nn.Module, source: str) -> nn.Module:
+    """Make `model` read `source` from an input that is a dict of named sources (a named-sources batch or
+    `example_input`), and anything else as it comes; returns `model`.
+
+    A forward pre-hook rather than a change to the schemes, so every place a network is called (training,
+    evaluation, tap-shape probes, FLOP counts) picks the same input while the module tree and state_dict stay
+    those of the bare network. The name is kept as `model.kd_input`, where per-role input choices can read it.
+    """
+    model.kd_input = source
+    if not getattr(model, "_reads_source_hooked", False):
+        model.register_forward_pre_hook(_pick_named_source)
+        model._reads_source_hooked = True
+    return model
+
+
+def _pick_named_source(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if not args or not isinstance(args[0], Mapping):
+        return None
+    inputs = args[0]
+    if module.kd_input not in inputs:
+        raise ConfigError(f"{type(module).__name__} reads the input {module.kd_input!r}, but the batch carries "
+                          f"{', '.join(repr(name) for name in inputs)}. Name one of them.")
+    return (inputs[module.kd_input], *args[1:])
+
+
 def view_targets(view: IndexedDataset) -> Tensor:
     """The labels of `view` in its own order, from the base's `targets` (torchvision datasets, ImageFolder,
     TensorImageDataset) without touching the images; a base without one is read sample by sample."""
@@ -420,4 +472,4 @@ def check_positive(name: str, value: Any) -> int:
 
 
 __all__ = ["NO_AUGMENTATION", "UNNAMED_VIEW", "IndexedDataset", "KDDataModule", "TensorImageDataset", "as_hw",
-           "check_positive", "split_sizes", "view_targets"]
+           "check_positive", "reads_source", "split_sizes", "view_targets"]

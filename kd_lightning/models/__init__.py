@@ -50,7 +50,7 @@ def module_paths(model: nn.Module) -> list[str]:
 def _load_zoo() -> None:
     # Import for the side effect of registration; kept in one place so the registry is always complete.
     from kd_lightning.models import (  # noqa: F401
-        cifar_resnet, lenet, mobilenetv1, mobilenetv2, resnet_bottleneck, shufflenet, small, vgg, wrn,
+        cifar_resnet, lenet, mlp, mobilenetv1, mobilenetv2, resnet_bottleneck, shufflenet, small, vgg, wrn,
     )
 
 
