@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from kd_lightning.errors import ConfigError
@@ -26,6 +27,10 @@ def register_model(name: str, **meta: Any):
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
     """Build a registered or torchvision model; the result carries `kd_spec`, the arguments that rebuild it."""
+    # A list option from a config (e.g. an MLP's widths) arrives as a ListConfig, which a weights_only load
+    # of the exported spec cannot read back.
+    kwargs = {key: OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig))
+              else value for key, value in kwargs.items()}
     if name.startswith(TORCHVISION_PREFIX):
         from kd_lightning.models.torchvision_models import build_torchvision_model
 

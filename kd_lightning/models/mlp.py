@@ -76,16 +76,18 @@ def mlp(num_classes: int, in_channels: int, hidden: Sequence[int] = (256, 128), 
 
 
 @register_model("mlp_small", **VECTOR_INPUT)
-def mlp_small(num_classes: int, in_channels: int, hidden: Sequence[int] = (32, 32), dropout: float = 0.0,
+def mlp_small(num_classes: int, in_channels: int, hidden: Sequence[int] = (16, 16), dropout: float = 0.0,
               batch_norm: bool = False) -> MLP:
-    """Student: two hidden layers of 32."""
+    """Student: two hidden layers of 16 (4.3k parameters on mfeat's 240 pixels). Chosen on the validation split
+    (seeds 0 and 1) to trail mlp_large by about 1.5 points, so distillation has something to transfer: widths 32
+    came within noise of the teacher, widths 8 trailed it by 3."""
     return MLP(num_classes, in_channels, hidden, dropout, batch_norm)
 
 
 @register_model("mlp_large", **VECTOR_INPUT)
 def mlp_large(num_classes: int, in_channels: int, hidden: Sequence[int] = (512, 256), dropout: float = 0.3,
               batch_norm: bool = False) -> MLP:
-    """Teacher: hidden layers of 512 and 256 with dropout 0.3."""
+    """Teacher: hidden layers of 512 and 256 with dropout 0.3 (257k parameters on mfeat's 240 pixels)."""
     return MLP(num_classes, in_channels, hidden, dropout, batch_norm)
 
 
