@@ -148,6 +148,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"teacher_cache={cfg.teacher_cache.storage} caches a frozen teacher's outputs, but no stage "
                           f"of this run distils from a trained teacher (stages: {[s.name for s in stages]}). Use "
                           f"{OFF_SWITCH}.")
+    if cache_options(cfg) and getattr(datamodule, "named_sources", False):
+        # The cache indexes one input tensor per batch; a batch of named sources is a dict of them.
+        raise ConfigError(f"teacher_cache={cfg.teacher_cache.storage} serves batches of one input tensor, but "
+                          f"{type(datamodule).__name__} gives each sample several named inputs "
+                          f"({', '.join(datamodule.sources)}). Use {OFF_SWITCH} with this data set.")
     resume = resumed_stage(cfg, stages)
     # Build every stage once with untrained networks first, so a bad model, term or tap name fails in
     # seconds instead of after the teachers and the baseline have trained.

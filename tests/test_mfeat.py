@@ -177,3 +177,9 @@ def test_the_job_trains_mlps_on_the_default_source_and_reports(make_cfg, mfeat_d
     state_dict, spec = read_weights(tmp_path / "out" / "student.pt")
     assert spec == {"name": "mlp_small", "num_classes": 10, "in_channels": 240, "hidden": [16, 8]}
     build_model(**spec).load_state_dict(state_dict)
+
+
+def test_the_teacher_output_cache_is_refused_for_named_sources_before_training(make_cfg, mfeat_dir, tmp_path):
+    with pytest.raises(ConfigError, match="teacher_cache=none"):
+        run(make_cfg("data=mfeat", "teacher=mlp_large", "student=mlp_small", "teacher_cache=memory"))
+    assert not (tmp_path / "cache" / "stages").exists()

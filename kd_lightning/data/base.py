@@ -1,9 +1,15 @@
-"""The contract every data module follows: `(image, target, index, view)` batches and a seeded validation split.
+"""The contract every data module follows: `(input, target, index, view)` batches and a seeded validation split.
 
 `view` names the training augmentation a sample went through (`KDDataModule.train_views`: a pad-crop/flip
 view as one integer, so a teacher-output cache can key on (index, view)); samples of a split without named
 views (evaluation splits, augmentations that cannot be named, such as ImageNet's RandomResizedCrop) carry
 `UNNAMED_VIEW`.
+
+A sample's input may instead be a dict of named sources (`named_sources`; mfeat's six feature vectors): then
+`sources` names them with their per-sample shapes, `default_source` is the one a network reads when the config
+names none (`input_shape` and `in_channels` are its), batches carry a dict name → tensor, and `example_input`
+is such a dict. Every module answers `sources` and `default_source`; a single-input module's one source is
+"image", and its inputs stay plain tensors.
 
 Validation split convention (`val_fraction`):
   * `val_fraction > 0`: that fraction of the training set is held out by a permutation seeded by `seed` (keep
