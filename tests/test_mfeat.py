@@ -166,7 +166,8 @@ def test_the_job_trains_mlps_on_the_default_source_and_reports(make_cfg, mfeat_d
     for role in ("teacher", "student baseline", "student + kd"):
         assert role in table
     assert "mlp_large" in table and "mlp_small" in table
-    # Chance is 10 %; the tiny files' classes are well separated, so ten epochs of 100 samples lift every network well above it.
+    # Chance is 10 %; the tiny files' classes are well separated, so ten epochs of 100 samples lift every
+    # network well above it.
     for metrics in (results["teacher"]["metrics"], results["baseline"], results["student_metrics"]):
         assert metrics["test/acc"] > 0.5, metrics
     # Sizes measured on the default source: 240 pixels → 16 → 8 → 10 classes.

@@ -16,8 +16,9 @@ digit, the features and the class label last, comma-separated. `scripts/get_uci_
 
 Splits: `test_fraction` of every class is the test split, drawn by `split_seed` alone (fixed, like digits'
 cut, so test accuracy compares across runs and seeds). The default 0.5 tests on 100 digits per class and
-leaves 100 per class to train on, the set's even two-way split; `val_fraction` of those is held out for
-validation by `seed`, as in every data module. Each feature is standardised (z-score) with the mean and
+leaves 100 per class to train on: an even split, so a test accuracy moves in steps of 0.1 point while
+training keeps 1,000 digits; `val_fraction` of those is held out for validation by `seed`, as in every data
+module. Each feature is standardised (z-score) with the mean and
 standard deviation of the samples trained on, never of the validation or test samples; a feature constant
 over them keeps a scale of 1.
 """
@@ -56,7 +57,9 @@ def read_mfeat_file(path: Path, width: int) -> tuple[Tensor, Tensor]:
         raise ConfigError(f"{path} could not be read as an mfeat CSV file ({error}). Delete it and run "
                           f"`{SETUP_COMMAND}` to fetch it again.") from error
     labels = table[:, -1] if table.shape[1] == width + 1 else None
-    if labels is None or not np.array_equal(labels, np.round(labels)) or not ((0 <= labels) & (labels < NUM_CLASSES)).all():
+    valid_labels = labels is not None and np.array_equal(labels, np.round(labels)) and bool(
+        ((0 <= labels) & (labels < NUM_CLASSES)).all())
+    if not valid_labels:
         raise ConfigError(f"{path} holds {table.shape[1]} columns per row; an mfeat file of this source has {width} "
                           f"features and a class label in 0..{NUM_CLASSES - 1} last. Delete it and run "
                           f"`{SETUP_COMMAND}` to fetch it again.")

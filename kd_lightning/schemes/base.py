@@ -96,7 +96,8 @@ class DistillationModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement training_losses()")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.log_training_losses(self.training_losses(*unpack_batch(batch)), len(batch[1]))  # targets: the inputs may be a dict of named sources
+        # Counted by the targets: the inputs may be a dict of named sources.
+        return self.log_training_losses(self.training_losses(*unpack_batch(batch)), len(batch[1]))
 
     def log_training_losses(self, losses: dict[str, Tensor], batch_size: int) -> Tensor:
         """Logs `train/loss` (returned: the sum of `losses`) and each named loss; shared by manual-optimisation
