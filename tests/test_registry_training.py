@@ -9,12 +9,14 @@ import lightning as L
 import pytest
 import torch
 
-from kd_lightning.data import SyntheticDataModule
+from kd_lightning.data import MfeatDataModule, SyntheticDataModule
+from kd_lightning.data.inputs import attach_input
 from kd_lightning.models import MODELS, build_model
 from kd_lightning.pipeline import build_terms
 from kd_lightning.schemes import Offline, Supervised
 from kd_lightning.teachers import FrozenTeacher
 from scheme_cases import TRANSFORMER_TERMS, VIT_DIGITS, VIT_DIGITS_LARGE
+from mfeat_files import write_tiny_mfeat
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SMALL_INPUT_MODELS = {"convnet_tiny", "convnet_small", "convnet_large"}
@@ -42,11 +44,18 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
 
 
 @pytest.mark.parametrize("name", list(MODELS) + ["torchvision:resnet18"])
-def test_every_model_trains(name):
+def test_every_model_trains(name, tmp_path):
     small = name in SMALL_INPUT_MODELS
-    datamodule = SyntheticDataModule(num_classes=10, in_channels=1 if small else 3, image_size=8 if small else 32,
-                                     train_size=16, val_size=8, test_size=8, batch_size=8)
+    if name in MODELS and MODELS.meta(name).get("inputs") == "vectors":  # feature-vector models: mfeat's
+        write_tiny_mfeat(tmp_path / "mfeat", rows_per_class=2)
+        datamodule = MfeatDataModule(root=str(tmp_path / "mfeat"), batch_size=8, test_fraction=0.5)
+    else:
+        datamodule = SyntheticDataModule(num_classes=10, in_channels=1 if small else 3,
+                                         image_size=8 if small else 32, train_size=16, val_size=8, test_size=8,
+                                         batch_size=8)
     model = build_model(name, num_classes=10, in_channels=datamodule.in_channels)
+    if datamodule.named_inputs:
+        attach_input(model, datamodule.default_source)
     before = snapshot(model)
     trainer = fit_steps(Supervised(model, num_classes=10, optimizer=sgd), datamodule)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -1,9 +1,15 @@
-"""The contract every data module follows: `(image, target, index, view)` batches and a seeded validation split.
+"""The contract every data module follows: `(input, target, index, view)` batches and a seeded validation split.
 
 `view` names the training augmentation a sample went through (`KDDataModule.train_views`: a pad-crop/flip
 view as one integer, so a teacher-output cache can key on (index, view)); samples of a split without named
 views (evaluation splits, augmentations that cannot be named, such as ImageNet's RandomResizedCrop) carry
 `UNNAMED_VIEW`.
+
+A sample may carry several named inputs (`sources`: UCI Multiple Features' six feature vectors), and a run may
+derive views of them (`inputs.views`, `data/inputs.py`): then batches carry `{name: input}` and `{name: view}`
+dicts and each network reads its own. `default_source` is what a network reads when the config names none
+(`input_shape` and `in_channels` are its); a single-input module's one source is "image", and without named
+views or roles its batches stay plain tensors.
 
 Validation split convention (`val_fraction`):
   * `val_fraction > 0`: that fraction of the training set is held out by a permutation seeded by `seed` (keep
@@ -20,11 +26,11 @@ Validation split convention (`val_fraction`):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from kd_lightning.data.device import DeviceBatches, ResidentSplit, fits_on, parse_device_resident
@@ -238,18 +244,20 @@ class KDDataModule(L.LightningDataModule):
         views = self.train_views
         return views.fill if views is not None else 0.0
 
+    def _inputs(self) -> dict[str, InputView] | None:
+        """The named inputs batches carry: the run's (`use_inputs`), else a module of several sources' own."""
+        if self.input_views is None and len(self.sources) > 1:
+            self.input_views = parse_views({}, self.sources, self.default_source)
+        return self.input_views
+
     @property
     def named_inputs(self) -> bool:
         """Whether batches carry named inputs (a mapping name → tensor) rather than one tensor."""
-        return self.input_views is not None
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self.input_views) if self.input_views is not None else list(self.sources)
+        return self._inputs() is not None
 
     def input_shape_of(self, name: str | None) -> tuple[int, ...]:
         """The per-sample shape of input `name` (None: the default source), after any resize."""
-        views = self.input_views if self.input_views is not None else parse_views({}, self.sources, self.default_source)
+        views = self._inputs() or parse_views({}, self.sources, self.default_source)
         name = self.default_source if name is None else name
         if name not in views:
             raise ConfigError(f"{type(self).__name__} has no input {name!r}; its inputs are {sorted(views)}. Name one "
@@ -271,7 +279,7 @@ class KDDataModule(L.LightningDataModule):
                 split.named = self._named_samples(train=split is self.train_set)
 
     def _named_samples(self, train: bool) -> NamedSamples | None:
-        if self.input_views is None:
+        if self._inputs() is None:
             return None
         views = self.train_views
         augmentation = None if views is None else dataclasses.replace(views, fill=self.pad_fill)
@@ -280,9 +288,9 @@ class KDDataModule(L.LightningDataModule):
     def example_input(self, batch_size: int = 2) -> Tensor | dict[str, Tensor]:
         """A random batch of the input shape (of every named input, when there are several), for probing
         feature shapes before any data is loaded."""
-        if self.input_views is None:
+        if self._inputs() is None:
             return torch.randn(batch_size, *self.input_shape)
-        return {name: torch.randn(batch_size, *self.input_shape_of(name)) for name in self.input_views}
+        return {name: torch.randn(batch_size, *self.input_shape_of(name)) for name in self._inputs()}
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Resizes the inputs that ask for another size, on the device the batch now lives on."""

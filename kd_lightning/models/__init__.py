@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from kd_lightning.errors import ConfigError
@@ -28,6 +29,12 @@ def register_model(name: str, **meta: Any):
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
     """Build a registered, torchvision or timm model; the result carries `kd_spec`, the arguments that rebuild it."""
+    # A list option from a config (e.g. an MLP's widths) arrives as a ListConfig, which a weights_only load
+    # of the exported spec cannot read back.
+    kwargs = {key: OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig))
+              else value for key, value in kwargs.items()}
+    # The named input the network reads (`inputs.<role>`; an exported spec keeps it): not an architecture option.
+    reads = kwargs.pop("input", None)
     if name.startswith(TORCHVISION_PREFIX):
         from kd_lightning.models.torchvision_models import build_torchvision_model
 
@@ -48,6 +55,10 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
     model.kd_spec = {"name": name, "num_classes": num_classes, "in_channels": in_channels, **spec_kwargs}
     if kwargs.get("weights") is not None:
         model.kd_weights = str(kwargs["weights"])  # where an evaluated-only stage's weights came from, for results
+    if reads is not None:
+        from kd_lightning.data.inputs import attach_input
+
+        attach_input(model, str(reads))
     return model
 
 
@@ -66,7 +77,7 @@ def module_paths(model: nn.Module) -> list[str]:
 def _load_zoo() -> None:
     # Import for the side effect of registration; kept in one place so the registry is always complete.
     from kd_lightning.models import (  # noqa: F401
-        cifar_resnet, lenet, mobilenetv1, mobilenetv2, resnet_bottleneck, shufflenet, small, vgg, wrn,
+        cifar_resnet, lenet, mlp, mobilenetv1, mobilenetv2, resnet_bottleneck, shufflenet, small, vgg, wrn,
     )
 
 
