@@ -25,7 +25,7 @@ from kd_lightning.data.resumable import EpochPermutationSampler, ResumableLoader
 from kd_lightning.pipeline import run
 from kd_lightning.stages import plan_stages
 from kd_lightning.teachers import read_weights
-from scheme_cases import SCHEME_CASES
+from scheme_cases import SCHEME_CASES, case_marks, case_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -36,8 +36,8 @@ def case_id(scheme: str, overrides: list[str]) -> str:
     return "-".join([scheme, *shown]) if any(shown) else scheme
 
 
-CASES = [pytest.param(scheme, overrides, id=case_id(scheme, overrides))
-         for scheme, cases in SCHEME_CASES.items() for overrides in cases]
+CASES = [pytest.param(scheme, case_overrides(case), id=case_id(scheme, case_overrides(case)), marks=case_marks(case))
+         for scheme, cases in SCHEME_CASES.items() for case in cases]
 BATCHES_PER_EPOCH, EPOCHS, CHECKPOINT_EVERY = 4, 2, 3
 RESUME_STEP = 3  # mid-epoch: one batch of epoch 0 is left, then all of epoch 1
 QUICK = [f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={BATCHES_PER_EPOCH}",

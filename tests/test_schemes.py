@@ -18,7 +18,7 @@ from kd_lightning.pipeline import run
 from kd_lightning.schemes.data_free import DataFree
 from kd_lightning.schemes.online import MutualLearning
 from kd_lightning.stages import plan_stages
-from scheme_cases import CONF_DIR, SCHEME_CASES
+from scheme_cases import CONF_DIR, SCHEME_CASES, case_overrides, scheme_params
 
 SCHEMES = sorted(SCHEME_CASES)
 
@@ -52,9 +52,9 @@ def unregistered_modules(module: nn.Module) -> list[nn.Module]:
     return held
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", scheme_params())
 def test_every_teacher_is_outside_optimizer_and_checkpoint_and_stays_in_eval(make_cfg, scheme):
-    cfg = make_cfg(f"scheme={scheme}", *SCHEME_CASES[scheme][0])
+    cfg = make_cfg(f"scheme={scheme}", *case_overrides(SCHEME_CASES[scheme][0]))
     datamodule = pipeline.construct(cfg.data)
     built: dict[str, dict[str, nn.Module]] = {}
     for stage in plan_stages(cfg):
@@ -77,12 +77,12 @@ def test_every_teacher_is_outside_optimizer_and_checkpoint_and_stays_in_eval(mak
             assert not any(m.training for m in teacher.modules()), f"{stage.name}: train() reached a teacher"
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", scheme_params())
 def test_bf16_mixed_on_cpu_follows_the_fp32_run(make_cfg, recorded_losses, scheme):
     first = {}
     for precision in ("32-true", "bf16-mixed"):
         recorded_losses.clear()
-        cfg = make_cfg(f"scheme={scheme}", *SCHEME_CASES[scheme][0], "baseline=false", f"trainer.precision={precision}")
+        cfg = make_cfg(f"scheme={scheme}", *case_overrides(SCHEME_CASES[scheme][0]), "baseline=false", f"trainer.precision={precision}")
         run(cfg)
         first[precision] = recorded_losses[plan_stages(cfg)[-1].name][0]
     # bf16 keeps 8 mantissa bits: the first loss moves in the third digit, not more; equal would mean the
