@@ -17,9 +17,10 @@ class SupervisionTransfer(DistillTerm):
 
     Taps: the paper transfers at pool5 ↔ pool5, the last convolutional block of AlexNet/VGG; the counterpart
     here is each model's deepest declared stage (`last_stage`), the map before global pooling. φ: the
-    identity when the two taps have one shape (the paper's same-architecture case); a learnable 1×1
-    convolution (with bias) for maps of equal resolution and different widths, a linear layer for vectors.
-    Unlike FitNet's regressor it has no BN/ReLU: φ is the paper's linear transform. Loss: the element
+    identity when the two taps have one shape (the paper's same-architecture case); otherwise a learnable 1×1
+    convolution (with bias) for maps, a linear layer for vectors, with a fixed average pooling or nearest
+    upsampling where the two maps' resolutions differ by an integer factor (`width_transform`). Unlike FitNet's
+    regressor it has no BN/ReLU: φ is the paper's linear transform, and only the student's side is transformed. Loss: the element
     mean of the squared error (`functional.supervision_transfer` says why not the paper's sum).
     """
 
@@ -51,17 +52,27 @@ class SupervisionTransfer(DistillTerm):
 
 def width_transform(student_shape: torch.Size, teacher_shape: torch.Size, student_tap: str,
                     teacher_tap: str) -> nn.Module:
-    """φ: identity for equal shapes, else a learnable linear map across channels (1×1 conv or linear)."""
+    """φ, a linear map of the student's feature onto the teacher's shape: the identity for equal shapes, a linear
+    layer for vectors, a 1×1 convolution for maps, preceded by average pooling when the student's map is an integer
+    multiple of the teacher's resolution and followed by nearest upsampling when it is an integer fraction of it
+    (architectures whose pool5 sit at different strides). The teacher's feature, the target, is never resized."""
     if student_shape[1:] == teacher_shape[1:]:
         return nn.Identity()
     if len(student_shape) == len(teacher_shape) == 2:
         return nn.Linear(student_shape[1], teacher_shape[1])
-    if len(student_shape) == len(teacher_shape) == 4 and student_shape[2:] == teacher_shape[2:]:
-        return nn.Conv2d(student_shape[1], teacher_shape[1], kernel_size=1)
+    if len(student_shape) == len(teacher_shape) == 4:
+        conv = nn.Conv2d(student_shape[1], teacher_shape[1], kernel_size=1)
+        (s_height, s_width), (t_height, t_width) = student_shape[2:], teacher_shape[2:]
+        if (s_height, s_width) == (t_height, t_width):
+            return conv
+        if s_height % t_height == 0 and s_width % t_width == 0 and s_height // t_height == s_width // t_width:
+            factor = s_height // t_height
+            return nn.Sequential(nn.AvgPool2d(factor), conv)
+        if t_height % s_height == 0 and t_width % s_width == 0 and t_height // s_height == t_width // s_width:
+            return nn.Sequential(conv, nn.Upsample(scale_factor=t_height // s_height, mode="nearest"))
     raise ConfigError(
         f"supervision_transfer maps student tap {student_tap!r} of shape {tuple(student_shape[1:])} onto teacher tap "
-        f"{teacher_tap!r} of shape {tuple(teacher_shape[1:])} with a per-position linear map, which needs two "
-        f"feature maps of one resolution (C,H,W with equal H,W) or two vectors. Pick taps at the same resolution, "
-        f"e.g. distill.supervision_transfer.student_tap=stage2 distill.supervision_transfer.teacher_tap=stage2, or "
-        f"use distill=fitnet, whose regressor spans a factor-2 resolution gap."
+        f"{teacher_tap!r} of shape {tuple(teacher_shape[1:])} with a linear map, which needs two vectors or two "
+        f"feature maps whose resolutions differ by one integer factor in both directions. Pick other taps, e.g. "
+        f"distill.supervision_transfer.student_tap=stage2 distill.supervision_transfer.teacher_tap=stage2."
     )
