@@ -88,3 +88,13 @@ def test_impossible_settings_are_refused_at_construction(options):
 def test_the_teacher_cache_is_refused_the_strong_views_outputs_have_no_key(tmp_path):
     with pytest.raises(ConfigError, match="cannot use the teacher cache"):
         mlkd(teacher_cache=TeacherCacheOptions("memory", tmp_path))
+
+
+def test_the_scheme_config_is_the_reference_cifar_recipe_without_extra_terms(make_cfg):
+    cfg = make_cfg("scheme=mlkd")
+    assert cfg.scheme._target_ == "kd_lightning.schemes.MLKD" and not cfg.get("distill")
+    options = {key: value for key, value in cfg.scheme.items() if key != "_target_"}
+    assert options == {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0, "percentile": 50.0,
+                       "strong_input": "strong"}
+    module = mlkd(**options)
+    assert (module.ce_weight, module.strong_input) == (0.1, "strong")

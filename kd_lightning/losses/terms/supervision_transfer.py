@@ -13,7 +13,9 @@ class SupervisionTransfer(DistillTerm):
 
     The student (on a new modality, e.g. depth) learns to reproduce the teacher's mid-level feature on the
     paired labelled-modality input (RGB): min_W Σ_i f(t(I_i), φ(g(J_i))), f the L2 loss, without labels, so
-    the recipe trains with cross-entropy weight 0 (conf/distill/supervision_transfer.yaml).
+    the recipe trains with cross-entropy weight 0 (conf/distill/supervision_transfer.yaml). It is a pre-training
+    of the layers up to the tap: at CE weight 0 nothing trains the layers after it (the classifier), so the
+    student's accuracy means nothing until labels fine-tune it, as the paper fine-tunes on the new modality.
 
     Taps: the paper transfers at pool5 ↔ pool5, the last convolutional block of AlexNet/VGG; the counterpart
     here is each model's deepest declared stage (`last_stage`), the map before global pooling. φ: the
