@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 TERMS = sorted(path.stem for path in (CONF_DIR / "distill").glob("*.yaml"))
 # Terms that read transformer blocks (and refuse CNNs): walked with the digits ViT pair.
@@ -55,6 +56,8 @@ SCHEME_CASES: dict[str, list[list[str]]] = {
                         "scheme.normalize_mean=[0.5]", "scheme.normalize_std=[0.25]"]],
     "fast_datafree": [[*POOL, "scheme.generator.latent_dim=8", "scheme.generator.width=4", "scheme.synthesis.steps=2",
                        "scheme.synthesis.warmup_rounds=1", "scheme.synthesis.crop_padding=1"]],
+    # Its weak view and its own strong view of every sample (conf/scheme/mlkd.yaml).
+    "mlkd": [[]],
 }
 # Named inputs (kd_lightning/data/inputs.py), one case per kind of input, walked beside the cases above: a student
 # on a view resized on the device (cross-resolution; an `offline` stage), the mean teacher's independent view and
@@ -65,4 +68,3 @@ NAMED_INPUT_CASES: list[tuple[str, list[str]]] = [
     ("mean_teacher", ["data.augment=true"]),
     ("kdcl", ["scheme.rampup_epochs=1", "data.augment=true"]),
 ]
-

@@ -679,3 +679,102 @@ def test_ofa_target_enhanced_stays_finite_where_the_student_probability_underflo
     loss = Fn.ofa_target_enhanced(s, t, torch.tensor([1]), 1.5)
     assert torch.isfinite(loss)
     close(loss, ref_ofa(s, t, torch.tensor([1]), 1.5, 1.0), rtol=1e-6)
+# ----------------------------------------------------------------------------- cross-modal / two-view methods
+
+
+def ref_supervision_transfer(s, t):
+    # Gupta et al. 2016's f = L2 between the teacher's and the transformed student's features, reduced as the
+    # element mean (the convention the implementation documents).
+    s, t = np64(s).ravel(), np64(t).ravel()
+    return sum((a - b) ** 2 for a, b in zip(s, t)) / len(s)
+
+
+@pytest.mark.parametrize("shape", [(2, 7), (5, 16, 4, 4), (3, 8, 2, 5)])
+def test_supervision_transfer_matches_reference(shape):
+    g = gen(3)
+    s, t = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    close(Fn.supervision_transfer(s, t), ref_supervision_transfer(s, t))
+
+
+def test_supervision_transfer_refuses_unmatched_shapes():
+    with pytest.raises(ValueError, match="one shape"):
+        Fn.supervision_transfer(torch.zeros(2, 4, 3, 3), torch.zeros(2, 8, 3, 3))
+
+
+def ref_probabilities(z: np.ndarray, temperature: float) -> np.ndarray:
+    return np.array([np.exp(log_softmax_row(row / temperature)) for row in z])
+
+
+def ref_kd64(s: np.ndarray, t: np.ndarray, temperature: float) -> float:
+    rows = [kl_row(log_softmax_row(t[i] / temperature), log_softmax_row(s[i] / temperature)) for i in range(len(s))]
+    return temperature**2 * sum(rows) / len(s)
+
+
+def ref_cc(s: np.ndarray, t: np.ndarray, temperature: float) -> float:
+    # KD_ours.py cc_loss: ((Pt^T Pt - Ps^T Ps)^2).sum() / class_num, written out entry by entry.
+    ps, pt = ref_probabilities(s, temperature), ref_probabilities(t, temperature)
+    batch, classes = s.shape
+    total = 0.0
+    for a in range(classes):
+        for b in range(classes):
+            gap = sum(pt[i, a] * pt[i, b] for i in range(batch)) - sum(ps[i, a] * ps[i, b] for i in range(batch))
+            total += gap**2
+    return total / classes
+
+
+def ref_bc(s: np.ndarray, t: np.ndarray, temperature: float) -> float:
+    # KD_ours.py bc_loss: ((Pt Pt^T - Ps Ps^T)^2).sum() / batch_size.
+    ps, pt = ref_probabilities(s, temperature), ref_probabilities(t, temperature)
+    batch, classes = s.shape
+    total = 0.0
+    for i in range(batch):
+        for j in range(batch):
+            gap = sum(pt[i, k] * pt[j, k] for k in range(classes)) - sum(ps[i, k] * ps[j, k] for k in range(classes))
+            total += gap**2
+    return total / batch
+
+
+def ref_mlkd(sw, ss, tw, ts, temperature, percentile):
+    """Jin-Ying/Multi-Level-Logit-Distillation KD_ours.forward_train, line by line, without the KD weight."""
+    sw, ss, tw, ts = np64(sw), np64(ss), np64(tw), np64(ts)
+    p_teacher = ref_probabilities(tw, 1.0)
+    confidence = p_teacher.max(axis=1)
+    mask = confidence <= np.percentile(confidence, percentile)
+    class_confidence = p_teacher.sum(axis=0)
+    class_mask = class_confidence <= np.percentile(class_confidence, percentile)
+    temperatures = [temperature, 3.0, 5.0, 2.0, 6.0]
+    # `kd_loss(...) * mask` multiplies an already batch-averaged scalar by the mask, then `.mean()`.
+    kd_weak = sum(np.mean(ref_kd64(sw, tw, T) * mask) for T in temperatures)
+    kd_strong = (ref_kd64(ss, ts, temperature) + ref_kd64(ss, ts, 3.0) + ref_kd64(ss, ts, 5.0)
+                 + ref_kd64(sw, tw, 2.0) + ref_kd64(sw, tw, 6.0))
+    cc_weak = sum(np.mean(ref_cc(sw, tw, T) * class_mask) for T in temperatures)
+    bc_weak = sum(np.mean(ref_bc(sw, tw, T) * mask) for T in temperatures)
+    return {"instance": kd_weak + kd_strong, "class": cc_weak, "batch": bc_weak}
+
+
+def four_logits(shape, seed):
+    g = gen(seed)
+    return [torch.randn(*shape, generator=g) * 3.0 for _ in range(4)]
+
+
+@pytest.mark.parametrize("shape", [(2, 10), (5, 10), (8, 17)])
+@pytest.mark.parametrize("temperature, percentile", [(4.0, 50.0), (1.0, 30.0)])
+def test_mlkd_matches_the_reference_code(shape, temperature, percentile):
+    sw, ss, tw, ts = four_logits(shape, seed=5)
+    actual = Fn.mlkd_loss(sw, ss, tw, ts, temperature=temperature, percentile=percentile)
+    expected = ref_mlkd(sw, ss, tw, ts, temperature, percentile)
+    assert sorted(actual) == sorted(expected)
+    for part in expected:
+        close(actual[part], expected[part], rtol=1e-5, atol=1e-6)
+
+
+def test_mlkd_class_and_batch_levels_read_the_weak_view_only_and_masks_enter_as_shares():
+    # The reference returns only the weak view's class and batch terms; its masks scale reduced losses.
+    sw, ss, tw, ts = four_logits((8, 10), seed=6)
+    base = Fn.mlkd_loss(sw, ss, tw, ts)
+    moved = Fn.mlkd_loss(sw, ss * 2 + 1, tw, ts * 0.5)
+    torch.testing.assert_close(moved["class"], base["class"])
+    torch.testing.assert_close(moved["batch"], base["batch"])
+    everything = Fn.mlkd_loss(sw, ss, tw, ts, percentile=100.0)  # every sample and class kept: share 1
+    half_samples = base["batch"] / everything["batch"]
+    torch.testing.assert_close(half_samples, torch.tensor(0.5))  # 4 of 8 distinct confidences ≤ the median

@@ -698,3 +698,76 @@ def _row_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Σ over the last dim of p·(log p − log q); entries with p = 0 contribute 0."""
     p = log_p.exp()
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+def supervision_transfer(student_transformed: Tensor, teacher_feature: Tensor) -> Tensor:
+    """Gupta, Hoffman & Malik, "Cross Modal Distillation for Supervision Transfer" (CVPR 2016), eq. 1:
+    f(t(I), φ(g(J))) with f the L2 loss, between the teacher's mid-level feature on the labelled modality
+    and the (transformed) student's on the paired new one.
+
+    Reduced as the element mean of the squared error (FitNet's `HintLoss` convention), not the sum over the
+    feature that the paper's L2 (Caffe's EuclideanLoss, ½·Σ/N) writes: the mean keeps the published
+    weight 1 meaningful whatever the tap's size. The two differ by the constant factor 2/(C·H·W), which an
+    optimizer's learning rate absorbs when this is the only loss, as in the paper's recipe.
+    """
+    if student_transformed.shape != teacher_feature.shape:
+        raise ValueError(f"supervision_transfer compares features of one shape, got {tuple(student_transformed.shape)} "
+                         f"and {tuple(teacher_feature.shape)}")
+    return (student_transformed.float() - teacher_feature.float()).pow(2).mean()
+
+
+# MLKD's temperatures after the configured one, hard-coded in the reference (KD_ours.py: T, 3, 5, 2, 6).
+MLKD_EXTRA_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)
+
+
+def mlkd_class_alignment(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """MLKD's class level: ‖PₛᵀPₛ − PₜᵀPₜ‖²_F / K, P the B×K predictions at T (reference `cc_loss`)."""
+    p_student = F.softmax(student_logits.float() / temperature, dim=1)
+    p_teacher = F.softmax(teacher_logits.float() / temperature, dim=1)
+    gap = p_teacher.t() @ p_teacher - p_student.t() @ p_student
+    return gap.pow(2).sum() / student_logits.shape[1]
+
+
+def mlkd_batch_alignment(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """MLKD's batch level: ‖PₛPₛᵀ − PₜPₜᵀ‖²_F / B, P the B×K predictions at T (reference `bc_loss`)."""
+    p_student = F.softmax(student_logits.float() / temperature, dim=1)
+    p_teacher = F.softmax(teacher_logits.float() / temperature, dim=1)
+    gap = p_teacher @ p_teacher.t() - p_student @ p_student.t()
+    return gap.pow(2).sum() / student_logits.shape[0]
+
+
+def mlkd_loss(student_weak: Tensor, student_strong: Tensor, teacher_weak: Tensor, teacher_strong: Tensor,
+              temperature: float = 4.0, percentile: float = 50.0) -> dict[str, Tensor]:
+    """Jin, Wang & Lin, "Multi-level Logit Distillation" (CVPR 2023), as its reference code computes it
+    (Jin-Ying/Multi-Level-Logit-Distillation, mdistiller/distillers/KD_ours.py, `forward_train`).
+
+    Returns the three levels unweighted (the reference multiplies each by its KD weight, 0.9 on CIFAR-100),
+    each summed over the temperatures Ts = (T, 3, 5, 2, 6) (T: 4 on CIFAR-100, 1 on ImageNet):
+
+    - instance: r·Σ_Ts KD(s_w, t_w, T) + Σ_{T, 3, 5} KD(s_s, t_s, T) + Σ_{2, 6} KD(s_w, t_w, T);
+    - class:    r_c·Σ_Ts class_alignment(s_w, t_w, T);
+    - batch:    r·Σ_Ts batch_alignment(s_w, t_w, T);
+
+    with KD the batch-mean T²·KL and r, r_c the confidence masks of the teacher's weak-view predictions p:
+    r the share of samples whose max_k p ≤ its `percentile` (linear interpolation, as np.percentile), r_c the
+    share of classes whose Σ_batch p ≤ its percentile. Three departures of the code from the paper are kept,
+    because the published results were trained with them: the masks multiply losses that are already
+    reduced to scalars (the `reduce=False` arguments are commented out), so a mask enters only as the share
+    r of kept samples (≈ ½), not sample by sample; the strong view's instance term reads the weak logits at
+    T = 2 and 6; and the class- and batch-level terms of the strong view are computed but never returned,
+    so only the weak view's count. The thresholds are taken on the device (`torch.quantile`), not on the host.
+    """
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    temperatures = (float(temperature), *MLKD_EXTRA_TEMPERATURES)
+    p_teacher = F.softmax(teacher_weak.detach().float(), dim=1)
+    confidence = p_teacher.max(dim=1).values
+    sample_share = (confidence <= torch.quantile(confidence, percentile / 100.0)).float().mean()
+    class_confidence = p_teacher.sum(dim=0)
+    class_share = (class_confidence <= torch.quantile(class_confidence, percentile / 100.0)).float().mean()
+    weak_instance = sum(kd(student_weak, teacher_weak, t) for t in temperatures)
+    strong_instance = (sum(kd(student_strong, teacher_strong, t) for t in temperatures[:3])
+                       + sum(kd(student_weak, teacher_weak, t) for t in temperatures[3:]))
+    return {
+        "instance": sample_share * weak_instance + strong_instance,
+        "class": class_share * sum(mlkd_class_alignment(student_weak, teacher_weak, t) for t in temperatures),
+        "batch": sample_share * sum(mlkd_batch_alignment(student_weak, teacher_weak, t) for t in temperatures),
+    }

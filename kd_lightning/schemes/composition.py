@@ -42,8 +42,9 @@ def describe_term(name: str, term: DistillTerm) -> str:
 
 
 def describe_loss(ce_weight: float, terms: Mapping[str, DistillTerm]) -> str:
-    """`loss = 1.0·CE + 1.0·kd(T=4.0) + 0.8·crd`: the weights the main training uses."""
-    parts = [f"{float(ce_weight)}·CE"]
+    """`loss = 1.0·CE + 1.0·kd(T=4.0) + 0.8·crd`: the weights the main training uses. A zero CE weight
+    (supervision transfer, data-free and L1 recipes) says so, since `train/ce` then logs 0 whatever the labels."""
+    parts = [f"{float(ce_weight)}·CE" + (" (labels unused)" if float(ce_weight) == 0.0 else "")]
     for name, term in terms.items():
         if not term.main_stage_loss:
             parts.append(f"{name}(init stage only)")

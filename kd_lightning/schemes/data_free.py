@@ -330,4 +330,4 @@ class DataFree(Offline):
     def loss_summary(self) -> str:
         synthesis = f"{type(self).__name__} synthesis" + ("" if self.train_generator or not self.uses_generator
                                                           else " (generator untrained)")
-        return describe_loss(0.0, self.terms).replace("0.0·CE", synthesis)
+        return " + ".join(["loss = " + synthesis, *describe_loss(0.0, self.terms).split(" + ")[1:]])

@@ -21,10 +21,11 @@ from kd_lightning.losses.terms.pkt import PKT
 from kd_lightning.losses.terms.reviewkd import ReviewKD
 from kd_lightning.losses.terms.rkd import RKD
 from kd_lightning.losses.terms.sp import SP
+from kd_lightning.losses.terms.supervision_transfer import SupervisionTransfer
 from kd_lightning.losses.terms.tf_kd import TfKD
 from kd_lightning.losses.terms.vid import VID
 from kd_lightning.losses.terms.vitkd import ViTKD
 
 __all__ = ["AB", "AT", "BuildContext", "CC", "CRD", "Consistency", "DIST", "DKD", "DistillInputs", "DistillTerm", "FSP", "FT",
-           "FitNet", "KD", "L1Logits", "MiniLM", "NST", "OFA", "OFD", "PKT", "RKD", "ReviewKD", "SP", "TfKD", "VID",
-           "ViTKD"]
+           "FitNet", "KD", "L1Logits", "MiniLM", "NST", "OFA", "OFD", "PKT", "RKD", "ReviewKD", "SP",
+           "SupervisionTransfer", "TfKD", "VID", "ViTKD"]
