@@ -55,8 +55,9 @@ def run_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, products: di
         source = f"checkpoint {stage.checkpoint}" if stage.checkpoint else f"weights {getattr(network, 'kd_weights', None)}"
         return networks, {"metrics": evaluate(stage_cfg, network, datamodule, stage.name), "source": source}, None
     cache_file = stage_file(stage_cfg, stage, key)
+    start = products[stage.init_from] if stage.init_from else None
     if not stage.cache or ckpt_path is not None:  # a resumed stage trains on from its checkpoint
-        return train_stage(stage_cfg, stage, datamodule, teachers, cache_file, ckpt_path)
+        return train_stage(stage_cfg, stage, datamodule, teachers, cache_file, ckpt_path, start)
     seen = file_version(cache_file)
     cached = cached_stage(stage_cfg, stage, datamodule, teachers, cache_file)
     if cached is not None:
@@ -66,7 +67,8 @@ def run_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, products: di
         # as before: this job trains the stage.
         if file_version(cache_file) != seen:
             cached = cached_stage(stage_cfg, stage, datamodule, teachers, cache_file)
-        return cached if cached is not None else train_stage(stage_cfg, stage, datamodule, teachers, cache_file)
+        return cached if cached is not None else train_stage(stage_cfg, stage, datamodule, teachers, cache_file,
+                                                             start=start)
 
 
 def cached_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, teachers: dict[str, Any],
@@ -85,11 +87,16 @@ def cached_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, teachers:
 
 
 def train_stage(stage_cfg: DictConfig, stage: Stage, datamodule: Any, teachers: dict[str, Any], cache_file: Path,
-                ckpt_path: str | None = None) -> tuple[dict[str, torch.nn.Module], dict[str, Any], L.Trainer]:
-    """Train the stage (its init phase first), test it, and store it in the stage cache when it is cached."""
+                ckpt_path: str | None = None, start: dict[str, torch.nn.Module] | None = None,
+                ) -> tuple[dict[str, torch.nn.Module], dict[str, Any], L.Trainer]:
+    """Train the stage (its init phase first), test it, and store it in the stage cache when it is cached.
+    `start`: the products of the stage it starts from (`init_from`), whose network its student begins as."""
     L.seed_everything(stage.seed, workers=True)
     module = build_stage_module(stage_cfg, stage, datamodule, teachers)
     module.stage_name = stage.name
+    if start is not None and ckpt_path is None:  # a resumed stage's checkpoint holds its weights already
+        (source,) = start.values()
+        module.student.load_state_dict(source.state_dict())
     if module.init_epochs:
         if ckpt_path is None:  # a resumed stage restores its initialised adapters from the checkpoint
             module.set_init_stage(True)

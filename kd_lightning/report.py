@@ -98,6 +98,10 @@ def stage_warning(stage: Stage, records: Mapping[str, Mapping[str, Any]], num_cl
     """Every warning about a finished stage as one paragraph, or None: near chance (`collapse_warning`), and for
     a distilled stage far below the baseline stage of the same run on the same networks (`baseline_gap_warning`)."""
     record = records[stage.name]
+    if stage.scheme.get("ce_weight") == 0 and stage.distill:
+        # A label-free stage (supervision transfer's pre-training) trains features, not its classifier: its
+        # accuracy is not what it is for; the stage that fine-tunes it is judged instead.
+        return None
     warnings = [collapse_warning(stage.name, record["metrics"], num_classes)]
     baseline = records.get("baseline")
     # Only a stage training the baseline's own networks compares with it (not a TAKD assistant, not DML's peers).

@@ -31,7 +31,9 @@ class Stage:
     `teachers` maps a constructor argument to an earlier stage's name (or a list of names), read as that
     stage's trained product; `overrides` are dotted config keys set for this stage alone
     (`trainer.max_epochs`, `optimizer.lr`). A stage with `checkpoint` loads its network from that file and
-    one with `pretrained` comes with trained weights: both are evaluated, not trained.
+    one with `pretrained` comes with trained weights: both are evaluated, not trained. A stage with `init_from`
+    starts its `student` from that earlier stage's trained network (fine-tuning a pre-trained one); the source
+    stage's key enters this stage's cache key as a teacher's does.
     """
 
     name: str
@@ -45,16 +47,18 @@ class Stage:
     cache: bool = False
     checkpoint: str | None = None
     pretrained: bool = False
+    init_from: str | None = None
 
     @property
     def trains(self) -> bool:
         return self.checkpoint is None and not self.pretrained
 
     def teacher_names(self) -> list[str]:
+        """The earlier stages this one reads: its teachers, and the stage it starts from (`init_from`)."""
         names: list[str] = []
         for value in self.teachers.values():
             names.extend(value if isinstance(value, (list, tuple)) else [value])
-        return names
+        return names + ([self.init_from] if self.init_from else [])
 
     def model_names(self) -> str:
         names = []
@@ -336,6 +340,24 @@ def baseline_input(cfg: DictConfig, model: dict[str, Any]) -> dict[str, Any]:
     source = (views[name] or {}).get("source")
     alone = {key: value for key, value in model.items() if key != "input"}
     return alone if source is None else {**alone, "input": source}
+
+
+def supervision_transfer_plan(cfg: DictConfig) -> list[Stage]:
+    """teacher → (baseline) → transfer → student: Gupta, Hoffman & Malik's supervision transfer as the paper uses
+    it, pre-training then fine-tuning. The transfer stage trains the student's features to regress the
+    teacher's on paired data without labels (`cfg.scheme`, CE weight 0, the run's `distill`); the student stage
+    starts from that network and fine-tunes all of it on the labels (CE alone; with `labeled_fraction` < 1, on
+    the labeled share only, which is the paper's setting)."""
+    stages = [teacher_stage(cfg)]
+    if cfg.get("baseline"):
+        stages.append(baseline_stage(cfg))
+    terms = _plain(cfg.get("distill")) or {}
+    stages.append(Stage(name="transfer", label=f"student + {'+'.join(terms)} (no labels)", scheme=_plain(cfg.scheme),
+                        networks={"student": _plain(cfg.student)}, teachers={"teacher": "teacher"}, distill=terms,
+                        seed=int(cfg.seed)))
+    stages.append(Stage(name="student", label="student: transfer, then fine-tuned", scheme={"_target_": SUPERVISED},
+                        networks={"student": _plain(cfg.student)}, init_from="transfer", seed=int(cfg.seed)))
+    return stages
 
 
 def online_plan(cfg: DictConfig) -> list[Stage]:

@@ -58,6 +58,8 @@ SCHEME_CASES: dict[str, list[list[str]]] = {
                        "scheme.synthesis.warmup_rounds=1", "scheme.synthesis.crop_padding=1"]],
     # Its weak view and its own strong view of every sample (conf/scheme/mlkd.yaml).
     "mlkd": [[]],
+    # Pre-training without labels, then fine-tuning the same network from it (the resumed stage).
+    "supervision_transfer": [[]],
 }
 # Named inputs (kd_lightning/data/inputs.py), one case per kind of input, walked beside the cases above: a student
 # on a view resized on the device (cross-resolution; an `offline` stage), the mean teacher's independent view and

@@ -310,3 +310,18 @@ def test_noisy_student_generations_teach_from_the_clean_view_and_learn_on_the_au
     assert not torch.equal(views["image"], views["clean"])
     results = run(make_cfg("experiment=schemes/noisy_student", "data.augment=true"))
     assert results["stages"]["generation1"]["metrics"]["test/acc"] > 0 and "student" in results["stages"]
+
+
+def test_supervision_transfer_pretrains_without_labels_then_fine_tunes_the_same_network(make_cfg):
+    # The fine-tuning stage starts from the transfer stage's weights: a changed start changes its result.
+    results = run(make_cfg("scheme=supervision_transfer", "trainer.max_epochs=1"))
+    assert list(results["stages"]) == ["teacher", "baseline", "transfer", "student"]
+    assert "warning" not in results["stages"]["transfer"]  # no classifier trained there, by design
+    assert results["stages"]["transfer"]["loss"] == "loss = 0.0·CE (labels unused) + 1.0·supervision_transfer"
+    from kd_lightning.stages import plan_stages
+
+    stage = plan_stages(make_cfg("scheme=supervision_transfer"))[-1]
+    assert stage.init_from == "transfer" and "transfer" in stage.teacher_names()
+    other = run(make_cfg("scheme=supervision_transfer", "trainer.max_epochs=1", "distill.supervision_transfer.weight=5"))
+    assert other["stages"]["student"]["key"] != results["stages"]["student"]["key"]
+    assert other["student_metrics"] != results["student_metrics"]
