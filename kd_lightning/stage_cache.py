@@ -58,14 +58,27 @@ def stage_recipe(stage_cfg: DictConfig, stage: Stage, teacher_keys: dict[str, st
               **weight_choice_recipe(stage_cfg)}
     if float(stage_cfg.get("labeled_fraction", 1.0)) < 1:
         recipe["labeled_fraction"] = float(stage_cfg.labeled_fraction)
-    inputs = stage_cfg.get("inputs") or {}
-    if inputs.get("views") or any(inputs.get(role) is not None for role in inputs if role != "views"):
-        # What each network reads: a named view's definition (its draw, its size) trains another network.
-        recipe["inputs"] = OmegaConf.to_container(inputs, resolve=True)
+    read = stage_inputs(stage_cfg, stage)
+    if read:
+        # What the stage's networks read: a named view's definition (its draw, its size) trains another network;
+        # views only other stages read leave the key alone (a cross-resolution student keeps its teacher).
+        recipe["inputs"] = read
     cache = cache_options(stage_cfg)
     if stage.teachers and cache is not None and not cache.lossless:
         recipe["teacher_outputs"] = cache.dtype  # rounded teacher outputs train a (slightly) different network
     return recipe
+
+
+def stage_inputs(stage_cfg: DictConfig, stage: Stage) -> dict[str, Any]:
+    """The named inputs a stage reads, each with its definition (None for a source of the data): its networks'
+    (`input` of their configs) and the roles its scheme reads itself (the mean teacher's, MLKD's strong view)."""
+    inputs = stage_cfg.get("inputs") or {}
+    names = {model.get("input") for value in stage.networks.values()
+             for model in (value if isinstance(value, (list, tuple)) else [value])}
+    names |= {inputs.get(role) for role in ("ema_teacher", "strong")}
+    views = inputs.get("views") or {}
+    return {name: OmegaConf.to_container(views[name], resolve=True) if name in views else None
+            for name in sorted(name for name in names if name is not None)}
 
 
 def stage_file(cfg: DictConfig, stage: Stage, key: str) -> Path:

@@ -325,3 +325,23 @@ def test_supervision_transfer_pretrains_without_labels_then_fine_tunes_the_same_
     other = run(make_cfg("scheme=supervision_transfer", "trainer.max_epochs=1", "distill.supervision_transfer.weight=5"))
     assert other["stages"]["student"]["key"] != results["stages"]["student"]["key"]
     assert other["student_metrics"] != results["student_metrics"]
+
+
+def test_a_views_definition_enters_the_keys_of_the_stages_that_read_it_only(make_cfg):
+    from kd_lightning.stage_cache import stage_recipe
+    from kd_lightning.stage_build import stage_config
+    from kd_lightning.stages import plan_stages
+    from kd_lightning.teachers import recipe_key
+
+    def keys(*overrides):
+        cfg = make_cfg(*overrides)
+        configure_inputs(cfg, construct(cfg.data))
+        found: dict[str, str] = {}
+        for stage in plan_stages(cfg):
+            found[stage.name] = recipe_key(stage_recipe(stage_config(cfg, stage), stage, found))
+        return found
+
+    plain, low4, low6 = keys(), keys("+inputs.views.low={size:4}", "inputs.student=low"), keys(
+        "+inputs.views.low={size:6}", "inputs.student=low")
+    assert plain["teacher"] == low4["teacher"] == low6["teacher"]  # the teacher reads the image in all three
+    assert len({plain["baseline"], low4["baseline"], low6["baseline"]}) == 3
