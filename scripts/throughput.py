@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 
 from kd_lightning.acceleration import accelerate, use_channels_last
 from kd_lightning.pipeline import build_model, build_terms, check_accelerator, scheme_kwargs
+from kd_lightning.stage_build import configure_inputs
 from kd_lightning.schemes import Offline
 from kd_lightning.teachers import FrozenTeacher
 
@@ -48,7 +49,7 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if batch_idx >= self.warmup:
-            self.images += len(batch[0])
+            self.images += len(batch[1])  # the targets: the inputs may be a dict of named inputs
         if batch_idx == trainer.num_training_batches - 1:
             self._sync(module)
             self.elapsed = time.perf_counter() - self.start
@@ -67,6 +68,7 @@ def measure(cfg, steps: int, warmup: int) -> tuple[float, int]:
     """(images/s over the timed steps of the Lightning fit, images timed)."""
     L.seed_everything(0)
     datamodule = instantiate(cfg.data)
+    configure_inputs(cfg, datamodule)  # named inputs (inputs.*), when the overrides set any
     module = Offline(student=build_model(cfg.student, datamodule), teacher=FrozenTeacher(build_model(
         cfg.teacher.model, datamodule)), terms=build_terms(cfg), example_input=datamodule.example_input(),
         train_size=datamodule.train_size, train_targets=datamodule.train_targets, **scheme_kwargs(cfg, datamodule))
