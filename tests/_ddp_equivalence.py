@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from kd_lightning.data import DigitsDataModule
+from kd_lightning.data import DigitsDataModule, SyntheticDataModule
 from kd_lightning.data.inputs import attach_input
 from kd_lightning.losses.terms import KD, FitNet, MiniLM, ViTKD
 from kd_lightning.models import build_model
@@ -35,8 +35,8 @@ BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # per-rank BN 
 SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-def model(name: str) -> torch.nn.Module:
-    return build_model(name, num_classes=10, in_channels=1)
+def model(name: str, in_channels: int = 1) -> torch.nn.Module:
+    return build_model(name, num_classes=10, in_channels=in_channels)
 
 
 def vit(options: dict) -> torch.nn.Module:
@@ -77,6 +77,11 @@ MODULES: dict[str, Callable[[torch.Tensor], L.LightningModule]] = {
     # one-process run, so only the ranks are compared (`train_both(..., single=False)`).
     "vitkd": lambda example: Offline(student=vit(VIT_DIGITS), teacher=vit(VIT_DIGITS_LARGE), num_classes=10,
                                      example_input=example, terms={"vitkd": ViTKD()}, optimizer=SGD),
+    # Cross-modal: the teacher reads the image, the student (an MLP) the paired feature vector.
+    "offline_cross_modal": lambda example: Offline(
+        student=attach_input(model("mlp_small", 32), "features"), teacher=attach_input(model("convnet_large"), "image"),
+        num_classes=10, example_input=example, terms={"kd": KD(weight=0.9, temperature=4.0)}, ce_weight=0.1,
+        optimizer=SGD),
 }
 # What the data module serves for a scheme of named inputs (`inputs.views`).
 NAMED_VIEWS = {"offline_low_res": {"low": {"size": 4}}}
@@ -104,7 +109,9 @@ class RecordRank(L.Callback):
 def main(scheme: str, mode: str, out: Path) -> None:
     torch.set_num_threads(1)
     L.seed_everything(SEED)
-    datamodule = DigitsDataModule(batch_size=BATCH)
+    datamodule = (SyntheticDataModule(num_classes=10, in_channels=1, image_size=8, train_size=256, batch_size=BATCH,
+                                      paired_features=32)
+                  if scheme == "offline_cross_modal" else DigitsDataModule(batch_size=BATCH))
     datamodule.setup("fit")
     if scheme in NAMED_VIEWS:
         datamodule.use_inputs(NAMED_VIEWS[scheme])

@@ -62,11 +62,16 @@ SCHEME_CASES: dict[str, list[list[str]]] = {
     "supervision_transfer": [[]],
 }
 # Named inputs (kd_lightning/data/inputs.py), one case per kind of input, walked beside the cases above: a student
-# on a view resized on the device (cross-resolution; an `offline` stage), the mean teacher's independent view and
-# KDCL's per-peer distortion (views with their own draws, which a resume must replay).
+# on a view resized on the device (cross-resolution), a student on another modality (cross-modal), the mean
+# teacher's independent view and KDCL's per-peer distortion (views with their own draws, which a resume must
+# replay).
 # (Both read views of their own by default; augmented digits make those draws differ from the student's.)
 NAMED_INPUT_CASES: list[tuple[str, list[str]]] = [
     ("offline", ["distill=[kd]", "+inputs.views.low={size:4}", "inputs.student=low"]),
+    # Cross-modal: a CNN teacher on the image, an MLP student on a paired feature vector of the same sample.
+    ("offline", ["distill=[kd,supervision_transfer]", "scheme.ce_weight=0.1", "data=synthetic", "data.num_classes=10",
+                 "data.in_channels=1", "data.image_size=8", "data.train_size=64", "data.batch_size=16",
+                 "data.paired_features=32", "inputs.student=features", "student=mlp_small"]),
     ("mean_teacher", ["data.augment=true"]),
     ("kdcl", ["scheme.rampup_epochs=1", "data.augment=true"]),
 ]

@@ -38,7 +38,8 @@ def case_id(scheme: str, overrides: list[str]) -> str:
 
 CASES = [pytest.param(scheme, overrides, id=case_id(scheme, overrides))
          for scheme, cases in SCHEME_CASES.items() for overrides in cases]
-CASES += [pytest.param(scheme, overrides, id=f"{scheme}-named_inputs") for scheme, overrides in NAMED_INPUT_CASES]
+CASES += [pytest.param(scheme, overrides, id=f"{scheme}-named_inputs{index}")
+    for index, (scheme, overrides) in enumerate(NAMED_INPUT_CASES)]
 BATCHES_PER_EPOCH, EPOCHS, CHECKPOINT_EVERY = 4, 2, 3
 RESUME_STEP = 3  # mid-epoch: one batch of epoch 0 is left, then all of epoch 1
 QUICK = [f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={BATCHES_PER_EPOCH}",

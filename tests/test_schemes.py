@@ -25,7 +25,8 @@ SCHEMES = sorted(SCHEME_CASES)
 # Each scheme's first case, the named-input cases (a student on a resized view, ...) and the transformer terms:
 # their networks (ViTs) are no other case's.
 WALKS = [pytest.param(scheme, SCHEME_CASES[scheme][0], id=scheme) for scheme in SCHEMES] + [
-    pytest.param(scheme, overrides, id=f"{scheme}-named_inputs") for scheme, overrides in NAMED_INPUT_CASES] + [
+    pytest.param(scheme, overrides, id=f"{scheme}-named_inputs{index}")
+    for index, (scheme, overrides) in enumerate(NAMED_INPUT_CASES)] + [
     pytest.param("offline", [f"distill=[{term}]", *TERM_OVERRIDES[term]], id=f"offline-{term}")
     for term in TRANSFORMER_TERMS]
 

@@ -47,7 +47,9 @@ def regressor(student_shape: torch.Size, teacher_shape: torch.Size, student_tap:
         raise ConfigError(
             f"Cannot regress student tap {student_tap!r} of shape {tuple(student_shape[1:])} onto teacher tap "
             f"{teacher_tap!r} of shape {tuple(teacher_shape[1:])}: both must be spatial maps (C,H,W) or both "
-            f"embeddings (D). Pick taps of the same kind, e.g. student_tap=stage2 teacher_tap=stage2."
+            f"embeddings (D). Pick taps of the same kind, e.g. student_tap=stage2 teacher_tap=stage2, or, between "
+            f"a map and a vector (another kind of network or input), student_tap=penultimate "
+            f"teacher_tap=penultimate (pooled embeddings, a linear regressor), or distill=[supervision_transfer]."
         )
     if len(student_shape) == 2:
         return nn.Linear(student_shape[1], teacher_shape[1])

@@ -48,6 +48,13 @@ def stage_pairs(name: str, student_taps: list[str], teacher_taps: list[str],
     for s_tap, t_tap in zip(student_taps, teacher_taps):
         s_shape, t_shape = context.student_shapes[s_tap], context.teacher_shapes[t_tap]
         if len(s_shape) != 4 or len(t_shape) != 4:
+            if len(s_shape) == 4 or len(t_shape) == 4:  # a map on one side only: another architecture or modality
+                raise ConfigError(
+                    f"{name} needs spatial feature maps (N,C,H,W) on both networks, but student tap {s_tap!r} has "
+                    f"shape {tuple(s_shape)} and teacher tap {t_tap!r} has {tuple(t_shape)}: a map and a vector (a "
+                    f"network of another kind, e.g. an MLP on another input). Relate them with a term that reads one "
+                    f"vector per sample from each: fitnet or supervision_transfer on `penultimate` (a learned linear "
+                    f"map; the map side pooled), or a relational term (rkd, pkt, sp, crd), or distil the logits (kd).")
             raise ConfigError(
                 f"{name} needs spatial feature maps (N,C,H,W); student tap {s_tap!r} has shape {tuple(s_shape)} "
                 f"and teacher tap {t_tap!r} has {tuple(t_shape)}. Use stage taps (e.g. distill.{name}.student_taps="

@@ -21,7 +21,9 @@ class SupervisionTransfer(DistillTerm):
     here is each model's deepest declared stage (`last_stage`), the map before global pooling. φ: the
     identity when the two taps have one shape (the paper's same-architecture case); otherwise a learnable 1×1
     convolution (with bias) for maps, a linear layer for vectors, with a fixed average pooling or nearest
-    upsampling where the two maps' resolutions differ by an integer factor (`width_transform`). Unlike FitNet's
+    upsampling where the two maps' resolutions differ by an integer factor, and a linear layer between a
+    flattened map and a vector where one network reads an image and the other a feature vector (cross-modal:
+    a CNN teacher on images, an MLP student on features) (`width_transform`). Unlike FitNet's
     regressor it has no BN/ReLU: φ is the paper's linear transform, and only the student's side is transformed. Loss: the element
     mean of the squared error (`functional.supervision_transfer` says why not the paper's sum).
     """
@@ -55,7 +57,7 @@ class SupervisionTransfer(DistillTerm):
 def width_transform(student_shape: torch.Size, teacher_shape: torch.Size, student_tap: str,
                     teacher_tap: str) -> nn.Module:
     """φ, a linear map of the student's feature onto the teacher's shape: the identity for equal shapes, a linear
-    layer for vectors, a 1×1 convolution for maps, preceded by average pooling when the student's map is an integer
+    layer for vectors or between a flattened map and a vector, a 1×1 convolution for maps, preceded by average pooling when the student's map is an integer
     multiple of the teacher's resolution and followed by nearest upsampling when it is an integer fraction of it
     (architectures whose pool5 sit at different strides). The teacher's feature, the target, is never resized."""
     if student_shape[1:] == teacher_shape[1:]:
@@ -72,6 +74,13 @@ def width_transform(student_shape: torch.Size, teacher_shape: torch.Size, studen
             return nn.Sequential(nn.AvgPool2d(factor), conv)
         if t_height % s_height == 0 and t_width % s_width == 0 and t_height // s_height == t_width // s_width:
             return nn.Sequential(conv, nn.Upsample(scale_factor=t_height // s_height, mode="nearest"))
+    # A map and a vector (another kind of network on another modality: an MLP on features, a CNN on images): the
+    # linear map between the flattened map and the vector, the general linear φ.
+    if len(student_shape) == 4 and len(teacher_shape) == 2:
+        return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.Size(student_shape[1:]).numel()), teacher_shape[1]))
+    if len(student_shape) == 2 and len(teacher_shape) == 4:
+        return nn.Sequential(nn.Linear(student_shape[1], int(torch.Size(teacher_shape[1:]).numel())),
+                             nn.Unflatten(1, tuple(teacher_shape[1:])))
     raise ConfigError(
         f"supervision_transfer maps student tap {student_tap!r} of shape {tuple(student_shape[1:])} onto teacher tap "
         f"{teacher_tap!r} of shape {tuple(teacher_shape[1:])} with a linear map, which needs two vectors or two "

@@ -1,0 +1,73 @@
+"""Every catalogue term between networks on different modalities: a CNN on an image and an MLP on a paired
+feature vector (synthetic data with `paired_features`), in both directions. A term either trains a step with a
+finite loss or is refused at construction in one paragraph that names the terms (or taps) that relate a map to a
+vector."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from kd_lightning.data import SyntheticDataModule
+from kd_lightning.data.inputs import attach_input
+from kd_lightning.errors import ConfigError
+from kd_lightning.models import build_model
+from kd_lightning.pipeline import build_terms
+from kd_lightning.schemes import Offline
+from kd_lightning.teachers import FrozenTeacher
+from scheme_cases import TERMS, TRANSFORMER_TERMS
+
+SMALL_MEMORY = {"crd": ["distill.crd.nce_k=8"], "crd_queue": ["distill.crd_queue.queue_size=16"]}
+PAIRS = {"image_teacher_features_student": (("convnet_large", "image"), ("mlp_small", "features")),
+         "features_teacher_image_student": (("mlp_large", "features"), ("convnet_small", "image"))}
+# What a refusal must name: the way to relate a map to a vector.
+MAP_AND_VECTOR = "a map and a vector"
+REFUSED = {(term, pair): MAP_AND_VECTOR for term in ("at", "nst", "ab", "ft", "ofd", "vid") for pair in PAIRS}
+# FSP's Gram matrices pair the stem with each stage: an MLP has no stem map.
+REFUSED.update({("fsp", pair): "has no tap 'stem'" for pair in PAIRS})
+REFUSED.update({("fitnet", pair): "penultimate" for pair in PAIRS})
+REFUSED.update({(term, pair): "vision transformer" for term in TRANSFORMER_TERMS for pair in PAIRS})
+
+
+def sgd(parameters):
+    return torch.optim.SGD(parameters, lr=0.05, momentum=0.9)
+
+
+def one_step(module, datamodule) -> torch.Tensor:
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule)
+    return trainer.callback_metrics["train/loss"]
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+@pytest.mark.parametrize("term_name", TERMS)
+def test_term_trains_across_modalities_or_is_refused_up_front(make_cfg, term_name, pair):
+    torch.manual_seed(0)
+    datamodule = SyntheticDataModule(num_classes=10, in_channels=1, image_size=8, train_size=16, val_size=8,
+                                     test_size=8, batch_size=8, paired_features=32)
+    datamodule.use_inputs()
+    (teacher_name, teacher_input), (student_name, student_input) = PAIRS[pair]
+
+    def network(name: str, source: str) -> torch.nn.Module:
+        return attach_input(build_model(name, num_classes=10, in_channels=datamodule.input_shape_of(source)[0]),
+                            source)
+
+    terms = build_terms(make_cfg(f"distill=[{term_name}]", *SMALL_MEMORY.get(term_name, [])))
+    try:
+        module = Offline(student=network(student_name, student_input),
+                         teacher=FrozenTeacher(network(teacher_name, teacher_input)), terms=terms, num_classes=10,
+                         example_input=datamodule.example_input(), optimizer=sgd, train_size=datamodule.train_size,
+                         train_targets=datamodule.train_targets, max_epochs=100)
+    except ConfigError as error:
+        assert (term_name, pair) in REFUSED, f"refused unexpectedly: {error}"
+        assert REFUSED[term_name, pair] in str(error) and "\n" not in str(error).strip(), str(error)
+        return
+    assert (term_name, pair) not in REFUSED, "expected a refusal at construction"
+    if any(term.init_epochs for term in module.terms.values()):
+        module.set_init_stage(True)
+        assert torch.isfinite(one_step(module, datamodule))
+        module.set_init_stage(False)
+    assert torch.isfinite(one_step(module, datamodule))
