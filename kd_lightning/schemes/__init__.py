@@ -13,6 +13,6 @@ from kd_lightning.schemes.online import DML, KDCL
 from kd_lightning.schemes.self_distill import BYOT, CSKD, MeanTeacher, TfKDReg
 from kd_lightning.schemes.supervised import Supervised
 
-__all__ = ["Adversarial", "BYOT", "CSKD", "DAFL", "DFAD", "DML", "DataFree", "DeepInversion", "DeiT", "DistillationModule",
-           "FastDatafree", "KDCL", "MLKD", "MeanTeacher", "MultiTeacher", "NoiseInputs", "Offline", "Supervised", "TfKDReg",
-           "ZSKT"]
+__all__ = ["Adversarial", "BYOT", "CSKD", "DAFL", "DFAD", "DML", "DataFree", "DeepInversion", "DeiT",
+           "DistillationModule", "FastDatafree", "KDCL", "MLKD", "MeanTeacher", "MultiTeacher", "NoiseInputs",
+           "Offline", "Supervised", "TfKDReg", "ZSKT"]

@@ -122,7 +122,8 @@ class DistillationModule(L.LightningModule):
                 f"data.mixup_alpha / data.cutmix_alpha mix every training batch into soft targets (class "
                 f"probabilities), but scheme {type(self).__name__} reads one hard label per sample in its own losses "
                 f"(or trains on no real batches). Set data.mixup_alpha=0 data.cutmix_alpha=0, or mix with a scheme "
-                f"that takes soft targets: supervised, offline, multi_teacher, mlkd, adversarial, mean_teacher, dml, byot, deit.")
+                f"that takes soft targets: supervised, offline, multi_teacher, mlkd, adversarial, mean_teacher, dml, "
+                f"byot, deit.")
 
     def products(self) -> dict[str, nn.Module]:
         """The trained networks later stages read as teachers and the run exports, by role."""
