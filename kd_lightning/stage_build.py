@@ -165,7 +165,26 @@ def build_stage_module(stage_cfg: DictConfig, stage: Stage, datamodule: Any,
                "max_epochs": stage_cfg.trainer.max_epochs, "teacher_cache": cache if stage.teachers else None,
                **scheme_kwargs(stage_cfg, datamodule)}
     context = {key: value for key, value in context.items() if key in accepted}
-    return scheme_class(**networks, **teachers, **options, **context)
+    module = scheme_class(**networks, **teachers, **options, **context)
+    if getattr(datamodule, "mixing", None) is not None and datamodule.mixing.active:
+        check_mixing(module, datamodule, stage, labeled is not None, context.get("teacher_cache") is not None)
+    return module
+
+
+def check_mixing(module: DistillationModule, datamodule: Any, stage: Stage, hides_labels: bool,
+                 caches_teacher: bool) -> None:
+    """Refuse mixed training batches (data.mixup_alpha / data.cutmix_alpha) where they cannot train."""
+    datamodule.check_mixing()
+    module.check_mixed_batches()
+    if hides_labels:
+        raise ConfigError(f"labeled_fraction < 1 hides labels by sample (stage {stage.name!r}), but a mixed batch "
+                          f"blends each sample's target with another's, so a hidden label would leak into a shown "
+                          f"sample's target. Train semi-supervised runs unmixed (data.mixup_alpha=0 "
+                          f"data.cutmix_alpha=0), or with labeled_fraction=1.")
+    if caches_teacher:
+        raise ConfigError(f"The teacher cache keys the teacher's outputs on (sample, view), but a mixed batch "
+                          f"(data.mixup_alpha / data.cutmix_alpha) shows the teacher blends of two samples, which "
+                          f"no key names (stage {stage.name!r}). Train with {OFF_SWITCH}, or unmixed.")
 
 
 def teacher_arguments(stage: Stage, products: dict[str, dict[str, torch.nn.Module]],

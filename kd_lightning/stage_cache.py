@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # A waiting job takes the lock of a holder on another host after this long without a heartbeat (one every
 # third of it); on the holder's own host a dead pid is noticed at once.
 LEASE_SECONDS = 60.0
+MIXING_ALPHAS = ("mixup_alpha", "cutmix_alpha")
+MIXING_OPTIONS = (*MIXING_ALPHAS, "mix_prob", "mix_switch_prob", "label_smoothing")
 POLL_SECONDS = 1.0  # how often a waiting job looks at the marker: cheap, also on a shared filesystem
 
 
@@ -49,6 +51,10 @@ def stage_recipe(stage_cfg: DictConfig, stage: Stage, teacher_keys: dict[str, st
     data = OmegaConf.to_container(stage_cfg.data, resolve=True)
     for irrelevant in ("num_workers", "pin_memory", "root", "system_dir"):
         data.pop(irrelevant, None)
+    if not any(float(data.get(alpha) or 0) > 0 for alpha in MIXING_ALPHAS):
+        # Unmixed batches: the mixing options change nothing, and keys from before they existed stay valid.
+        for option in MIXING_OPTIONS:
+            data.pop(option, None)
     scheduler = stage_cfg.get("scheduler")
     recipe = {"scheme": dict(stage.scheme), "networks": dict(stage.networks), "distill": dict(stage.distill or {}),
               "seed": stage.seed, "data": data, "trainer": trainer,

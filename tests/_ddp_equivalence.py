@@ -27,8 +27,8 @@ from kd_lightning.data import DigitsDataModule, SyntheticDataModule
 from kd_lightning.data.inputs import attach_input
 from kd_lightning.losses.terms import KD, FitNet, MiniLM, ViTKD
 from kd_lightning.models import build_model
-from kd_lightning.schemes import BYOT, DML, KDCL, MultiTeacher, Offline, TfKDReg
-from scheme_cases import VIT_DIGITS, VIT_DIGITS_LARGE
+from kd_lightning.schemes import BYOT, DML, KDCL, DeiT, MultiTeacher, Offline, TfKDReg
+from scheme_cases import DEIT_DIGITS, VIT_DIGITS, VIT_DIGITS_LARGE
 
 BATCH, STEPS, RANKS, SEED = 16, 4, 2, 0
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # per-rank BN statistics, by design
@@ -82,6 +82,9 @@ MODULES: dict[str, Callable[[torch.Tensor], L.LightningModule]] = {
         student=attach_input(model("mlp_small", 32), "features"), teacher=attach_input(model("convnet_large"), "image"),
         num_classes=10, example_input=example, terms={"kd": KD(weight=0.9, temperature=4.0)}, ce_weight=0.1,
         optimizer=SGD),
+    # Two heads, both trained: the class head by CE, the distillation head by the teacher's argmax.
+    "deit": lambda example: DeiT(student=vit(DEIT_DIGITS), teacher=model("convnet_large"), terms={}, num_classes=10,
+                                 example_input=example, optimizer=SGD),
 }
 # What the data module serves for a scheme of named inputs (`inputs.views`).
 NAMED_VIEWS = {"offline_low_res": {"low": {"size": 4}}}

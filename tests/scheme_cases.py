@@ -17,6 +17,7 @@ TRANSFORMER_PAIR = ["student=vit_digits", "teacher=vit_digits_large"]
 _DIGITS_VIT = {"name": "timm:vit_tiny_patch16_224", "img_size": 8, "patch_size": 2}
 VIT_DIGITS = {**_DIGITS_VIT, "embed_dim": 32, "depth": 3, "num_heads": 2}
 VIT_DIGITS_LARGE = {**_DIGITS_VIT, "embed_dim": 64, "depth": 4, "num_heads": 4}
+DEIT_DIGITS = {**VIT_DIGITS, "name": "timm:deit_tiny_distilled_patch16_224"}  # conf/student/deit_digits.yaml
 # Recipes cut to the tests' size: init stages of one epoch, warm-ups that end within two epochs, CRD with
 # 64 negatives instead of 16384, FSP between networks of equal widths.
 TERM_OVERRIDES = {
@@ -60,6 +61,8 @@ SCHEME_CASES: dict[str, list[list[str]]] = {
     "mlkd": [[]],
     # Pre-training without labels, then fine-tuning the same network from it (the resumed stage).
     "supervision_transfer": [[]],
+    # The distilled digits ViT (class and distillation heads) from the default CNN teacher, on mixed batches.
+    "deit": [["student=deit_digits", "data.mixup_alpha=0.8", "data.cutmix_alpha=1.0"]],
 }
 # Named inputs (kd_lightning/data/inputs.py), one case per kind of input, walked beside the cases above: a student
 # on a view resized on the device (cross-resolution), a student on another modality (cross-modal), the mean

@@ -19,7 +19,7 @@ def test_two_ddp_ranks_end_identical_and_equal_to_one_process_on_the_global_batc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["kdcl", "byot", "tf_kd_reg", "offline_low_res", "offline_cross_modal"])
+@pytest.mark.parametrize("scheme", ["kdcl", "byot", "tf_kd_reg", "offline_low_res", "offline_cross_modal", "deit"])
 def test_more_schemes_end_identical_on_both_ranks_and_equal_to_one_process(tmp_path, scheme):
     # multi_teacher, dml (tests/test_scheme_*.py) and cs_kd, mean_teacher (test_scheme_self.py) have their own;
     # takd, born_again and tf_kd_self train Offline stages, which the test above covers.

@@ -40,6 +40,11 @@ CASES = [pytest.param(scheme, overrides, id=case_id(scheme, overrides))
          for scheme, cases in SCHEME_CASES.items() for overrides in cases]
 CASES += [pytest.param(scheme, overrides, id=f"{scheme}-named_inputs{index}")
     for index, (scheme, overrides) in enumerate(NAMED_INPUT_CASES)]
+# Mixed batches drawn by (seed, epoch, batch, rank) on the device path, with a named input of another size: the
+# resumed run must draw the same λ and box for the batches after the checkpoint.
+CASES += [pytest.param("offline", ["distill=[kd]", "data.mixup_alpha=0.8", "data.cutmix_alpha=1.0",
+                                   "data.device_resident=true", "+inputs.views.low={size:4}", "inputs.student=low"],
+                       id="offline-mixed_device_batches")]
 BATCHES_PER_EPOCH, EPOCHS, CHECKPOINT_EVERY = 4, 2, 3
 RESUME_STEP = 3  # mid-epoch: one batch of epoch 0 is left, then all of epoch 1
 QUICK = [f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={BATCHES_PER_EPOCH}",

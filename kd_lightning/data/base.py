@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kd_lightning.data.device import DeviceBatches, ResidentSplit, fits_on, parse_device_resident
 from kd_lightning.data.inputs import InputView, NamedSamples, RoleInputs, check_named, parse_views, resize, view_shape
+from kd_lightning.data.mixing import MixOptions, mix_batch, mix_generator
 from kd_lightning.data.resumable import EpochPermutationSampler, ResumableLoader, global_seed
 from kd_lightning.data.pairs import ClassPairBatchSampler, EpochPermutation
 from kd_lightning.data.views import CropFlipViews, ViewedTransform
@@ -145,6 +146,10 @@ class KDDataModule(L.LightningDataModule):
     device (`data/device.py`) when the training pool is an in-memory tensor split (`stored_split`) and the
     training transform is expressible as views (`augment_views`, or no transform); `auto` does so on CUDA
     devices when the split fits, `true` everywhere (the CPU included), `false` never.
+
+    `mixup_alpha`, `cutmix_alpha`, `mix_prob`, `mix_switch_prob`, `label_smoothing` mix the training batches on
+    the device (`data/mixing.py`, timm's `Mixup` in batch mode; 0 alphas: off); their targets are then B×K class
+    probabilities. Validation and test batches are never mixed.
     """
 
     num_classes: int
@@ -153,7 +158,8 @@ class KDDataModule(L.LightningDataModule):
 
     def __init__(self, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
                  val_fraction: float = 0.0, seed: int = 0, train_subset: int | None = None,
-                 device_resident: bool | str = "auto") -> None:
+                 device_resident: bool | str = "auto", mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 mix_prob: float = 1.0, mix_switch_prob: float = 0.5, label_smoothing: float = 0.1) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ConfigError(f"data.batch_size must be a positive integer (per device), got {batch_size!r}.")
@@ -173,6 +179,8 @@ class KDDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.train_subset = None if train_subset is None else int(train_subset)
         self.device_resident = parse_device_resident(device_resident)
+        self.mixing = MixOptions(float(mixup_alpha), float(cutmix_alpha), float(mix_prob), float(mix_switch_prob),
+                                 float(label_smoothing))
         self.train_set: IndexedDataset | None = None
         self.val_set: IndexedDataset | None = None
         self.test_set: IndexedDataset | None = None
@@ -293,14 +301,39 @@ class KDDataModule(L.LightningDataModule):
         return {name: torch.randn(batch_size, *self.input_shape_of(name)) for name in self._inputs()}
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Resizes the inputs that ask for another size, on the device the batch now lives on."""
-        if self.input_views is None or not isinstance(batch[0], dict):
+        """Resizes the inputs that ask for another size, then mixes a training batch (`mixing`), on the device
+        the batch now lives on."""
+        if self.input_views is not None and isinstance(batch[0], dict):
+            sized = {name: view.size for name, view in self.input_views.items() if view.size is not None}
+            if sized:
+                inputs = {name: resize(value, sized[name]) if name in sized else value
+                          for name, value in batch[0].items()}
+                batch = (inputs, *batch[1:])
+        trainer = self.trainer
+        if not self.mixing.active or trainer is None or not trainer.training:
             return batch
-        sized = {name: view.size for name, view in self.input_views.items() if view.size is not None}
-        if not sized:
-            return batch
-        inputs = {name: resize(value, sized[name]) if name in sized else value for name, value in batch[0].items()}
-        return (inputs, *batch[1:])
+        # The index of this batch in its epoch: Lightning counts it ready only after this hook, and restores the
+        # count on resume, so a resumed run draws what the uninterrupted one drew.
+        batch_index = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        generator = mix_generator(global_seed(), trainer.current_epoch, batch_index, trainer.global_rank)
+        return mix_batch(batch, self.mixing, self.num_classes, self.mix_size, generator)
+
+    @property
+    def mix_size(self) -> tuple[int, int]:
+        """The image size CutMix draws its box on (the default source's; other inputs get it scaled)."""
+        shape = self.sources[self.default_source]
+        return (int(shape[-2]), int(shape[-1])) if len(shape) == 3 else (1, 1)
+
+    def check_mixing(self) -> None:
+        """Refuse CutMix on inputs that are not images (a box needs two spatial dimensions)."""
+        if self.mixing.cutmix_alpha > 0:
+            flat = sorted(name for name, shape in self.sources.items() if len(shape) != 3)
+            if flat:
+                raise ConfigError(
+                    f"data.cutmix_alpha={self.mixing.cutmix_alpha} pastes a box of one image into another, but "
+                    f"{type(self).__name__}'s inputs {flat} are not images (shapes "
+                    f"{[self.sources[name] for name in flat]}). Mix them with data.mixup_alpha alone "
+                    f"(data.cutmix_alpha=0).")
 
     @property
     def train_size(self) -> int:

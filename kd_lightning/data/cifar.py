@@ -64,8 +64,9 @@ class _CIFARDataModule(KDDataModule):
 
     def __init__(self, root: str = "data", batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  val_fraction: float = 0.0, seed: int = 0, download: bool = False,
-                 train_subset: int | None = None, device_resident: bool | str = "auto") -> None:
-        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset, device_resident)
+                 train_subset: int | None = None, device_resident: bool | str = "auto", **mixing: float) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset, device_resident,
+                         **mixing)
         self.in_channels, self.image_size = 3, (32, 32)
         self.root = Path(root).expanduser()
         self.download = bool(download)

@@ -20,8 +20,9 @@ class DigitsDataModule(KDDataModule):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False,
                  val_fraction: float = 0.1, seed: int = 0, augment: bool = False,
-                 train_subset: int | None = None, device_resident: bool | str = "auto") -> None:
-        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset, device_resident)
+                 train_subset: int | None = None, device_resident: bool | str = "auto", **mixing: float) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset, device_resident,
+                         **mixing)
         self.num_classes, self.in_channels, self.image_size = 10, 1, (8, 8)
         self.augment = bool(augment)
         self._splits: tuple[TensorImageDataset, TensorImageDataset] | None = None

@@ -27,8 +27,9 @@ class ImageNetDataModule(KDDataModule):
 
     def __init__(self, root: str = "data/imagenet", batch_size: int = 256, num_workers: int = 0,
                  pin_memory: bool = False, val_fraction: float = 0.0, seed: int = 0, num_classes: int = 1000,
-                 image_size: int = 224, resize_size: int = 256, train_subset: int | None = None) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset)
+                 image_size: int = 224, resize_size: int = 256, train_subset: int | None = None,
+                 **mixing: float) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset, **mixing)
         self.root = Path(root).expanduser()
         self.num_classes = check_positive("num_classes", num_classes)
         self.in_channels = 3

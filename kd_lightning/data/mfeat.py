@@ -119,9 +119,11 @@ class MfeatDataModule(KDDataModule):
 
     def __init__(self, root: str = "data/uci_mfeat", batch_size: int = 64, num_workers: int = 0,
                  pin_memory: bool = False, val_fraction: float = 0.1, seed: int = 0, test_fraction: float = 0.5,
-                 split_seed: int = 0, default_source: str = "pixels", train_subset: int | None = None) -> None:
+                 split_seed: int = 0, default_source: str = "pixels", train_subset: int | None = None,
+                 **mixing: float) -> None:
         # Never device-resident: that path serves image tensors, and these splits are a few hundred kB anyway.
-        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset, device_resident=False)
+        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset, device_resident=False,
+                         **mixing)
         if not 0.0 < float(test_fraction) < 1.0:
             raise ConfigError(f"data.test_fraction must be in (0, 1), got {test_fraction!r}: it is the fraction of "
                               f"every class held out as the test split (0.5 tests on 100 digits per class).")

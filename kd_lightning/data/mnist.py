@@ -43,8 +43,9 @@ class _IDXDataModule(KDDataModule):
     def __init__(self, root: str = "data", batch_size: int = 128, num_workers: int = 0, pin_memory: bool = False,
                  val_fraction: float = 0.0, seed: int = 0, download: bool = False,
                  system_dir: str | None = None, train_subset: int | None = None,
-                 device_resident: bool | str = "auto") -> None:
-        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset, device_resident)
+                 device_resident: bool | str = "auto", **mixing: float) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, val_fraction, seed, train_subset, device_resident,
+                         **mixing)
         self.num_classes, self.in_channels, self.image_size = 10, 1, (28, 28)
         self.root = Path(root).expanduser()
         self.download = bool(download)
@@ -136,9 +137,9 @@ class FashionMNISTDataModule(_IDXDataModule):
     def __init__(self, root: str = "data", batch_size: int = 128, num_workers: int = 0, pin_memory: bool = False,
                  val_fraction: float = 0.0, seed: int = 0, download: bool = False,
                  system_dir: str | None = FASHION_SYSTEM_DIR, train_subset: int | None = None,
-                 device_resident: bool | str = "auto") -> None:
+                 device_resident: bool | str = "auto", **mixing: float) -> None:
         super().__init__(root, batch_size, num_workers, pin_memory, val_fraction, seed, download, system_dir,
-                         train_subset, device_resident)
+                         train_subset, device_resident, **mixing)
 
 
 __all__ = ["FASHION_SYSTEM_DIR", "FashionMNISTDataModule", "MNISTDataModule"]

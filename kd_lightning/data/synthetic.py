@@ -43,10 +43,10 @@ class SyntheticDataModule(KDDataModule):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int | Sequence[int] = 32,
                  train_size: int = 512, val_size: int = 128, test_size: int = 128, batch_size: int = 64,
                  seed: int = 0, num_workers: int = 0, pin_memory: bool = False, signal: float = 1.0,
-                 train_subset: int | None = None, device_resident: bool | str = "auto",
-                 paired_features: int = 0) -> None:
+                 train_subset: int | None = None, device_resident: bool | str = "auto", paired_features: int = 0,
+                 **mixing: float) -> None:
         super().__init__(batch_size, num_workers, pin_memory, val_fraction=0.0, seed=seed, train_subset=train_subset,
-                         device_resident=device_resident)
+                         device_resident=device_resident, **mixing)
         self.num_classes = check_positive("num_classes", num_classes)
         self.in_channels = check_positive("in_channels", in_channels)
         self.image_size = as_hw(image_size)

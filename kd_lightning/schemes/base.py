@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import lightning as L
 import torch
@@ -67,11 +67,18 @@ def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
 class DistillationModule(L.LightningModule):
     """Holds the trained network (`self.student`) and everything every scheme shares.
 
+    `trains_on_mixed_batches`: whether `training_losses` takes a mixed batch (`data.mixup_alpha`/`cutmix_alpha`),
+    whose targets are B×K class probabilities: F.cross_entropy reads them as such, and `DistillInputs` hands terms
+    each sample's dominant class. Schemes whose losses read one label per sample in their own way (CS-KD's class
+    pairs, Tf-KD's regulariser, KDCL's min-logit ensemble, data-free steps) keep False and are refused up front.
+
     Logged names: `train/loss`, `train/<term>` (weighted), `val/acc`, `val/acc_best`, `test/acc`
     (plus `*_top5` when there are more than 10 classes); the progress bar shows the training loss as
     `loss`, refreshed at logging steps only. Optimizers see trainable parameters only.
     The checkpoint records the student's build spec so `kd_lightning.export` can extract it alone.
     """
+
+    trains_on_mixed_batches: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module, num_classes: int, optimizer: OptimizerFactory,
                  scheduler: SchedulerFactory | None = None, scheduler_interval: str = "epoch") -> None:
@@ -107,6 +114,16 @@ class DistillationModule(L.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.student(images)
+
+    def check_mixed_batches(self) -> None:
+        """Refuse mixed training batches (mixup/CutMix) this scheme cannot train on; called before training."""
+        if not self.trains_on_mixed_batches:
+            raise ConfigError(
+                f"data.mixup_alpha / data.cutmix_alpha mix every training batch into soft targets (class "
+                f"probabilities), but scheme {type(self).__name__} reads one hard label per sample in its own losses "
+                f"(or trains on no real batches). Set data.mixup_alpha=0 data.cutmix_alpha=0, or mix with a scheme "
+                f"that takes soft targets: supervised, offline, multi_teacher, mlkd, adversarial, mean_teacher, dml, "
+                f"byot, deit.")
 
     def products(self) -> dict[str, nn.Module]:
         """The trained networks later stages read as teachers and the run exports, by role."""

@@ -104,6 +104,7 @@ class DataFree(Offline):
     # The optimizers the schedule reaches: the references anneal the student's rate and keep the generator's
     # constant (DAFL's CIFAR recipe, zju-vipa's datafree_kd.py), except DFAD and ZSKT, which schedule both.
     scheduled_players: ClassVar[tuple[str, ...]] = ("student",)
+    trains_on_mixed_batches: ClassVar[bool] = False  # its batches are synthesised, never mixed real ones
     # Losses a subclass logs besides the terms (names as returned by `data_free_step`), for the NaN watch.
     generator_losses: tuple[str, ...] = ()
 

@@ -41,6 +41,7 @@ class Offline(DistillationModule):
     """
 
     caches_teacher_outputs: ClassVar[bool] = True
+    trains_on_mixed_batches: ClassVar[bool] = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module, terms: Mapping[str, DistillTerm],
                  num_classes: int, example_input: Tensor, ce_weight: float | None = None,
@@ -77,6 +78,15 @@ class Offline(DistillationModule):
         self.teacher_outputs = self._output_cache(teacher_cache, context)
         self.nonfinite = NonFiniteWatch(["ce", *self.terms, *(f"{name}_init" for name in self.init_terms)])
         self._trainable = {id(p) for p in self.parameters() if p.requires_grad}
+
+    def check_mixed_batches(self) -> None:
+        super().check_mixed_batches()
+        keyed = [name for name, term in self.terms.items() if term.needs_indices]
+        if keyed:
+            raise ConfigError(
+                f"distill={keyed} keep one memory slot per training sample (by index), but a mixed batch "
+                f"(data.mixup_alpha / data.cutmix_alpha) blends two samples into each input, which no slot holds. "
+                f"Train these terms on unmixed batches (data.mixup_alpha=0 data.cutmix_alpha=0).")
 
     def example_forward(self, example_input: Tensor) -> None:
         """One eval-mode, no-grad forward of student and teacher, so the forward hooks record output shapes."""

@@ -159,6 +159,8 @@ class DML(MutualLearning):
     detached), no gradient of peer k's loss reaches another peer.
     """
 
+    trains_on_mixed_batches = True  # its CE takes class probabilities; KDCL's min-logit ensemble needs labels
+
     mimicry_name = "dml"
 
     def partner_logits(self, logits: list[Tensor], targets: Tensor) -> list[list[Tensor]]:

@@ -61,6 +61,8 @@ class BYOT(DistillationModule):
     the network and are saved in checkpoints but not exported: the product is the deepest classifier.
     """
 
+    trains_on_mixed_batches = True  # every CE takes class probabilities
+
     def __init__(self, student: nn.Module, num_classes: int, example_input: Tensor, alpha: float = 0.1,
                  temperature: float = 3.0, beta: float = 1e-6, stages: Sequence[str] | None = None,
                  **base: Any) -> None:

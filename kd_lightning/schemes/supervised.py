@@ -10,6 +10,8 @@ from kd_lightning.schemes.base import DistillationModule
 class Supervised(DistillationModule):
     """Cross-entropy training of one network: teachers, and the student baselines KD is compared with."""
 
+    trains_on_mixed_batches = True
+
     def __init__(self, student: nn.Module, num_classes: int, label_smoothing: float = 0.0,
                  labeled: Tensor | None = None, **base: Any) -> None:
         super().__init__(student, num_classes, **base)

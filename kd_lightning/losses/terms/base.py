@@ -8,6 +8,7 @@ from typing import ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from kd_lightning.data.mixing import hard_labels
 from kd_lightning.errors import ConfigError
 
 # Tap-list aliases, expanded per model by `DistillTerm.expand_taps`.
@@ -18,7 +19,10 @@ LAST_STAGE = "last_stage"  # the deepest declared stage
 
 @dataclass
 class DistillInputs:
-    """What a scheme hands each term for one batch; a term reads only what it declared it needs."""
+    """What a scheme hands each term for one batch; a term reads only what it declared it needs.
+
+    `targets` are class indices: a mixed batch's soft targets (mixup/CutMix) arrive as each sample's dominant
+    class, the one DKD's target mask and OFA's target enhancement then read."""
 
     student_logits: Tensor
     targets: Tensor
@@ -27,6 +31,10 @@ class DistillInputs:
     student_features: Mapping[str, Tensor] = field(default_factory=dict)
     teacher_features: Mapping[str, Tensor] = field(default_factory=dict)
     epoch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.targets is not None:
+            self.targets = hard_labels(self.targets)
 
 
 @dataclass
