@@ -44,10 +44,11 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
 
 
-def run_arm(name: str, overrides: list[str], common: list[str], seeds: str, out: Path, threads: int) -> float:
+def run_arm(name: str, overrides: list[str], common: list[str], seeds: str, out: Path, threads: int,
+            cache: Path) -> float:
     directory = out / slug(name)
     command = [sys.executable, "-m", "kd_lightning.train", "-m", f"seed={seeds}", *common, *overrides,
-               f"hydra.sweep.dir={directory}", f"paths.cache_dir={out / 'cache'}", "logger=none", "callbacks=none",
+               f"hydra.sweep.dir={directory}", f"paths.cache_dir={cache}", "logger=none", "callbacks=none",
                "trainer.enable_progress_bar=false", f"torch_threads={threads}"]
     started = time.time()
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -110,6 +111,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--out", type=Path, help="default: outputs/arms/<name>")
     parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--cache", type=Path, help="stage cache (default: <out>/cache); share it across benchmarks "
+                                                   "whose teachers are the same")
     parser.add_argument("--render-only", action="store_true", help="only re-tabulate a finished --out")
     parser.add_argument("common", nargs="*", help="Hydra overrides for every arm, after --")
     args = parser.parse_args()
@@ -119,7 +122,8 @@ def main() -> None:
     started = time.time()
     if not args.render_only:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda arm: run_arm(arm[0], arm[1], args.common, args.seeds, out, args.threads), arms))
+            list(pool.map(lambda arm: run_arm(arm[0], arm[1], args.common, args.seeds, out, args.threads,
+                                              args.cache or out / "cache"), arms))
     minutes = (time.time() - started) / 60
     command = "python scripts/arms_benchmark.py --name {} --seeds {} --jobs {} {} -- {}".format(
         args.name, args.seeds, args.jobs, " ".join(f"--arm {shlex.quote(text)}" for text in args.arm),
