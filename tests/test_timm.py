@@ -260,3 +260,29 @@ def test_a_dynamic_size_vit_maps_the_tokens_of_whatever_square_input_it_gets():
     with FeatureTaps(model, ["stage1"]) as taps:
         model(torch.randn(2, 1, 12, 12))
         assert taps.features["stage1"].shape == (2, 32, 6, 6)
+
+
+def test_a_foundation_model_teacher_reads_a_larger_view_and_is_served_from_the_teacher_cache(make_cfg, tmp_path,
+                                                                                              offline,
+                                                                                              recorded_losses):
+    # The recipe of README "Transformers and timm models": a DINOv2-class teacher from a local file, at its own
+    # (larger) input size, resized on the device from the student's 8×8 digits; its features distilled (its head
+    # is fresh), its outputs cached per (sample, view).
+    big = {**TINY_DINOV2, "img_size": 16, "patch_size": 4}
+    source = build_model(num_classes=0, in_channels=1, **big)
+    path = tmp_path / "dinov2_tiny.safetensors"
+    save_file(source.state_dict(), str(path))
+    overrides = ["teacher=vit_digits_large", f"teacher.model.weights={path}", "baseline=false",
+                 *(f"teacher.model.{key}={value}" for key, value in big.items()),
+                 "+inputs.views.big={size:16}", "inputs.teacher=big", "distill=[rkd]", "data.augment=true",
+                 "trainer.max_epochs=2"]
+    run(make_cfg(*overrides))
+    uncached = list(recorded_losses["student"])
+    recorded_losses.clear()
+    # float32: a random backbone's features differ between samples by less than float16's 11 bits resolve.
+    results = run(make_cfg(*overrides, "teacher_cache=memory", "teacher_cache.dtype=float32"))
+    assert recorded_losses["student"] == pytest.approx(uncached, rel=1e-5, abs=1e-6)
+    assert results["teacher"]["model"]["input"] == "big" and "input" not in results["student"]
+    # At 8×8 the teacher would be refused: its img_size is the view's.
+    with pytest.raises(ConfigError, match="img_size"):
+        run(make_cfg(*[o for o in overrides if not o.startswith(("+inputs", "inputs"))]))
