@@ -268,7 +268,10 @@ def test_hidden_labels_leave_their_samples_out_of_the_cross_entropy_only():
     # The same train-mode forward (BatchNorm statistics of the whole batch), its labeled rows' CE.
     expected = torch.nn.functional.cross_entropy(module.student(images)[labeled], targets[labeled])
     torch.testing.assert_close(loss, expected)
-    # A batch without a labeled sample contributes no CE (rather than NaN).
+    # A batch without a labeled sample is skipped by a scheme that learns from labels alone (no step that moves
+    # the weights by momentum and weight decay only), and costs no CE (rather than NaN) in one that distils.
+    assert module.training_step((images[[1, 3]], targets[[1, 3]], indices[[1, 3]], torch.zeros(2)), 0) is None
+    module.learns_without_labels = True
     none = module.training_step((images[[1, 3]], targets[[1, 3]], indices[[1, 3]], torch.zeros(2)), 0)
     assert float(none) == 0.0
 

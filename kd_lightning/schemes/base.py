@@ -80,6 +80,10 @@ class DistillationModule(L.LightningModule):
 
     trains_on_mixed_batches: ClassVar[bool] = False
 
+    # Whether a batch without labels still has a loss (distillation terms read every sample): with labels hidden
+    # (`labeled_fraction`), a scheme that learns from labels alone skips such batches.
+    learns_without_labels: bool = True
+
     def __init__(self, student: nn.Module, num_classes: int, optimizer: OptimizerFactory,
                  scheduler: SchedulerFactory | None = None, scheduler_interval: str = "epoch") -> None:
         super().__init__()
@@ -150,7 +154,19 @@ class DistillationModule(L.LightningModule):
                 raise ConfigError("labeled_fraction < 1 hides labels by training-sample index, but the batches carry no "
                                   "indices. Use a kd_lightning data module, or labeled_fraction=1.")
             targets = targets.masked_fill(~self.labeled[indices], UNLABELED)
+            if not self.learns_without_labels and not self._any_labeled(targets):
+                # Nothing to learn from: no step at all, rather than one that moves the weights by momentum and
+                # weight decay alone (which, at a few labels per batch, wrecks a label-only baseline).
+                return None
         return self.log_training_losses(self.training_losses(images, targets, indices), len(targets))
+
+    def _any_labeled(self, targets: Tensor) -> bool:
+        """Whether any rank's batch has a labeled sample (all ranks then step, or none: DDP stays in step)."""
+        known = (targets != UNLABELED).sum().float()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            known = trainer.strategy.reduce(known, reduce_op="sum")
+        return bool(known > 0)
 
     def log_training_losses(self, losses: dict[str, Tensor], batch_size: int) -> Tensor:
         """Logs `train/loss` (returned: the sum of `losses`) and each named loss; shared by manual-optimisation

@@ -10,6 +10,8 @@ from kd_lightning.schemes.base import DistillationModule
 class Supervised(DistillationModule):
     """Cross-entropy training of one network: teachers, and the student baselines KD is compared with."""
 
+    learns_without_labels = False
+
     trains_on_mixed_batches = True
 
     def __init__(self, student: nn.Module, num_classes: int, label_smoothing: float = 0.0,
