@@ -5,7 +5,6 @@ vector."""
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
@@ -17,8 +16,8 @@ from kd_lightning.pipeline import build_terms
 from kd_lightning.schemes import Offline
 from kd_lightning.teachers import FrozenTeacher
 from scheme_cases import TERMS, TRANSFORMER_TERMS
+from term_walk import SMALL_MEMORY, one_step, sgd
 
-SMALL_MEMORY = {"crd": ["distill.crd.nce_k=8"], "crd_queue": ["distill.crd_queue.queue_size=16"]}
 PAIRS = {"image_teacher_features_student": (("convnet_large", "image"), ("mlp_small", "features")),
          "features_teacher_image_student": (("mlp_large", "features"), ("convnet_small", "image"))}
 # What a refusal must name: the way to relate a map to a vector.
@@ -30,16 +29,6 @@ REFUSED.update({("fitnet", pair): "penultimate" for pair in PAIRS})
 REFUSED.update({(term, pair): "vision transformer" for term in TRANSFORMER_TERMS for pair in PAIRS})
 
 
-def sgd(parameters):
-    return torch.optim.SGD(parameters, lr=0.05, momentum=0.9)
-
-
-def one_step(module, datamodule) -> torch.Tensor:
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=datamodule)
-    return trainer.callback_metrics["train/loss"]
 
 
 @pytest.mark.parametrize("pair", list(PAIRS))

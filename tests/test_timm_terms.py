@@ -3,9 +3,7 @@ refused with a ConfigError when the scheme is built (never a traceback in the mi
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -15,9 +13,9 @@ from kd_lightning.models import build_model
 from kd_lightning.pipeline import build_terms
 from kd_lightning.schemes import Offline
 from kd_lightning.teachers import FrozenTeacher
+from scheme_cases import TERMS, TRANSFORMER_TERMS
+from term_walk import SMALL_MEMORY, one_step, sgd
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-TERMS = sorted(path.stem for path in (CONF / "distill").glob("*.yaml"))
 # conf/student/vit_digits.yaml, one block fewer: the walk is about shapes, not capacity.
 VIT = {"name": "timm:vit_tiny_patch16_224", "img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2,
        "num_heads": 2}
@@ -26,8 +24,9 @@ VIT = {"name": "timm:vit_tiny_patch16_224", "img_size": 8, "patch_size": 2, "emb
 REFUSED = {("fsp", "cnn_teacher_vit_student"): "equal channel counts",
            ("fsp", "vit_teacher_cnn_student"): "equal channel counts",
            ("ofd", "vit_teacher_cnn_student"): "vision-transformer teacher"}
-# CRD's negatives cut to the 16-image split.
-SMALL_MEMORY = {"crd": ["distill.crd.nce_k=8"], "crd_queue": ["distill.crd_queue.queue_size=16"]}
+# The transformer terms relate two networks' self-attention: a CNN on either side has none.
+REFUSED.update({(term, pair): "no transformer blocks" for term in TRANSFORMER_TERMS
+                for pair in ("cnn_teacher_vit_student", "vit_teacher_cnn_student")})
 PAIRS = {"cnn_teacher_vit_student": ("convnet_large", VIT), "vit_teacher_cnn_student": (VIT, "convnet_small")}
 
 
@@ -37,16 +36,6 @@ def network(spec) -> torch.nn.Module:
     return build_model(num_classes=10, in_channels=1, **spec)
 
 
-def sgd(parameters):
-    return torch.optim.SGD(parameters, lr=0.05, momentum=0.9)
-
-
-def one_step(module, datamodule) -> torch.Tensor:
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=datamodule)
-    return trainer.callback_metrics["train/loss"]
 
 
 @pytest.mark.parametrize("pair", list(PAIRS))
