@@ -1,6 +1,6 @@
 """What named inputs cost per KD step (CPU or GPU), measured in one process with the arms interleaved per round.
 
-    python scripts/inputs_benchmark.py --rounds 5 --steps 30 -- data.augment=true data.batch_size=256
+    python scripts/inputs_benchmark.py --rounds 5 --steps 30 --clock cpu -- data.augment=true data.batch_size=256
 
 Arms, each the Lightning fit of `Offline` KD (scripts/throughput.py's `measure`, convnet_large → convnet_tiny on
 digits unless the overrides say otherwise), on the DataLoader path and on the device-resident one:
@@ -37,8 +37,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--resident", nargs="+", default=["false", "true"], help="data.device_resident values")
+    parser.add_argument("--clock", choices=sorted(throughput.CLOCKS), default="wall",
+                        help="wall, or cpu: this process's CPU time, on a CPU other jobs share")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides after --")
     args = parser.parse_args()
+    throughput.CLOCK[0] = throughput.CLOCKS[args.clock]
     print("| path | arm | images/s (median) | ratio to plain, median (range over rounds) |")
     print("| --- | --- | --- | --- |")
     for resident in args.resident:

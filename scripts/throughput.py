@@ -6,10 +6,13 @@
 
 Everything after `--` is a Hydra override of conf/train.yaml. For every batch size × precision it times the
 Lightning fit of `Offline` (each `--resident` data.device_resident and `--compile` compile.student/teacher
-setting, with the run's fast defaults: channels_last and cudnn.benchmark on CUDA) and the floor: the student's
-SGD step and the teacher's forward on one fixed batch in a plain loop (CE + KD at T=4, no data, no Lightning).
+setting, with the run's fast defaults: channels_last and cudnn.benchmark on CUDA) and the floor: the teacher's
+forward and the student's step with the run's optimizer in a plain loop over one fixed batch (CE + KD at T=4, no
+data, no Lightning), sliced to the fit's batch sizes (each epoch's last batch is partial). The fit's timed window
+runs across epochs when an epoch holds fewer batches than `--warmup` + `--steps` (digits: 21 batches of 64).
 The teacher is randomly initialised (its weights do not change the cost), the first `--warmup` steps are not
-timed, and the device is synchronised around the timed window. Prints one markdown row per measurement:
+timed, and the device is synchronised around the timed window. `--clock cpu` times a CPU run by this
+process's CPU time instead of the wall clock, for a machine other jobs share. Prints one markdown row per measurement:
 images/s, the ratio to the floor of its batch size and precision, and how many images the timed window held.
 """
 
@@ -26,33 +29,44 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from kd_lightning.acceleration import accelerate, use_channels_last
+from kd_lightning.data.inputs import batch_size_of
 from kd_lightning.pipeline import build_model, build_terms, check_accelerator, scheme_kwargs
 from kd_lightning.stage_build import configure_inputs
 from kd_lightning.schemes import Offline
 from kd_lightning.teachers import FrozenTeacher
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+# `--clock cpu` times with the process's CPU time: on a CPU shared with other jobs, wall time mostly measures
+# how long the scheduler made this process wait, CPU time the work done. CUDA runs need wall time (the host waits
+# for the device without working).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = [time.perf_counter]
 
 
 class StepTimer(L.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.images, self.start, self.elapsed = warmup, 0, 0.0, 0.0
+    """Times training batches `warmup` .. `warmup + steps - 1`, counted across epochs: a small data set (digits:
+    21 batches of 64, 6 of 256) holds fewer batches per epoch than the window, so its epoch boundaries (a new
+    loader iterator, epoch-end hooks, the scheduler step) fall inside it, as they do in training."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps, self.seen, self.images, self.start, self.elapsed = warmup, steps, 0, 0, 0.0, 0.0
 
     def _sync(self, module: L.LightningModule) -> None:
         if module.device.type == "cuda":
             torch.cuda.synchronize(module.device)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
+        if self.seen == self.warmup:
             self._sync(module)
-            self.start = time.perf_counter()
+            self.start = CLOCK[0]()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if batch_idx >= self.warmup:
-            self.images += len(batch[1])  # the targets: the inputs may be a dict of named inputs
-        if batch_idx == trainer.num_training_batches - 1:
+        self.seen += 1
+        if self.seen > self.warmup:
+            self.images += batch_size_of(batch[0])
+        if self.seen == self.warmup + self.steps:
             self._sync(module)
-            self.elapsed = time.perf_counter() - self.start
+            self.elapsed = CLOCK[0]() - self.start
 
 
 def compose_cfg(overrides: list[str], precision: str, batch_size: int, resident: bool, compiled: bool):
@@ -72,8 +86,8 @@ def measure(cfg, steps: int, warmup: int) -> tuple[float, int]:
     module = Offline(student=build_model(cfg.student, datamodule), teacher=FrozenTeacher(build_model(
         cfg.teacher.model, datamodule)), terms=build_terms(cfg), example_input=datamodule.example_input(),
         train_size=datamodule.train_size, train_targets=datamodule.train_targets, **scheme_kwargs(cfg, datamodule))
-    timer = StepTimer(warmup)
-    trainer = instantiate(cfg.trainer, max_epochs=1, limit_train_batches=steps + warmup, limit_val_batches=0,
+    timer = StepTimer(warmup, steps)
+    trainer = instantiate(cfg.trainer, max_epochs=-1, max_steps=steps + warmup, limit_val_batches=0,
                           logger=False, callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False,
                           num_sanity_val_steps=0)
     accelerate(module, trainer.strategy.root_device, cfg)
@@ -81,8 +95,14 @@ def measure(cfg, steps: int, warmup: int) -> tuple[float, int]:
     return timer.images / timer.elapsed, timer.images
 
 
+def epoch_batch_sizes(train_size: int, batch: int) -> list[int]:
+    """The batch sizes of one training epoch (the last one partial, as the DataLoader delivers it)."""
+    return [batch] * (train_size // batch) + ([train_size % batch] if train_size % batch else [])
+
+
 def floor(cfg, steps: int, warmup: int) -> tuple[float, int]:
-    """(images/s, images timed) of the bare step: teacher forward, student forward/backward, SGD, one batch."""
+    """(images/s, images timed) of the bare step: teacher forward, student forward/backward and the run's optimizer
+    step, on slices of one fixed batch sized as the fit's batches are (an epoch's last batch is partial)."""
     torch.manual_seed(0)
     datamodule = instantiate(cfg.data)
     device = torch.device("cuda" if str(cfg.trainer.accelerator) in ("gpu", "cuda") else "cpu")
@@ -91,23 +111,27 @@ def floor(cfg, steps: int, warmup: int) -> tuple[float, int]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         use_channels_last(student), use_channels_last(teacher)
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    # The fit's optimizer (SGD by default, AdamW under experiment=vit_digits): its step is part of both loops.
+    optimizer = instantiate(cfg.optimizer)(student.parameters())
     batch = int(cfg.data.batch_size)
+    sizes = epoch_batch_sizes(int(datamodule.train_size), batch)
     images = torch.randn(batch, *datamodule.input_shape, device=device)
     targets = torch.randint(datamodule.num_classes, (batch,), device=device)
     bf16 = str(cfg.trainer.precision).startswith("bf16")
-    start = 0.0
+    start, timed = 0.0, 0
     for step in range(warmup + steps):
         if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            start = time.perf_counter()
+            start = CLOCK[0]()
+        size = sizes[step % len(sizes)]
+        timed += size if step >= warmup else 0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             with torch.no_grad():
-                teacher_logits = teacher(images)
-            logits = student(images)
+                teacher_logits = teacher(images[:size])
+            logits = student(images[:size])
         temperature = 4.0
-        loss = F.cross_entropy(logits.float(), targets) + F.kl_div(
+        loss = F.cross_entropy(logits.float(), targets[:size]) + F.kl_div(
             F.log_softmax(logits.float() / temperature, 1), F.softmax(teacher_logits.float() / temperature, 1),
             reduction="batchmean") * temperature ** 2
         optimizer.zero_grad(set_to_none=True)
@@ -115,7 +139,7 @@ def floor(cfg, steps: int, warmup: int) -> tuple[float, int]:
         optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return steps * batch / (time.perf_counter() - start), steps * batch
+    return timed / (CLOCK[0]() - start), timed
 
 
 def flag(text: str) -> bool:
@@ -130,8 +154,12 @@ def main() -> None:
     parser.add_argument("--compile", nargs="+", type=flag, default=[False, True], help="compile.student/teacher")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation included)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time (a CPU run on a machine shared with "
+                        "other jobs)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides after --")
     args = parser.parse_args()
+    CLOCK[0] = CLOCKS[args.clock]
     print("| batch | precision | step | images/s | ratio to floor | images timed |\n| --- | --- | --- | --- | --- | --- |")
     for batch_size in args.batch_sizes:
         for precision in args.precisions:

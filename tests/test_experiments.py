@@ -21,6 +21,7 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.pipeline import build_terms
 from kd_lightning.schemes import Offline, Supervised
 from kd_lightning.schemes.base import unpack_batch
+from kd_lightning.taps import declared_taps
 from kd_lightning.teachers import FrozenTeacher
 from scheme_cases import TRANSFORMER_TERMS
 
@@ -205,10 +206,19 @@ FSP_REFUSES = {"cifar100/wrn_40_2_wrn_40_1", "cifar100/vgg13_MobileNetV2", "cifa
 # pre-activation sum cannot be tapped. AB, OFD and ReviewKD distil pre-ReLU teacher features.
 
 
-def expected_refusal(cfg: DictConfig, experiment: str, method: str, student: torch.nn.Module) -> str | None:
+# Terms that pair the student's declared stages with the teacher's one by one: a pair of networks with different
+# stage counts (experiment=vit_digits: the 3-block ViT's three stages, convnet_large's two) is refused up front.
+STAGEWISE = {"ab", "at", "fsp", "nst", "ofd", "reviewkd", "vid"}
+
+
+def expected_refusal(cfg: DictConfig, experiment: str, method: str, student: torch.nn.Module,
+                     teacher: torch.nn.Module) -> str | None:
     """The ConfigError a method must raise for this experiment, or None when it must train."""
-    if method in TRANSFORMER_TERMS and not any(hasattr(module, "qkv") for module in student.modules()):
+    if method in TRANSFORMER_TERMS and not all(any(hasattr(module, "qkv") for module in network.modules())
+                                               for network in (student, teacher)):
         return "no transformer blocks"
+    if method in STAGEWISE and len(declared_taps(student).stages) != len(declared_taps(teacher).stages):
+        return "counts differ"
     if cfg.distill[method].get("warmup_epochs", 0) > cfg.trainer.max_epochs:  # e.g. 20-epoch ramps, 10-epoch demo
         return "longer than training"
     if method == "fsp" and experiment in FSP_REFUSES:
@@ -223,7 +233,7 @@ DISTILL_CASES = [(experiment, method) for experiment in PAIR_CONFIGS for method 
 @pytest.mark.parametrize(("experiment", "method"), DISTILL_CASES)
 def test_pair_trains_one_step_with_every_method(make_cfg, experiment, method):
     cfg, teacher, student, data = prepared(experiment, make_cfg)
-    refused = expected_refusal(cfg, experiment, method, student)
+    refused = expected_refusal(cfg, experiment, method, student, teacher)
     if refused:
         teacher = copy.deepcopy(teacher)  # a refused build leaves its hooks behind: keep them off the shared one
     terms = build_terms(only(cfg, method))

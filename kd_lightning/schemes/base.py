@@ -172,6 +172,8 @@ class DistillationModule(L.LightningModule):
         """Logs `train/loss` (returned: the sum of `losses`) and each named loss; shared by manual-optimisation
         schemes, whose training_step steps the optimizers itself."""
         total = torch.stack([loss.float() for loss in losses.values()]).sum()
+        if not self.training_values_read():
+            return total
         self.log("train/loss", total, batch_size=batch_size)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
@@ -187,6 +189,17 @@ class DistillationModule(L.LightningModule):
         if self.nonfinite is not None and (self.is_logging_step()
                                            or batch_idx + 1 >= self.trainer.num_training_batches):
             self.nonfinite.raise_if_any()
+
+    def training_values_read(self) -> bool:
+        """Whether anything reads this step's training values: the loggers write them at logging steps only
+        (a step-level value logged in between is replaced unread by the next), and callbacks read
+        `callback_metrics` after the epoch's last batch and the fit's last step. Skipping `self.log` elsewhere
+        matters for small networks: each call runs Lightning's bookkeeping in Python, one per loss, which was about
+        a quarter of the digits ViT's training_step under cProfile (BENCHMARKS.md, "ViT KD step")."""
+        trainer = self.trainer
+        last_step = 0 < trainer.max_steps <= trainer.global_step + max(1, len(trainer.optimizers))
+        return (self.is_logging_step() or last_step or trainer.should_stop
+                or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
     def is_logging_step(self) -> bool:
         """Whether Lightning writes the loggers after this training batch (every `log_every_n_steps`):
