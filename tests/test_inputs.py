@@ -263,7 +263,7 @@ def test_hidden_labels_leave_their_samples_out_of_the_cross_entropy_only():
                         optimizer=partial(torch.optim.SGD, lr=0.1), labeled=labeled)
     images, targets, indices = torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4]), torch.arange(4)
     module.log = lambda *args, **kwargs: None
-    module.is_logging_step = lambda: False
+    module.training_values_read = lambda: False  # no trainer attached: nothing reads the logged values
     loss = module.training_step((images, targets, indices, torch.zeros(4, dtype=torch.long)), 0)
     # The same train-mode forward (BatchNorm statistics of the whole batch), its labeled rows' CE.
     expected = torch.nn.functional.cross_entropy(module.student(images)[labeled], targets[labeled])
