@@ -81,10 +81,22 @@ def test_maps_at_another_stride_are_pooled_or_upsampled_on_the_student_side_only
     torch.testing.assert_close(term.loss(inputs).double(), expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("teacher_shape", [(2, 8, 3, 3), (2, 8, 8, 4), (2, 8)])
-def test_taps_of_unrelated_resolutions_or_kinds_are_refused_with_the_fix(teacher_shape):
+@pytest.mark.parametrize("teacher_shape", [(2, 8, 3, 3), (2, 8, 8, 4)])
+def test_taps_of_unrelated_resolutions_are_refused_with_the_fix(teacher_shape):
     with pytest.raises(ConfigError, match=r"integer factor.*student_tap="):
         built((2, 4, 4, 4), teacher_shape)
+
+
+@pytest.mark.parametrize("student_shape, teacher_shape", [((2, 4, 4, 4), (2, 8)), ((2, 6), (2, 3, 2, 2))])
+def test_a_map_and_a_vector_are_related_by_one_linear_map(student_shape, teacher_shape):
+    # Another kind of network on another modality (a CNN on images, an MLP on features): W·flatten(g) + b.
+    term = built(student_shape, teacher_shape)
+    linear = next(module for module in term.transform.modules() if isinstance(module, nn.Linear))
+    inputs = features_inputs(student_shape, teacher_shape)
+    flat = inputs.student_features["stage2"].double().flatten(1)
+    transformed = flat @ linear.weight.detach().double().T + linear.bias.detach().double()
+    expected = (transformed - inputs.teacher_features["stage2"].double().flatten(1)).pow(2).mean()
+    torch.testing.assert_close(term.loss(inputs).double(), expected, rtol=1e-5, atol=1e-7)
 
 
 def offline_supervision_transfer(make_cfg, *overrides: str) -> Offline:

@@ -350,8 +350,11 @@ def test_nst_pools_the_larger_map_and_sums_stage_pairs(batch):
 
 def test_nst_refuses_embeddings_and_unpaired_stages():
     _, context = feature_inputs({"stage1": (4, 4, 4), "penultimate": (8,)}, {"stage1": (4, 4, 4)}, seed=0, batch=2)
-    with pytest.raises(ConfigError, match=r"distill\.nst\.student_taps=stages"):
+    with pytest.raises(ConfigError, match=r"a map and a vector.*penultimate"):
         NST(student_taps="penultimate", teacher_taps="stage1").check("nst", context)
+    _, vectors = feature_inputs({"penultimate": (8,)}, {"penultimate": (8,)}, seed=0, batch=2)
+    with pytest.raises(ConfigError, match=r"distill\.nst\.student_taps=stages"):
+        NST(student_taps="penultimate", teacher_taps="penultimate").check("nst", vectors)
     with pytest.raises(ConfigError, match="counts differ"):
         NST(student_taps=["stage1", "stage1"], teacher_taps=["stage1"]).check("nst", context)
 
