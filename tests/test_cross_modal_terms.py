@@ -10,13 +10,9 @@ import torch
 
 from kd_lightning.data import SyntheticDataModule
 from kd_lightning.data.inputs import attach_input
-from kd_lightning.errors import ConfigError
 from kd_lightning.models import build_model
-from kd_lightning.pipeline import build_terms
-from kd_lightning.schemes import Offline
-from kd_lightning.teachers import FrozenTeacher
 from scheme_cases import TERMS, TRANSFORMER_TERMS
-from term_walk import SMALL_MEMORY, one_step, sgd
+from term_walk import trains_or_is_refused
 
 PAIRS = {"image_teacher_features_student": (("convnet_large", "image"), ("mlp_small", "features")),
          "features_teacher_image_student": (("mlp_large", "features"), ("convnet_small", "image"))}
@@ -44,19 +40,5 @@ def test_term_trains_across_modalities_or_is_refused_up_front(make_cfg, term_nam
         return attach_input(build_model(name, num_classes=10, in_channels=datamodule.input_shape_of(source)[0]),
                             source)
 
-    terms = build_terms(make_cfg(f"distill=[{term_name}]", *SMALL_MEMORY.get(term_name, [])))
-    try:
-        module = Offline(student=network(student_name, student_input),
-                         teacher=FrozenTeacher(network(teacher_name, teacher_input)), terms=terms, num_classes=10,
-                         example_input=datamodule.example_input(), optimizer=sgd, train_size=datamodule.train_size,
-                         train_targets=datamodule.train_targets, max_epochs=100)
-    except ConfigError as error:
-        assert (term_name, pair) in REFUSED, f"refused unexpectedly: {error}"
-        assert REFUSED[term_name, pair] in str(error) and "\n" not in str(error).strip(), str(error)
-        return
-    assert (term_name, pair) not in REFUSED, "expected a refusal at construction"
-    if any(term.init_epochs for term in module.terms.values()):
-        module.set_init_stage(True)
-        assert torch.isfinite(one_step(module, datamodule))
-        module.set_init_stage(False)
-    assert torch.isfinite(one_step(module, datamodule))
+    trains_or_is_refused(make_cfg, term_name, REFUSED.get((term_name, pair)), lambda: network(student_name, student_input),
+                         lambda: network(teacher_name, teacher_input), datamodule)

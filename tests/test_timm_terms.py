@@ -10,11 +10,8 @@ import torch
 from kd_lightning.data import SyntheticDataModule
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import build_model
-from kd_lightning.pipeline import build_terms
-from kd_lightning.schemes import Offline
-from kd_lightning.teachers import FrozenTeacher
 from scheme_cases import TERMS, TRANSFORMER_TERMS
-from term_walk import SMALL_MEMORY, one_step, sgd
+from term_walk import trains_or_is_refused
 
 # conf/student/vit_digits.yaml, one block fewer: the walk is about shapes, not capacity.
 VIT = {"name": "timm:vit_tiny_patch16_224", "img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2,
@@ -45,19 +42,5 @@ def test_term_trains_between_cnn_and_vit_or_is_refused_up_front(make_cfg, term_n
     datamodule = SyntheticDataModule(num_classes=10, in_channels=1, image_size=8, train_size=16, val_size=8,
                                      test_size=8, batch_size=8)
     teacher_spec, student_spec = PAIRS[pair]
-    terms = build_terms(make_cfg(f"distill=[{term_name}]", *SMALL_MEMORY.get(term_name, [])))
-    try:
-        module = Offline(student=network(student_spec), teacher=FrozenTeacher(network(teacher_spec)), terms=terms,
-                         num_classes=10, example_input=datamodule.example_input(), optimizer=sgd,
-                         train_size=datamodule.train_size, train_targets=datamodule.train_targets,
-                         max_epochs=100)
-    except ConfigError as error:
-        assert (term_name, pair) in REFUSED, f"refused unexpectedly: {error}"
-        assert REFUSED[term_name, pair] in str(error) and "\n" not in str(error).strip(), "one paragraph, the reason"
-        return
-    assert (term_name, pair) not in REFUSED, "expected a refusal at construction"
-    if any(term.init_epochs for term in module.terms.values()):
-        module.set_init_stage(True)
-        assert torch.isfinite(one_step(module, datamodule))
-        module.set_init_stage(False)
-    assert torch.isfinite(one_step(module, datamodule))
+    trains_or_is_refused(make_cfg, term_name, REFUSED.get((term_name, pair)), lambda: network(student_spec),
+                         lambda: network(teacher_spec), datamodule)
