@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from kd_lightning.data import SyntheticDataModule
-from kd_lightning.errors import ConfigError
 from kd_lightning.models import build_model
 from scheme_cases import TERMS, TRANSFORMER_TERMS
 from term_walk import trains_or_is_refused
