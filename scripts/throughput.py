@@ -12,13 +12,19 @@ data, no Lightning), sliced to the fit's batch sizes (each epoch's last batch is
 runs across epochs when an epoch holds fewer batches than `--warmup` + `--steps` (digits: 21 batches of 64).
 The teacher is randomly initialised (its weights do not change the cost), the first `--warmup` steps are not
 timed, and the device is synchronised around the timed window. `--clock cpu` times a CPU run by this
-process's CPU time instead of the wall clock, for a machine other jobs share. Prints one markdown row per measurement:
-images/s, the ratio to the floor of its batch size and precision, and how many images the timed window held.
+process's CPU time instead of the wall clock, for a machine other jobs share. `--rounds R` measures every row R
+times, the floor and the fits alternating, and reports medians: the ratio is the median of each round's fit ÷ floor,
+with its range. Prints one markdown row per setting: images/s, the ratio to the floor of its batch size and
+precision, its range over the rounds, the median duration of a full-size step over all rounds and its ratio to the
+floor's (a cost: above 1 is slower), and how many images one timed window held. On a shared or virtual machine,
+slow spells stretch whole windows but only some steps, so the median step is the steadier of the two; it leaves
+out what falls between steps of other sizes (an epoch's partial last batch), which the window counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -46,10 +52,14 @@ CLOCK = [time.perf_counter]
 class StepTimer(L.Callback):
     """Times training batches `warmup` .. `warmup + steps - 1`, counted across epochs: a small data set (digits:
     21 batches of 64, 6 of 256) holds fewer batches per epoch than the window, so its epoch boundaries (a new
-    loader iterator, epoch-end hooks, the scheduler step) fall inside it, as they do in training."""
+    loader iterator, epoch-end hooks, the scheduler step) fall inside it, as they do in training. It also keeps
+    each timed step's duration, batch start to the next batch's start (hooks, loop and the next batch's fetch
+    included), with the step's batch size."""
 
     def __init__(self, warmup: int, steps: int) -> None:
         self.warmup, self.steps, self.seen, self.images, self.start, self.elapsed = warmup, steps, 0, 0, 0.0, 0.0
+        self.step_times: list[tuple[float, int]] = []
+        self._step_start, self._step_size = 0.0, 0
 
     def _sync(self, module: L.LightningModule) -> None:
         if module.device.type == "cuda":
@@ -59,6 +69,10 @@ class StepTimer(L.Callback):
         if self.seen == self.warmup:
             self._sync(module)
             self.start = CLOCK[0]()
+        now = CLOCK[0]()
+        if self.warmup < self.seen <= self.warmup + self.steps:
+            self.step_times.append((now - self._step_start, self._step_size))
+        self._step_start, self._step_size = now, batch_size_of(batch[0])
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.seen += 1
@@ -67,6 +81,7 @@ class StepTimer(L.Callback):
         if self.seen == self.warmup + self.steps:
             self._sync(module)
             self.elapsed = CLOCK[0]() - self.start
+            self.step_times.append((self.elapsed + self.start - self._step_start, self._step_size))
 
 
 def compose_cfg(overrides: list[str], precision: str, batch_size: int, resident: bool, compiled: bool):
@@ -78,8 +93,8 @@ def compose_cfg(overrides: list[str], precision: str, batch_size: int, resident:
     return cfg
 
 
-def measure(cfg, steps: int, warmup: int) -> tuple[float, int]:
-    """(images/s over the timed steps of the Lightning fit, images timed)."""
+def measure(cfg, steps: int, warmup: int) -> tuple[float, int, list[tuple[float, int]]]:
+    """(images/s over the timed steps of the Lightning fit, images timed, (duration, batch size) of each step)."""
     L.seed_everything(0)
     datamodule = instantiate(cfg.data)
     configure_inputs(cfg, datamodule)  # named inputs (inputs.*), when the overrides set any
@@ -92,7 +107,7 @@ def measure(cfg, steps: int, warmup: int) -> tuple[float, int]:
                           num_sanity_val_steps=0)
     accelerate(module, trainer.strategy.root_device, cfg)
     trainer.fit(module, datamodule=datamodule)
-    return timer.images / timer.elapsed, timer.images
+    return timer.images / timer.elapsed, timer.images, timer.step_times
 
 
 def epoch_batch_sizes(train_size: int, batch: int) -> list[int]:
@@ -100,8 +115,8 @@ def epoch_batch_sizes(train_size: int, batch: int) -> list[int]:
     return [batch] * (train_size // batch) + ([train_size % batch] if train_size % batch else [])
 
 
-def floor(cfg, steps: int, warmup: int) -> tuple[float, int]:
-    """(images/s, images timed) of the bare step: teacher forward, student forward/backward and the run's optimizer
+def floor(cfg, steps: int, warmup: int) -> tuple[float, int, list[tuple[float, int]]]:
+    """(images/s, images timed, (duration, batch size) of each step) of the bare step: teacher forward, student forward/backward and the run's optimizer
     step, on slices of one fixed batch sized as the fit's batches are (an epoch's last batch is partial)."""
     torch.manual_seed(0)
     datamodule = instantiate(cfg.data)
@@ -118,12 +133,13 @@ def floor(cfg, steps: int, warmup: int) -> tuple[float, int]:
     images = torch.randn(batch, *datamodule.input_shape, device=device)
     targets = torch.randint(datamodule.num_classes, (batch,), device=device)
     bf16 = str(cfg.trainer.precision).startswith("bf16")
-    start, timed = 0.0, 0
+    start, timed, step_times = 0.0, 0, []
     for step in range(warmup + steps):
         if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = CLOCK[0]()
+        step_start = CLOCK[0]()
         size = sizes[step % len(sizes)]
         timed += size if step >= warmup else 0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -137,9 +153,11 @@ def floor(cfg, steps: int, warmup: int) -> tuple[float, int]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if step >= warmup:
+            step_times.append((CLOCK[0]() - step_start, size))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return timed / (CLOCK[0]() - start), timed
+    return timed / (CLOCK[0]() - start), timed, step_times
 
 
 def flag(text: str) -> bool:
@@ -154,24 +172,47 @@ def main() -> None:
     parser.add_argument("--compile", nargs="+", type=flag, default=[False, True], help="compile.student/teacher")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation included)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times every row is measured; the floor and the fits alternate round by round, so slow "
+                        "spells of a shared machine fall on both, and each row reports its median and range")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: this process's CPU time (a CPU run on a machine shared with "
                         "other jobs)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides after --")
     args = parser.parse_args()
     CLOCK[0] = CLOCKS[args.clock]
-    print("| batch | precision | step | images/s | ratio to floor | images timed |\n| --- | --- | --- | --- | --- | --- |")
+    print("| batch | precision | step | images/s | ratio to floor | ratio range | median step ms | step cost × floor "
+          "| images timed |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch_size in args.batch_sizes:
         for precision in args.precisions:
-            base = compose_cfg(args.overrides, precision, batch_size, False, False)
-            floor_rate, floor_images = floor(base, args.steps, args.warmup)
-            print(f"| {batch_size} | {precision} | floor (plain loop) | {floor_rate:.1f} | 1.000 | {floor_images} |")
+            settings = {"floor (plain loop)": compose_cfg(args.overrides, precision, batch_size, False, False)}
             for resident in args.resident:
                 for compiled in args.compile:
-                    cfg = compose_cfg(args.overrides, precision, batch_size, resident, compiled)
-                    rate, images = measure(cfg, args.steps, args.warmup)
-                    step = f"fit, resident={str(resident).lower()}, compile={str(compiled).lower()}"
-                    print(f"| {batch_size} | {precision} | {step} | {rate:.1f} | {rate / floor_rate:.3f} | {images} |")
+                    settings[f"fit, resident={str(resident).lower()}, compile={str(compiled).lower()}"] = compose_cfg(
+                        args.overrides, precision, batch_size, resident, compiled)
+            rates: dict[str, list[float]] = {step: [] for step in settings}
+            full_steps: dict[str, list[float]] = {step: [] for step in settings}
+            images: dict[str, int] = {}
+            for round_ in range(args.rounds):
+                # Every other round runs the settings in reverse, so no setting always follows the same one.
+                order = list(settings) if round_ % 2 == 0 else list(reversed(settings))
+                for step in order:
+                    run = floor if step.startswith("floor") else measure
+                    rate, images[step], step_times = run(settings[step], args.steps, args.warmup)
+                    rates[step].append(rate)
+                    full_steps[step] += [seconds for seconds, size in step_times if size == batch_size]
+            floor_rates, floor_step = next(iter(rates.values())), median_or_nan(next(iter(full_steps.values())))
+            for step, step_rates in rates.items():
+                ratios = [rate / base for rate, base in zip(step_rates, floor_rates)]
+                step_median = median_or_nan(full_steps[step])
+                print(f"| {batch_size} | {precision} | {step} | {statistics.median(step_rates):.1f} | "
+                      f"{statistics.median(ratios):.3f} | {min(ratios):.3f}–{max(ratios):.3f} | "
+                      f"{1000 * step_median:.2f} | {step_median / floor_step:.3f} | {images[step]} |", flush=True)
+
+
+def median_or_nan(values: list[float]) -> float:
+    """The median step time; NaN where no step had the full batch size (a data set smaller than one batch)."""
+    return statistics.median(values) if values else float("nan")
 
 
 if __name__ == "__main__":

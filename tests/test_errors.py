@@ -138,6 +138,21 @@ def test_non_finite_loss_stops_the_run_and_names_the_term(make_cfg):
         run(make_cfg("baseline=false", "distill.kd.temperature=1e-46"))
 
 
+def test_non_finite_watch_names_the_loss_that_broke_first_and_its_step():
+    from kd_lightning.schemes.watch import NonFiniteWatch
+
+    watch = NonFiniteWatch(["ce", "kd", "fitnet"])
+    nan, finite = torch.tensor(float("nan")), torch.tensor(1.0)
+    for step in range(8):
+        watch.record("ce", torch.tensor(float("inf")) if step >= 5 else finite, step)
+        watch.record("kd", nan if step >= 3 else finite, step)
+        watch.record("fitnet", torch.tensor([1.0, nan.item() if step == 6 else 2.0]), step)  # not a scalar
+    with pytest.raises(ConfigError, match=r"Loss 'kd' became NaN or infinite at training step 3"):
+        watch.raise_if_any()
+    assert {name: int(step) for name, step in watch.first_step.items()} == {"ce": 5, "kd": 3, "fitnet": 6}
+    NonFiniteWatch(["ce"]).raise_if_any()  # nothing recorded: nothing to raise
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["distill=[kdd]"],
      r"Unknown option 'kdd' for config group 'distill'.*closest match is 'kd'\..*Valid options: ab, at,"),

@@ -23,22 +23,26 @@ class NonFiniteWatch:
         self.names = list(names)
         # What to lower for a loss whose setting is not `distill.<name>.weight` (a scheme's own losses).
         self.remedies = dict(remedies or {})
-        self.first_step: Tensor | None = None
+        self.first_step: dict[str, Tensor] = {}
 
     def record(self, name: str, value: Tensor, step: int) -> None:
-        if self.first_step is None or self.first_step.device != value.device:
-            self.first_step = torch.full((len(self.names),), NEVER, dtype=torch.int64, device=value.device)
-        index = self.names.index(name)
-        bad = ~torch.isfinite(value.detach()).all()
-        current = self.first_step[index]
-        # A Python scalar, not torch.tensor(step, device=...): no host-to-device copy per loss per step.
-        self.first_step[index] = torch.where(bad & (current == NEVER), step, current)
+        if name not in self.names:
+            raise KeyError(f"NonFiniteWatch records {self.names}, not {name!r}")
+        first = self.first_step.get(name)
+        if first is None or first.device != value.device:
+            first = torch.tensor(NEVER, dtype=torch.int64, device=value.device)
+        finite = torch.isfinite(value.detach())
+        # Three small ops per loss and step (a scalar loss needs no .all()): on a small network each op's dispatch
+        # is a visible share of the step. Steps only grow, so the minimum keeps the first non-finite step.
+        self.first_step[name] = torch.where(finite if finite.dim() == 0 else finite.all(), first,
+                                            first.clamp(max=step))
 
     def raise_if_any(self) -> None:
-        if self.first_step is None:
+        if not self.first_step:
             return
-        steps = self.first_step.tolist()
-        broken = [(step, name) for step, name in zip(steps, self.names) if step != NEVER]
+        names = list(self.first_step)
+        steps = torch.stack([self.first_step[name] for name in names]).tolist()  # one wait for the device
+        broken = [(step, name) for step, name in zip(steps, names) if step != NEVER]
         if broken:
             step, name = min(broken)
             lower = self.remedies.get(name) or remedy(name)
