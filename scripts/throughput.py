@@ -8,17 +8,23 @@ Everything after `--` is a Hydra override of conf/train.yaml. For every batch si
 Lightning fit of `Offline` (each `--resident` data.device_resident and `--compile` compile.student/teacher
 setting, with the run's fast defaults: channels_last and cudnn.benchmark on CUDA) and the floor: the teacher's
 forward and the student's step with the run's optimizer in a plain loop over one fixed batch (CE + KD at T=4, no
-data, no Lightning), sliced to the fit's batch sizes (each epoch's last batch is partial). The fit's timed window
+data, no Lightning), sliced to the fit's batch sizes (each epoch's last batch is partial); and between them the same
+plain step in a bare LightningModule on the same batches (Lightning's own cost per step). The fit's timed window
 runs across epochs when an epoch holds fewer batches than `--warmup` + `--steps` (digits: 21 batches of 64).
 The teacher is randomly initialised (its weights do not change the cost), the first `--warmup` steps are not
 timed, and the device is synchronised around the timed window. `--clock cpu` times a CPU run by this
 process's CPU time instead of the wall clock, for a machine other jobs share. `--rounds R` measures every row R
 times, the floor and the fits alternating, and reports medians: the ratio is the median of each round's fit ÷ floor,
 with its range. Prints one markdown row per setting: images/s, the ratio to the floor of its batch size and
-precision, its range over the rounds, the median duration of a full-size step over all rounds and its ratio to the
-floor's (a cost: above 1 is slower), and how many images one timed window held. On a shared or virtual machine,
+precision, its range over the rounds, the median duration of a full-size step over all rounds, its parts inside and
+outside the networks, the step cost relative to the floor (above 1 is slower), and how many images one timed window
+held. On a shared or virtual machine,
 slow spells stretch whole windows but only some steps, so the median step is the steadier of the two; it leaves
-out what falls between steps of other sizes (an epoch's partial last batch), which the window counts.
+out what falls between steps of other sizes (an epoch's partial last batch), which the window counts. Each step is
+also split into its time inside the networks (forwards and backward, the same work in both loops) and the rest: the
+step cost × floor is (the floor's network ms + the row's ms outside) ÷ (the floor's network ms + its ms outside),
+the loop's own overhead priced against the same network work. A slow spell stretches a step's two parts alike, so
+this is the steadiest of the three on a shared CPU; on CUDA (asynchronous) only the window ratio is meaningful.
 """
 
 from __future__ import annotations
@@ -49,17 +55,39 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = [time.perf_counter]
 
 
+class ModelClock:
+    """Seconds spent inside the networks' forwards (pre/post forward hooks on each) and in backward: the work a
+    plain loop and the fit share. On CPU a step's remaining time is its overhead (loop, data, loss bookkeeping,
+    optimizer); a slow spell of the machine stretches both parts alike, so their ratio is steadier than either."""
+
+    def __init__(self, *networks: torch.nn.Module) -> None:
+        self.seconds, self._entered = 0.0, 0.0
+        for network in networks:
+            network.register_forward_pre_hook(self._enter)
+            network.register_forward_hook(self._leave)
+
+    def _enter(self, *_: object) -> None:
+        self._entered = CLOCK[0]()
+
+    def _leave(self, *_: object) -> None:
+        self.seconds += CLOCK[0]() - self._entered
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 class StepTimer(L.Callback):
     """Times training batches `warmup` .. `warmup + steps - 1`, counted across epochs: a small data set (digits:
     21 batches of 64, 6 of 256) holds fewer batches per epoch than the window, so its epoch boundaries (a new
     loader iterator, epoch-end hooks, the scheduler step) fall inside it, as they do in training. It also keeps
     each timed step's duration, batch start to the next batch's start (hooks, loop and the next batch's fetch
-    included), with the step's batch size."""
+    included), its batch size and its time in the networks (`ModelClock`)."""
 
-    def __init__(self, warmup: int, steps: int) -> None:
+    def __init__(self, warmup: int, steps: int, clock: ModelClock) -> None:
         self.warmup, self.steps, self.seen, self.images, self.start, self.elapsed = warmup, steps, 0, 0, 0.0, 0.0
-        self.step_times: list[tuple[float, int]] = []
-        self._step_start, self._step_size = 0.0, 0
+        self.clock, self.step_times = clock, []
+        self._step_start, self._step_size, self._backward_start = 0.0, 0, 0.0
 
     def _sync(self, module: L.LightningModule) -> None:
         if module.device.type == "cuda":
@@ -71,8 +99,15 @@ class StepTimer(L.Callback):
             self.start = CLOCK[0]()
         now = CLOCK[0]()
         if self.warmup < self.seen <= self.warmup + self.steps:
-            self.step_times.append((now - self._step_start, self._step_size))
+            self.step_times.append((now - self._step_start, self._step_size, self.clock.take()))
+        self.clock.take()
         self._step_start, self._step_size = now, batch_size_of(batch[0])
+
+    def on_before_backward(self, trainer, module, loss) -> None:
+        self._backward_start = CLOCK[0]()
+
+    def on_after_backward(self, trainer, module) -> None:
+        self.clock.seconds += CLOCK[0]() - self._backward_start
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.seen += 1
@@ -80,8 +115,9 @@ class StepTimer(L.Callback):
             self.images += batch_size_of(batch[0])
         if self.seen == self.warmup + self.steps:
             self._sync(module)
-            self.elapsed = CLOCK[0]() - self.start
-            self.step_times.append((self.elapsed + self.start - self._step_start, self._step_size))
+            now = CLOCK[0]()
+            self.elapsed = now - self.start
+            self.step_times.append((now - self._step_start, self._step_size, self.clock.take()))
 
 
 def compose_cfg(overrides: list[str], precision: str, batch_size: int, resident: bool, compiled: bool):
@@ -93,15 +129,17 @@ def compose_cfg(overrides: list[str], precision: str, batch_size: int, resident:
     return cfg
 
 
-def measure(cfg, steps: int, warmup: int) -> tuple[float, int, list[tuple[float, int]]]:
-    """(images/s over the timed steps of the Lightning fit, images timed, (duration, batch size) of each step)."""
+def measure(cfg, steps: int, warmup: int) -> tuple[float, int, list[tuple[float, int, float]]]:
+    """(images/s over the timed steps of the Lightning fit, images timed, (duration, batch size, seconds in the
+    networks) of each step)."""
     L.seed_everything(0)
     datamodule = instantiate(cfg.data)
     configure_inputs(cfg, datamodule)  # named inputs (inputs.*), when the overrides set any
-    module = Offline(student=build_model(cfg.student, datamodule), teacher=FrozenTeacher(build_model(
-        cfg.teacher.model, datamodule)), terms=build_terms(cfg), example_input=datamodule.example_input(),
-        train_size=datamodule.train_size, train_targets=datamodule.train_targets, **scheme_kwargs(cfg, datamodule))
-    timer = StepTimer(warmup, steps)
+    student, teacher = build_model(cfg.student, datamodule), build_model(cfg.teacher.model, datamodule)
+    module = Offline(student=student, teacher=FrozenTeacher(teacher), terms=build_terms(cfg),
+                     example_input=datamodule.example_input(), train_size=datamodule.train_size,
+                     train_targets=datamodule.train_targets, **scheme_kwargs(cfg, datamodule))
+    timer = StepTimer(warmup, steps, ModelClock(student, teacher))
     trainer = instantiate(cfg.trainer, max_epochs=-1, max_steps=steps + warmup, limit_val_batches=0,
                           logger=False, callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False,
                           num_sanity_val_steps=0)
@@ -115,9 +153,9 @@ def epoch_batch_sizes(train_size: int, batch: int) -> list[int]:
     return [batch] * (train_size // batch) + ([train_size % batch] if train_size % batch else [])
 
 
-def floor(cfg, steps: int, warmup: int) -> tuple[float, int, list[tuple[float, int]]]:
-    """(images/s, images timed, (duration, batch size) of each step) of the bare step: teacher forward, student forward/backward and the run's optimizer
-    step, on slices of one fixed batch sized as the fit's batches are (an epoch's last batch is partial)."""
+def plain_networks(cfg):
+    """Fresh networks of the run's architectures on its device, the run's optimizer, the fit's batch sizes and one
+    fixed random batch: what the plain loop and the bare Lightning module step on."""
     torch.manual_seed(0)
     datamodule = instantiate(cfg.data)
     device = torch.device("cuda" if str(cfg.trainer.accelerator) in ("gpu", "cuda") else "cpu")
@@ -126,38 +164,94 @@ def floor(cfg, steps: int, warmup: int) -> tuple[float, int, list[tuple[float, i
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         use_channels_last(student), use_channels_last(teacher)
-    # The fit's optimizer (SGD by default, AdamW under experiment=vit_digits): its step is part of both loops.
+    # The fit's optimizer (SGD by default, AdamW under experiment=vit_digits): its step is part of every loop.
     optimizer = instantiate(cfg.optimizer)(student.parameters())
     batch = int(cfg.data.batch_size)
     sizes = epoch_batch_sizes(int(datamodule.train_size), batch)
     images = torch.randn(batch, *datamodule.input_shape, device=device)
     targets = torch.randint(datamodule.num_classes, (batch,), device=device)
-    bf16 = str(cfg.trainer.precision).startswith("bf16")
+    return student, teacher, optimizer, sizes, images, targets
+
+
+def plain_kd_loss(student, teacher, images: torch.Tensor, targets: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """CE + KD at T=4, the step's loss in both reference loops."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+        logits = student(images)
+    temperature = 4.0
+    return F.cross_entropy(logits.float(), targets) + F.kl_div(
+        F.log_softmax(logits.float() / temperature, 1), F.softmax(teacher_logits.float() / temperature, 1),
+        reduction="batchmean") * temperature ** 2
+
+
+def floor(cfg, steps: int, warmup: int) -> tuple[float, int, list[tuple[float, int, float]]]:
+    """(images/s, images timed, (duration, batch size, seconds in the networks) of each step) of the bare step:
+    teacher forward, student forward/backward and the run's optimizer step, on slices of one fixed batch sized as
+    the fit's batches are (an epoch's last batch is partial)."""
+    student, teacher, optimizer, sizes, images, targets = plain_networks(cfg)
+    clock, bf16 = ModelClock(student, teacher), str(cfg.trainer.precision).startswith("bf16")
     start, timed, step_times = 0.0, 0, []
     for step in range(warmup + steps):
         if step == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if images.device.type == "cuda":
+                torch.cuda.synchronize(images.device)
             start = CLOCK[0]()
         step_start = CLOCK[0]()
+        clock.take()
         size = sizes[step % len(sizes)]
         timed += size if step >= warmup else 0
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            with torch.no_grad():
-                teacher_logits = teacher(images[:size])
-            logits = student(images[:size])
-        temperature = 4.0
-        loss = F.cross_entropy(logits.float(), targets[:size]) + F.kl_div(
-            F.log_softmax(logits.float() / temperature, 1), F.softmax(teacher_logits.float() / temperature, 1),
-            reduction="batchmean") * temperature ** 2
+        loss = plain_kd_loss(student, teacher, images[:size], targets[:size], bf16)
         optimizer.zero_grad(set_to_none=True)
+        backward_start = CLOCK[0]()
         loss.backward()
+        clock.seconds += CLOCK[0]() - backward_start
         optimizer.step()
         if step >= warmup:
-            step_times.append((CLOCK[0]() - step_start, size))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+            step_times.append((CLOCK[0]() - step_start, size, clock.take()))
+    if images.device.type == "cuda":
+        torch.cuda.synchronize(images.device)
     return timed / (CLOCK[0]() - start), timed, step_times
+
+
+class BareModule(L.LightningModule):
+    """The plain loop's step as a LightningModule: what Lightning's own loop adds per step, without this
+    framework (no terms, taps, loss bookkeeping or data module)."""
+
+    def __init__(self, student, teacher, optimizer, bf16: bool) -> None:
+        super().__init__()
+        self.student, self.teacher, self.optimizer, self.bf16 = student, FrozenTeacher(teacher), optimizer, bf16
+
+    def training_step(self, batch, batch_idx):
+        return plain_kd_loss(self.student, self.teacher, *batch, self.bf16)
+
+    def configure_optimizers(self):
+        return self.optimizer
+
+
+class FixedBatches:
+    """One epoch of batches sliced from one fixed batch, sized as the fit's: the plain loop's data, as a loader."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, sizes: list[int]) -> None:
+        self.images, self.targets, self.sizes = images, targets, sizes
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __iter__(self):
+        return ((self.images[:size], self.targets[:size]) for size in self.sizes)
+
+
+def bare_lightning(cfg, steps: int, warmup: int) -> tuple[float, int, list[tuple[float, int, float]]]:
+    """As `measure`, for the plain loop's step in a bare LightningModule on the plain loop's batches."""
+    student, teacher, optimizer, sizes, images, targets = plain_networks(cfg)
+    timer = StepTimer(warmup, steps, ModelClock(student, teacher))
+    trainer = instantiate(cfg.trainer, max_epochs=-1, max_steps=steps + warmup, limit_val_batches=0,
+                          logger=False, callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False,
+                          num_sanity_val_steps=0)
+    module = BareModule(student, teacher, optimizer, str(cfg.trainer.precision).startswith("bf16"))
+    trainer.fit(module, train_dataloaders=FixedBatches(images, targets, sizes))
+    return timer.images / timer.elapsed, timer.images, timer.step_times
 
 
 def flag(text: str) -> bool:
@@ -181,33 +275,47 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides after --")
     args = parser.parse_args()
     CLOCK[0] = CLOCKS[args.clock]
-    print("| batch | precision | step | images/s | ratio to floor | ratio range | median step ms | step cost × floor "
-          "| images timed |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| batch | precision | step | images/s | ratio to floor | ratio range | median step ms | ms in the networks "
+          "| ms outside | step cost × floor | images timed |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- "
+          "| --- | --- |")
     for batch_size in args.batch_sizes:
         for precision in args.precisions:
-            settings = {"floor (plain loop)": compose_cfg(args.overrides, precision, batch_size, False, False)}
+            plain = compose_cfg(args.overrides, precision, batch_size, False, False)
+            settings = {"floor (plain loop)": plain, "Lightning, bare module": plain}
             for resident in args.resident:
                 for compiled in args.compile:
                     settings[f"fit, resident={str(resident).lower()}, compile={str(compiled).lower()}"] = compose_cfg(
                         args.overrides, precision, batch_size, resident, compiled)
             rates: dict[str, list[float]] = {step: [] for step in settings}
-            full_steps: dict[str, list[float]] = {step: [] for step in settings}
+            # (duration, seconds in the networks) of every full-size step, over all rounds
+            full_steps: dict[str, list[tuple[float, float]]] = {step: [] for step in settings}
             images: dict[str, int] = {}
             for round_ in range(args.rounds):
                 # Every other round runs the settings in reverse, so no setting always follows the same one.
                 order = list(settings) if round_ % 2 == 0 else list(reversed(settings))
                 for step in order:
-                    run = floor if step.startswith("floor") else measure
+                    run = {"floor (plain loop)": floor, "Lightning, bare module": bare_lightning}.get(step, measure)
                     rate, images[step], step_times = run(settings[step], args.steps, args.warmup)
                     rates[step].append(rate)
-                    full_steps[step] += [seconds for seconds, size in step_times if size == batch_size]
-            floor_rates, floor_step = next(iter(rates.values())), median_or_nan(next(iter(full_steps.values())))
+                    full_steps[step] += [(seconds, model) for seconds, size, model in step_times if size == batch_size]
+            floor_rates = next(iter(rates.values()))
+            floor_model, floor_outside = step_parts(next(iter(full_steps.values())))
             for step, step_rates in rates.items():
                 ratios = [rate / base for rate, base in zip(step_rates, floor_rates)]
-                step_median = median_or_nan(full_steps[step])
+                model, outside = step_parts(full_steps[step])
+                step_ms = median_or_nan([seconds for seconds, _ in full_steps[step]])
+                # The networks' work is the same in both loops: the cost is the floor's network time plus each
+                # loop's own time outside the networks.
+                cost = (floor_model + outside) / (floor_model + floor_outside)
                 print(f"| {batch_size} | {precision} | {step} | {statistics.median(step_rates):.1f} | "
                       f"{statistics.median(ratios):.3f} | {min(ratios):.3f}–{max(ratios):.3f} | "
-                      f"{1000 * step_median:.2f} | {step_median / floor_step:.3f} | {images[step]} |", flush=True)
+                      f"{1000 * step_ms:.2f} | {1000 * model:.2f} | {1000 * outside:.2f} | {cost:.3f} | "
+                      f"{images[step]} |", flush=True)
+
+
+def step_parts(steps: list[tuple[float, float]]) -> tuple[float, float]:
+    """Median seconds in the networks and median seconds outside them, over full-size steps."""
+    return median_or_nan([model for _, model in steps]), median_or_nan([seconds - model for seconds, model in steps])
 
 
 def median_or_nan(values: list[float]) -> float:
