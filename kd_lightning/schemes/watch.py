@@ -38,11 +38,9 @@ class NonFiniteWatch:
                                             first.clamp(max=step))
 
     def raise_if_any(self) -> None:
-        if not self.first_step:
-            return
-        names = list(self.first_step)
-        steps = torch.stack([self.first_step[name] for name in names]).tolist()  # one wait for the device
-        broken = [(step, name) for step, name in zip(steps, names) if step != NEVER]
+        # Called where the loggers wait for the device anyway; after the first read, each is a copy of one number.
+        steps = {name: int(step) for name, step in self.first_step.items()}
+        broken = [(step, name) for name, step in steps.items() if step != NEVER]
         if broken:
             step, name = min(broken)
             lower = self.remedies.get(name) or remedy(name)
