@@ -52,7 +52,7 @@ def main() -> None:
             for arm in order:
                 cfg = throughput.compose_cfg([*args.overrides, *ARMS[arm], "trainer=cpu"], "32-true",
                                              int(_batch_size(args.overrides)), resident == "true", False)
-                speed, _ = throughput.measure(cfg, args.steps, args.warmup)
+                speed, *_ = throughput.measure(cfg, args.steps, args.warmup)
                 speeds[arm].append(speed)
         for arm in names:
             ratios = [plain / speed for plain, speed in zip(speeds["plain"], speeds[arm])]  # time ratio
