@@ -7,7 +7,6 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from _ddp_equivalence import train_both
 import torch
 from omegaconf import OmegaConf
 
@@ -279,17 +278,6 @@ def test_born_again_run_lists_every_generation_and_each_learns_from_the_previous
     taught_by = modules["student"].teacher.model.state_dict()
     assert all(torch.equal(generation1[key], taught_by[key]) for key in generation1)
     assert results["stages"]["generation1"]["source"].startswith("trained, cached")
-
-
-# --- DDP ------------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_two_ddp_ranks_match_one_process_with_random_teachers_and_per_teacher_adapters(tmp_path):
-    rank0, rank1, single, trained = train_both("multi_teacher", tmp_path)
-    assert any(key.startswith("terms.fitnet_teacher2.regressor") for key in trained)
-    micro = [2 * loss for loss in single["losses"]]
-    torch.testing.assert_close(torch.tensor(rank0["losses"]), torch.tensor(micro[0::2]), rtol=1e-4, atol=0)
-    torch.testing.assert_close(torch.tensor(rank1["losses"]), torch.tensor(micro[1::2]), rtol=1e-4, atol=0)
 
 
 def test_default_recipe_is_the_cited_references_and_the_loss_line_states_the_aggregation(make_cfg):

@@ -9,7 +9,6 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from _ddp_equivalence import train_both
 import torch
 import torch.nn.functional as F
 
@@ -181,12 +180,6 @@ def test_dml_through_the_pipeline_logs_tables_and_exports_every_peer(make_cfg, t
         # The exported file is the network whose accuracy the run reported under its role.
         assert evaluate(cfg, peer, datamodule)["test/acc"] == metrics[f"test/{role}/acc"]
         assert metrics[f"test/{role}/acc"] >= 0.3  # three epochs on digits (convnet_tiny ~0.4); chance is 0.1
-
-
-@pytest.mark.slow
-def test_two_ddp_ranks_end_identical_and_equal_to_one_process(tmp_path):
-    _, _, _, trained = train_both("dml", tmp_path)
-    assert any(key.startswith("other_peers.0.") for key in trained)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _ddp_equivalence import train_both
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.terms import MiniLM, ViTKD
 from kd_lightning.losses.terms.base import DistillInputs
@@ -251,18 +250,3 @@ def test_minilm_option_mistakes_are_refused(options, match):
     with pytest.raises(ConfigError, match=match):
         offline(vit(), vit(), MiniLM(**options))
 
-
-# ---------------------------------------------------------------- DDP
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["minilm", "minilm_attention"])
-def test_minilm_ddp_ranks_agree_with_one_process(tmp_path, scheme):
-    _, _, _, trained = train_both(scheme, tmp_path)
-    assert any(key.startswith("student.blocks") for key in trained)
-
-
-@pytest.mark.slow
-def test_vitkd_adapters_stay_identical_on_both_ranks(tmp_path):
-    _, _, _, trained = train_both("vitkd", tmp_path, single=False)
-    assert {"terms.vitkd.mask_token", "terms.vitkd.high_aligner.weight"} <= set(trained)
