@@ -12,19 +12,17 @@ data, no Lightning), sliced to the fit's batch sizes (each epoch's last batch is
 plain step in a bare LightningModule on the same batches (Lightning's own cost per step). The fit's timed window
 runs across epochs when an epoch holds fewer batches than `--warmup` + `--steps` (digits: 21 batches of 64).
 The teacher is randomly initialised (its weights do not change the cost), the first `--warmup` steps are not
-timed, and the device is synchronised around the timed window. `--clock cpu` times a CPU run by this
-process's CPU time instead of the wall clock, for a machine other jobs share. `--rounds R` measures every row R
-times, the floor and the fits alternating, and reports medians: the ratio is the median of each round's fit ÷ floor,
-with its range. Prints one markdown row per setting: images/s, the ratio to the floor of its batch size and
-precision, its range over the rounds, the median duration of a full-size step over all rounds, its parts inside and
-outside the networks, the step cost relative to the floor (above 1 is slower), and how many images one timed window
-held. On a shared or virtual machine,
-slow spells stretch whole windows but only some steps, so the median step is the steadier of the two; it leaves
-out what falls between steps of other sizes (an epoch's partial last batch), which the window counts. Each step is
-also split into its time inside the networks (forwards and backward, the same work in both loops) and the rest: the
-step cost × floor is (the floor's network ms + the row's ms outside) ÷ (the floor's network ms + its ms outside),
-the loop's own overhead priced against the same network work. A slow spell stretches a step's two parts alike, so
-this is the steadiest of the three on a shared CPU; on CUDA (asynchronous) only the window ratio is meaningful.
+timed, and the device is synchronised around the timed window.
+
+Prints one markdown row per setting: images/s and its ratio to the floor of its batch size and precision (with
+`--rounds R`, every row is measured R times, the loops alternating, and the ratio is the median of the rounds'
+ratios, with their range), then the median full-size step split into its time inside the networks (forward hooks
+and around backward: the same work in every loop) and the rest, and the step cost × floor: (the floor's network
+ms + the row's ms outside) ÷ (the floor's network ms + its ms outside), each loop's own overhead priced against the
+same network work. On a shared or virtual CPU a slow spell stretches whole windows, so window ratios drift, while
+it stretches a step's two parts alike and the step cost repeats. On CUDA (asynchronous) and for compiled networks
+(the clock's hooks would break their graphs, so they get none) only the window ratio is meaningful. `--clock cpu`
+times by this process's CPU time instead of the wall clock, for a machine other jobs share.
 """
 
 from __future__ import annotations
@@ -139,7 +137,9 @@ def measure(cfg, steps: int, warmup: int) -> tuple[float, int, list[tuple[float,
     module = Offline(student=student, teacher=FrozenTeacher(teacher), terms=build_terms(cfg),
                      example_input=datamodule.example_input(), train_size=datamodule.train_size,
                      train_targets=datamodule.train_targets, **scheme_kwargs(cfg, datamodule))
-    timer = StepTimer(warmup, steps, ModelClock(student, teacher))
+    # Compiled networks get no clock: hooks timing them would break their graphs.
+    compiled = bool(cfg.compile.student or cfg.compile.teacher)
+    timer = StepTimer(warmup, steps, ModelClock(*(() if compiled else (student, teacher))))
     trainer = instantiate(cfg.trainer, max_epochs=-1, max_steps=steps + warmup, limit_val_batches=0,
                           logger=False, callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False,
                           num_sanity_val_steps=0)
@@ -306,11 +306,11 @@ def main() -> None:
                 step_ms = median_or_nan([seconds for seconds, _ in full_steps[step]])
                 # The networks' work is the same in both loops: the cost is the floor's network time plus each
                 # loop's own time outside the networks.
-                cost = (floor_model + outside) / (floor_model + floor_outside)
+                parts = (f"{1000 * model:.2f} | {1000 * outside:.2f} | "
+                         f"{(floor_model + outside) / (floor_model + floor_outside):.3f}" if model else "– | – | –")
                 print(f"| {batch_size} | {precision} | {step} | {statistics.median(step_rates):.1f} | "
                       f"{statistics.median(ratios):.3f} | {min(ratios):.3f}–{max(ratios):.3f} | "
-                      f"{1000 * step_ms:.2f} | {1000 * model:.2f} | {1000 * outside:.2f} | {cost:.3f} | "
-                      f"{images[step]} |", flush=True)
+                      f"{1000 * step_ms:.2f} | {parts} | {images[step]} |", flush=True)
 
 
 def step_parts(steps: list[tuple[float, float]]) -> tuple[float, float]:

@@ -25,10 +25,10 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kd_lightning.data import DigitsDataModule, SyntheticDataModule
-from kd_lightning.data.inputs import attach_input
+from kd_lightning.data.inputs import RoleInputs, attach_input
 from kd_lightning.losses.terms import KD, FitNet, MiniLM, ViTKD
 from kd_lightning.models import build_model
-from kd_lightning.schemes import BYOT, DML, KDCL, DeiT, MultiTeacher, Offline, TfKDReg
+from kd_lightning.schemes import BYOT, DML, KDCL, MLKD, DeiT, MultiTeacher, Offline, TfKDReg
 from scheme_cases import DEIT_DIGITS, VIT_DIGITS, VIT_DIGITS_LARGE
 
 BATCH, STEPS, RANKS, SEED = 16, 4, 2, 0
@@ -80,13 +80,19 @@ MODULES: dict[str, Callable[[torch.Tensor], L.LightningModule]] = {
         student=attach_input(model("mlp_small", 32), "features"), teacher=attach_input(model("convnet_large"), "image"),
         num_classes=10, example_input=example, terms={"kd": KD(weight=0.9, temperature=4.0)}, ce_weight=0.1,
         optimizer=SGD),
+    # Two views per sample, both networks on both. The strong view is an own draw without padding (so the same
+    # pixels): an own crop comes from each process's random stream, which would make DDP differ from one process
+    # by design; with pad 0 everything else in MLKD's two-view step must match it.
+    "mlkd": lambda example: MLKD(
+        student=attach_input(model("convnet_tiny"), "image"), teacher=attach_input(model("convnet_large"), "image"),
+        terms={}, num_classes=10, example_input=example, inputs=RoleInputs(strong="strong"), optimizer=SGD),
     # Two heads, both trained: the class head by CE, the distillation head by the teacher's argmax.
     "deit": lambda example: DeiT(student=vit(DEIT_DIGITS), teacher=model("convnet_large"), terms={}, num_classes=10,
                                  example_input=example, optimizer=SGD),
 }
 NOT_COMPARED_TO_ONE_PROCESS = {"vitkd"}
 # What the data module serves for a scheme of named inputs (`inputs.views`).
-NAMED_VIEWS = {"offline_low_res": {"low": {"size": 4}}}
+NAMED_VIEWS = {"offline_low_res": {"low": {"size": 4}}, "mlkd": {"strong": {"draw": "own", "pad": 0}}}
 
 
 def rank_batches(dataset, rank: int) -> list[list[int]]:
