@@ -6,9 +6,10 @@ batches, and save what each rank ended with; `train_both` runs both and the test
 
 SCHEME is a key of MODULES; several run one after another in the same processes (starting a process that imports
 torch, Lightning and timm takes ~8 s, more than a scheme's four steps). Lightning's DDP launcher re-runs this
-script once per extra rank, so it builds everything from scratch and reads its rank from LOCAL_RANK. One DDP step averages the two ranks' gradients,
-each computed with its own BatchNorm batch statistics; gradient accumulation over the same two micro-batches
-does exactly that in one process, so the two runs must agree up to float summation order.
+script once per extra rank, so it builds everything from scratch and reads its rank from LOCAL_RANK. One DDP step
+averages the two ranks' gradients, each computed with its own BatchNorm batch statistics; gradient accumulation
+over the same two micro-batches does exactly that in one process, so the two runs must agree up to float
+summation order.
 """
 
 from __future__ import annotations
@@ -145,11 +146,10 @@ def train_one(scheme: str, mode: str, out: Path) -> None:
     trainer.fit(module, train_dataloaders=loader)
 
 
-def train_both(schemes: str | list[str], out: Path) -> dict[str, tuple[dict, dict, dict, list[str]]]:
+def train_both(schemes: list[str], out: Path) -> dict[str, tuple[dict, dict, dict, list[str]]]:
     """scheme → (rank 0, rank 1, one process, the trained keys), after running this script once in each mode for
     all `schemes`. Both ranks must end with identical weights, and equal to the one-process run's but for the
     schemes in NOT_COMPARED_TO_ONE_PROCESS."""
-    schemes = [schemes] if isinstance(schemes, str) else list(schemes)
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     for mode in ("ddp", "single"):
