@@ -95,10 +95,9 @@ class StepTimer(L.Callback):
         if self.seen == self.warmup:
             self._sync(module)
             self.start = CLOCK[0]()
-        now = CLOCK[0]()
+        now, network_seconds = CLOCK[0](), self.clock.take()
         if self.warmup < self.seen <= self.warmup + self.steps:
-            self.step_times.append((now - self._step_start, self._step_size, self.clock.take()))
-        self.clock.take()
+            self.step_times.append((now - self._step_start, self._step_size, network_seconds))
         self._step_start, self._step_size = now, batch_size_of(batch[0])
 
     def on_before_backward(self, trainer, module, loss) -> None:

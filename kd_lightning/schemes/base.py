@@ -161,7 +161,9 @@ class DistillationModule(L.LightningModule):
         return self.log_training_losses(self.training_losses(images, targets, indices), len(targets))
 
     def _any_labeled(self, targets: Tensor) -> bool:
-        """Whether any rank's batch has a labeled sample (all ranks then step, or none: DDP stays in step)."""
+        """Whether any rank's batch has a labeled sample (all ranks then step, or none: DDP stays in step). The
+        answer is read back from the device, one wait per step, and only a label-only scheme with labels hidden
+        asks: skipping a step is a host decision."""
         known = (targets != UNLABELED).sum().float()
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
